@@ -1,0 +1,89 @@
+"""``relais serve | run``: start the engine (and, for ``run``, the whole embedded stack).
+
+``serve`` needs nothing but Redis (``REDIS_URL``, or a private one it starts); ``run`` is what
+``make run`` calls: private Redis, engine, scheduler, gateway and local sinks in one process, so a
+newcomer sees what recipients would receive as files under ``var/sink``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Sequence
+
+from common import logs
+from common.errors import RelaisError
+from common.redis_client import connect
+from common.redis_server import EmbeddedRedis
+from common.settings import Settings
+from engine.server import install_signal_handlers, start_server
+
+log = logging.getLogger("relais")
+
+
+@contextlib.asynccontextmanager
+async def redis_url(settings: Settings) -> AsyncIterator[str]:
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    embedded = EmbeddedRedis()
+    url = await asyncio.to_thread(embedded.start)
+    try:
+        yield url
+    finally:
+        await asyncio.to_thread(embedded.stop)
+
+
+async def serve(settings: Settings, *, with_gateway: bool) -> None:
+    async with redis_url(settings) as url:
+        redis = connect(url)
+        try:
+            running = await start_server(settings, redis)
+            stopped = asyncio.Event()
+            install_signal_handlers(running, stopped)
+            where = "REDIS_URL" if settings.redis_url else f"embedded Redis at {url}"
+            log.info(
+                "relais engine listening on %s (port %d), %s, gateway %s; no authentication: loopback only",
+                settings.listen,
+                running.port,
+                where,
+                "on" if with_gateway else "off",
+            )
+            await running.wait()
+        finally:
+            await redis.aclose()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relais", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="the engine's gRPC server and scheduler")
+    sub.add_parser("run", help="everything, embedded: Redis, engine, scheduler, gateway, local sinks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except RelaisError as exc:
+        print(f"relais: bad setting: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level)
+    try:
+        import uvloop
+
+        uvloop.run(serve(settings, with_gateway=args.command == "run" and settings.run_gateway))
+    except RelaisError as exc:
+        print(f"relais: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Every Redis key relais uses, built in one place, each with the reason it exists.
+
+All keys of one parcel, its pending notices, its shard's due set and outbox stream carry the same
+hash tag ``{s}`` with ``s = crc32(parcel_id) % shards``, so one Lua script can touch them atomically
+on a single Redis and, unchanged, on a Redis Cluster. Recipient keys use the same tag space, keyed by
+the recipient id. Sections belong to the component that writes the keys; readers import them from
+here.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+PREFIX = "relais:"
+
+
+def shard_of(ident: str, shards: int) -> int:
+    """The shard tag of a parcel (or a recipient): stable across processes and languages."""
+    return zlib.crc32(ident.encode()) % shards
+
+
+def tag(shard: int) -> str:
+    return "{" + str(shard) + "}"
+
+
+# --- engine: parcels and their notices -------------------------------------------------------------
+
+
+def parcel(shard: int, parcel_id: str) -> str:
+    """Hash of one parcel: its state (protobuf), version for optimistic checks, and its notices."""
+    return f"{PREFIX}p:{tag(shard)}:{parcel_id}"
+
+
+def due(shard: int) -> str:
+    """Sorted set of pending notices of a shard: score = due time (unix ms), member = notice id."""
+    return f"{PREFIX}due:{tag(shard)}"
+
+
+def outbox(shard: int) -> str:
+    """Stream of notices that are due, read by the gateways' consumer group."""
+    return f"{PREFIX}outbox:{tag(shard)}"
+
+
+OUTBOX_GROUP = "gateway"
+
+
+# --- engine: recipients ----------------------------------------------------------------------------
+
+
+def preferences(shard: int, recipient_id: str) -> str:
+    """A recipient's preferences (protobuf RecipientPreferences). Personal data: erased on request."""
+    return f"{PREFIX}rcp:{tag(shard)}:{recipient_id}"
+
+
+def recipient_parcels(shard: int, recipient_id: str) -> str:
+    """Set of a recipient's parcel ids: to re-plan on a preference change and to erase."""
+    return f"{PREFIX}rcp-parcels:{tag(shard)}:{recipient_id}"
+
+
+# --- gateway ---------------------------------------------------------------------------------------
+
+
+def dead_letters(shard: int) -> str:
+    """Stream of notices out of retries, for an operator to list and replay."""
+    return f"{PREFIX}dlq:{tag(shard)}"
+
+
+def idempotency(shard: int, idempotency_key: str) -> str:
+    """Claim of one send (notice id + version + channel): at most one send per key."""
+    return f"{PREFIX}idem:{tag(shard)}:{idempotency_key}"

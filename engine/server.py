@@ -1,0 +1,118 @@
+"""The engine's gRPC server: the relais.v1 services, health and reflection, graceful shutdown.
+
+Shutdown has two stages (as grpclib does it): the first signal turns health NOT_SERVING so load
+balancers stop sending, lets in-flight calls finish within the grace period, then stops; a second
+signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# grpc-stubs predate the asyncio health servicer, hence the ignore and the Any below.
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
+from redis.asyncio import Redis
+
+from common.settings import Settings
+from engine.services import SERVICE_NAMES
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            int(settings.keepalive_min_client_interval_s * 1000),
+        ),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass
+class EngineServer:
+    """A started server; ``port`` is the bound port (useful when listening on port 0)."""
+
+    server: grpc.aio.Server
+    health: Any  # grpc_health.v1.health.aio.HealthServicer
+    port: int
+    grace_s: float
+
+    async def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: NOT_SERVING first, then let in-flight calls finish within the grace period."""
+        await self.set_serving(False)
+        await self.server.stop(self.grace_s if grace_s is None else grace_s)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_server(
+    settings: Settings,
+    redis: Redis,
+    *,
+    register: Sequence[Callable[[grpc.aio.Server], None]] = (),
+    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+) -> EngineServer:
+    """Start listening. ``register`` are callables ``(server) -> None`` that add the relais services.
+
+    Health stays NOT_SERVING until Redis answers a PING.
+    """
+    server = grpc.aio.server(options=server_options(settings), interceptors=list(interceptors))
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for add in register:
+        add(server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.listen}")
+    running = EngineServer(server=server, health=health_servicer, port=port, grace_s=settings.grace_s)
+    await running.set_serving(False)
+    await server.start()
+    await redis.ping()
+    await running.set_serving(True)
+    return running
+
+
+def install_signal_handlers(running: EngineServer, stopped: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT drains within the grace period; a second one stops at once."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def on_signal(signum: int) -> None:
+        if stopped.is_set():
+            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            tasks.add(loop.create_task(running.server.stop(0)))
+            return
+        log.info("%s: draining for up to %.1fs", signal.Signals(signum).name, running.grace_s)
+        stopped.set()
+        tasks.add(loop.create_task(running.stop()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)

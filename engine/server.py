@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from common.settings import Settings
 from engine.services import SERVICE_NAMES
@@ -54,6 +55,8 @@ class EngineServer:
     health: Any  # grpc_health.v1.health.aio.HealthServicer
     port: int
     grace_s: float
+    draining: bool = False
+    redis_watch: asyncio.Task[None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
@@ -62,6 +65,9 @@ class EngineServer:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING first, then let in-flight calls finish within the grace period."""
+        self.draining = True
+        if self.redis_watch is not None:
+            self.redis_watch.cancel()
         await self.set_serving(False)
         await self.server.stop(self.grace_s if grace_s is None else grace_s)
 
@@ -95,9 +101,24 @@ async def start_server(
     running = EngineServer(server=server, health=health_servicer, port=port, grace_s=settings.grace_s)
     await running.set_serving(False)
     await server.start()
-    await redis.ping()
-    await running.set_serving(True)
+    running.redis_watch = asyncio.create_task(_serve_once_redis_answers(running, redis))
     return running
+
+
+async def _serve_once_redis_answers(running: EngineServer, redis: Redis) -> None:
+    """Health turns SERVING only when Redis answers: until then load balancers keep traffic away."""
+    delay_s = 0.05
+    while True:
+        try:
+            await redis.ping()
+        except (RedisError, OSError) as exc:
+            log.warning("Redis does not answer yet (%s); health stays NOT_SERVING", type(exc).__name__)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 2.0)
+            continue
+        if not running.draining:
+            await running.set_serving(True)
+        return
 
 
 def install_signal_handlers(running: EngineServer, stopped: asyncio.Event) -> None:

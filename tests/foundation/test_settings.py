@@ -1,0 +1,41 @@
+"""Settings are read once from the environment and a bad value names its variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.errors import SettingsError
+from common.settings import Settings
+
+
+def test_defaults_listen_on_loopback() -> None:
+    settings = Settings.from_env({})
+    assert settings.listen == "127.0.0.1:50051"
+    assert settings.redis_url is None
+    assert settings.retention_days == 30
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"RELAIS_LISTEN": "50051"}, "RELAIS_LISTEN"),
+        ({"RELAIS_LISTEN": "localhost:http"}, "RELAIS_LISTEN"),
+        ({"RELAIS_SHARDS": "many"}, "RELAIS_SHARDS"),
+        ({"RELAIS_SHARDS": "0"}, "RELAIS_SHARDS"),
+        ({"RELAIS_GRACE_S": "-1"}, "RELAIS_GRACE_S"),
+        ({"RELAIS_RUN_GATEWAY": "perhaps"}, "RELAIS_RUN_GATEWAY"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+        ({"RELAIS_LOG_LEVEL": "LOUD"}, "RELAIS_LOG_LEVEL"),
+        ({"RELAIS_CHANNEL_EMAIL": "x"}, "RELAIS_CHANNEL_EMAIL"),
+    ],
+)
+def test_bad_value_names_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env)
+
+
+def test_channel_options_are_grouped_by_channel() -> None:
+    settings = Settings.from_env(
+        {"RELAIS_CHANNEL_EMAIL_HOST": "smtp.local", "RELAIS_CHANNEL_EMAIL_PORT": "25"}
+    )
+    assert settings.channel_options == {"email": {"host": "smtp.local", "port": "25"}}

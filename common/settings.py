@@ -91,6 +91,109 @@ def _names(env: Mapping[str, str], name: str, default: str) -> tuple[str, ...]:
     return names
 
 
+# --- gateway ----------------------------------------------------------------------------------------
+
+
+def _rates(env: Mapping[str, str], name: str) -> dict[str, float]:
+    """``sms=10,fcm=500`` becomes ``{"sms": 10.0, "fcm": 500.0}`` (messages per second per provider)."""
+    rates: dict[str, float] = {}
+    for part in (env.get(name) or "").split(","):
+        if not part.strip():
+            continue
+        provider, sep, raw = part.partition("=")
+        try:
+            rate = float(raw)
+        except ValueError:
+            rate = -1.0
+        if not sep or not provider.strip() or not 0 < rate <= 1e7:
+            raise SettingsError(f"{name}: {part.strip()!r} should be <provider>=<messages per second>")
+        rates[provider.strip().lower()] = rate
+    return rates
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The gateway's knobs, from ``RELAIS_GATEWAY_*`` variables."""
+
+    # How long one send may take; also the lease of an idempotency claim and the idle time after which
+    # another gateway reclaims an outbox entry of a crashed one.
+    send_timeout_s: float = 30.0
+    # Attempts per notice before it goes to the dead-letter stream.
+    max_attempts: int = 6
+    # Exponential backoff between attempts: base * 2^attempt, capped, with full jitter.
+    backoff_base_s: float = 30.0
+    backoff_max_s: float = 3600.0
+    # Outbox entries read per stream and call, and batches processed at once per process.
+    batch_size: int = 256
+    max_in_flight: int = 4
+    # Blocking read: how long XREADGROUP waits for new entries.
+    block_ms: int = 200
+    # How often crashed gateways' entries are looked for (XAUTOCLAIM).
+    reclaim_interval_s: float = 5.0
+    # How long a "sent" idempotency key is kept: a resend within it is recognised.
+    idempotency_retention_s: int = 7 * 24 * 3600
+    # SMS only for notices worth it: declared value at least this (minor units, any currency)...
+    sms_value_threshold_minor: int = 10_000
+    # ...and within this many SMS segments per merchant and calendar month (UTC). 0: no SMS.
+    sms_monthly_budget_segments: int = 100_000
+    # False turns every rate limit off (benchmarks measure the limiter's cost with it).
+    limits_enabled: bool = True
+    # Provider throughput (messages per second), per provider name; others get the default.
+    provider_rate_per_s: float = 1000.0
+    provider_rates_per_s: Mapping[str, float] = field(default_factory=dict)
+    # Frequency cap per recipient (slot notices and corrections are exempt).
+    recipient_rate_per_h: float = 6.0
+    recipient_burst: int = 3
+    # Per merchant throughput.
+    merchant_rate_per_s: float = 500.0
+    merchant_burst: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.backoff_max_s < self.backoff_base_s:
+            raise SettingsError("RELAIS_GATEWAY_BACKOFF_MAX_S must be at least RELAIS_GATEWAY_BACKOFF_BASE_S")
+
+    def provider_rate(self, provider: str) -> float:
+        return self.provider_rates_per_s.get(provider, self.provider_rate_per_s)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
+        p = "RELAIS_GATEWAY_"
+        return cls(
+            send_timeout_s=_float(env, p + "SEND_TIMEOUT_S", cls.send_timeout_s, low=0.05, high=3600.0),
+            max_attempts=_int(env, p + "MAX_ATTEMPTS", cls.max_attempts, low=1, high=100),
+            backoff_base_s=_float(env, p + "BACKOFF_BASE_S", cls.backoff_base_s, low=0.001, high=86400.0),
+            backoff_max_s=_float(env, p + "BACKOFF_MAX_S", cls.backoff_max_s, low=0.001, high=7 * 86400.0),
+            batch_size=_int(env, p + "BATCH_SIZE", cls.batch_size, low=1, high=10_000),
+            max_in_flight=_int(env, p + "MAX_IN_FLIGHT", cls.max_in_flight, low=1, high=256),
+            block_ms=_int(env, p + "BLOCK_MS", cls.block_ms, low=1, high=60_000),
+            reclaim_interval_s=_float(
+                env, p + "RECLAIM_INTERVAL_S", cls.reclaim_interval_s, low=0.01, high=3600.0
+            ),
+            idempotency_retention_s=_int(
+                env, p + "IDEMPOTENCY_RETENTION_S", cls.idempotency_retention_s, low=60, high=90 * 86400
+            ),
+            sms_value_threshold_minor=_int(
+                env, p + "SMS_VALUE_THRESHOLD_MINOR", cls.sms_value_threshold_minor, low=0, high=1 << 62
+            ),
+            sms_monthly_budget_segments=_int(
+                env, p + "SMS_MONTHLY_BUDGET_SEGMENTS", cls.sms_monthly_budget_segments, low=0, high=1 << 40
+            ),
+            limits_enabled=_bool(env, p + "LIMITS_ENABLED", cls.limits_enabled),
+            provider_rate_per_s=_float(
+                env, p + "PROVIDER_RATE_PER_S", cls.provider_rate_per_s, low=0.001, high=1e7
+            ),
+            provider_rates_per_s=_rates(env, p + "PROVIDER_RATES_PER_S"),
+            recipient_rate_per_h=_float(
+                env, p + "RECIPIENT_RATE_PER_H", cls.recipient_rate_per_h, low=0.001, high=1e7
+            ),
+            recipient_burst=_int(env, p + "RECIPIENT_BURST", cls.recipient_burst, low=1, high=1_000_000),
+            merchant_rate_per_s=_float(
+                env, p + "MERCHANT_RATE_PER_S", cls.merchant_rate_per_s, low=0.001, high=1e7
+            ),
+            merchant_burst=_int(env, p + "MERCHANT_BURST", cls.merchant_burst, low=1, high=10_000_000),
+        )
+
+
 # No slots: the class attributes double as the defaults from_env falls back to.
 @dataclass(frozen=True)
 class Settings:
@@ -118,6 +221,8 @@ class Settings:
     # Whether `relais run` also starts the gateway and the local sinks.
     run_gateway: bool = True
     log_level: str = "INFO"
+    # The gateway: timeouts, retries, SMS rules, rate limits.
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
     def __post_init__(self) -> None:
         if not 1 <= self.shards <= 16384:
@@ -152,4 +257,5 @@ class Settings:
             sink_dir=Path(env.get("RELAIS_SINK_DIR") or cls.sink_dir),
             run_gateway=_bool(env, "RELAIS_RUN_GATEWAY", cls.run_gateway),
             log_level=(env.get("RELAIS_LOG_LEVEL") or cls.log_level).upper(),
+            gateway=GatewaySettings.from_env(env),
         )

@@ -68,3 +68,19 @@ def dead_letters(shard: int) -> str:
 def idempotency(shard: int, idempotency_key: str) -> str:
     """Claim of one send (notice id + version + channel): at most one send per key."""
     return f"{PREFIX}idem:{tag(shard)}:{idempotency_key}"
+
+
+# One GCRA script call evaluates a whole batch's limits atomically (all of an entry's keys or none), so
+# every limiter key shares this one tag. Each is a single small string; a batch costs one call.
+LIMITS_TAG = "{limits}"
+
+
+def rate_limit(scope: str, ident: str) -> str:
+    """GCRA state (theoretical arrival time, ms) of one limit: scope ``provider``, ``recipient`` or
+    ``merchant``."""
+    return f"{PREFIX}rl:{LIMITS_TAG}:{scope}:{ident}"
+
+
+def sms_budget(merchant_id: str, month: str, shards: int) -> str:
+    """SMS segments a merchant spent in a calendar month (``YYYY-MM``, UTC), against its budget."""
+    return f"{PREFIX}sms:{tag(shard_of(merchant_id, shards))}:{merchant_id}:{month}"

@@ -84,3 +84,38 @@ def rate_limit(scope: str, ident: str) -> str:
 def sms_budget(merchant_id: str, month: str, shards: int) -> str:
     """SMS segments a merchant spent in a calendar month (``YYYY-MM``, UTC), against its budget."""
     return f"{PREFIX}sms:{tag(shard_of(merchant_id, shards))}:{merchant_id}:{month}"
+
+
+# --- engine: alerts and counters -------------------------------------------------------------------
+
+
+def alerts(shard: int, parcel_id: str) -> str:
+    """Hash of a parcel's alerts: alert id -> Alert (protobuf), ``cur:<KIND>`` -> latest n, ``v``
+    version for the compare-and-set script, ``t`` the scheduled check time (ms)."""
+    return f"{PREFIX}al:{tag(shard)}:{parcel_id}"
+
+
+def alert_index(shard: int, merchant_id: str, kind: str, state: str) -> str:
+    """Sorted set (all scores 0, members ``<inverted opened ms>|<alert id>``) of one merchant's alerts
+    of one rule and state on this shard: lexicographic order is newest first, exact for paging."""
+    return f"{PREFIX}al-idx:{tag(shard)}:{merchant_id}:{kind}:{state}"
+
+
+def alert_feed(shard: int) -> str:
+    """Stream of alerts as they open, read by the digest sender's consumer group."""
+    return f"{PREFIX}al-feed:{tag(shard)}"
+
+
+ALERT_FEED_GROUP = "digest"
+
+
+def stats(shard: int, merchant_id: str, day: str) -> str:
+    """Hash of one merchant's counters for one UTC day (``YYYYMMDD``) on this shard; merchant ``*``
+    adds all merchants up. Sharded like the parcel that caused the count, so it is incremented in the
+    same script or pipeline as the change."""
+    return f"{PREFIX}st:{tag(shard)}:{merchant_id}:{day}"
+
+
+def stats_total(shard: int) -> str:
+    """Hash of all-time counters of this shard: the monotonic totals exported as metrics."""
+    return f"{PREFIX}st-total:{tag(shard)}"

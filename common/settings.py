@@ -194,6 +194,45 @@ class GatewaySettings:
         )
 
 
+# --- alerts -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """Internal alerts and their digests, from ``RELAIS_ALERTS_*`` variables.
+
+    Per-merchant thresholds and each team's digest destination live in a JSON file (its format is in
+    ``engine/alert_rules.py``), read once at start: they change with a merchant's contract, not often,
+    and a file under review beats keys nobody remembers setting.
+    """
+
+    # The JSON file of per-merchant thresholds and team destinations; None: defaults, no digests.
+    config_path: Path | None = None
+    # How often the digest sender gathers the alerts opened since the last digest.
+    digest_interval_s: float = 900.0
+    # Email digests: the SMTP relay and the sender address.
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    email_from: str = "relais-alerts@localhost"
+    # Webhook and SMTP calls of the digest sender give up after this long (retried next round).
+    send_timeout_s: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> AlertSettings:
+        p = "RELAIS_ALERTS_"
+        path = env.get(p + "CONFIG")
+        return cls(
+            config_path=Path(path) if path else None,
+            digest_interval_s=_float(
+                env, p + "DIGEST_INTERVAL_S", cls.digest_interval_s, low=0.01, high=7 * 86400.0
+            ),
+            smtp_host=env.get(p + "SMTP_HOST") or cls.smtp_host,
+            smtp_port=_int(env, p + "SMTP_PORT", cls.smtp_port, low=1, high=65535),
+            email_from=env.get(p + "EMAIL_FROM") or cls.email_from,
+            send_timeout_s=_float(env, p + "SEND_TIMEOUT_S", cls.send_timeout_s, low=0.01, high=600.0),
+        )
+
+
 # No slots: the class attributes double as the defaults from_env falls back to.
 @dataclass(frozen=True)
 class Settings:
@@ -223,6 +262,8 @@ class Settings:
     log_level: str = "INFO"
     # The gateway: timeouts, retries, SMS rules, rate limits.
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    # Internal alerts: thresholds file, digest interval and email relay.
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
     def __post_init__(self) -> None:
         if not 1 <= self.shards <= 16384:
@@ -258,4 +299,5 @@ class Settings:
             run_gateway=_bool(env, "RELAIS_RUN_GATEWAY", cls.run_gateway),
             log_level=(env.get("RELAIS_LOG_LEVEL") or cls.log_level).upper(),
             gateway=GatewaySettings.from_env(env),
+            alerts=AlertSettings.from_env(env),
         )

@@ -119,3 +119,11 @@ def stats(shard: int, merchant_id: str, day: str) -> str:
 def stats_total(shard: int) -> str:
     """Hash of all-time counters of this shard: the monotonic totals exported as metrics."""
     return f"{PREFIX}st-total:{tag(shard)}"
+
+
+# --- security: per-caller request quotas -----------------------------------------------------------
+
+
+def quota(principal: str, shards: int) -> str:
+    """GCRA state (theoretical arrival time, ms) of one caller's request quota (``merchant:acme``)."""
+    return f"{PREFIX}quota:{tag(shard_of(principal, shards))}:{principal}"

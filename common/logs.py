@@ -10,6 +10,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from common.telemetry import current_trace_ids
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -28,9 +30,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class TraceContextFilter(logging.Filter):
+    """Adds ``trace_id`` and ``span_id`` of the current span to each record, so a log line can be
+    found from a trace and back. A filter on the handler, not a logger: it sees every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ids = current_trace_ids()
+        if ids is not None and not getattr(record, "trace_id", None):
+            record.trace_id, record.span_id = ids
+        return True
+
+
 def configure(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(TraceContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

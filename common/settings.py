@@ -233,6 +233,112 @@ class AlertSettings:
         )
 
 
+# --- security: TLS, API keys, quotas -----------------------------------------------------------------
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name)
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise SettingsError(f"{name}={raw!r} is not a readable file")
+    return path
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """TLS on the listener, API keys and per-caller quotas (``RELAIS_TLS_*``, ``RELAIS_KEYS_FILE``,
+    ``RELAIS_QUOTA_*``). Without a keys file the engine runs open, on a loopback address only."""
+
+    # PEM certificate chain and private key of the gRPC listener; both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS).
+    tls_client_ca: Path | None = None
+    # JSON lines {"sha256": "<hex of key>", "principal": "merchant:acme"}; None: no authentication.
+    keys_file: Path | None = None
+    # Requests per second (average) and burst per caller, by principal kind; rate 0: no quota.
+    quota_carrier_rps: float = 200.0
+    quota_carrier_burst: int = 400
+    quota_merchant_rps: float = 200.0
+    quota_merchant_burst: int = 400
+    quota_operator_rps: float = 0.0
+    quota_operator_burst: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("RELAIS_TLS_CERT and RELAIS_TLS_KEY must be set together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise SettingsError("RELAIS_TLS_CLIENT_CA needs RELAIS_TLS_CERT and RELAIS_TLS_KEY")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SecuritySettings:
+        p = "RELAIS_QUOTA_"
+        return cls(
+            tls_cert=_path(env, "RELAIS_TLS_CERT"),
+            tls_key=_path(env, "RELAIS_TLS_KEY"),
+            tls_client_ca=_path(env, "RELAIS_TLS_CLIENT_CA"),
+            keys_file=_path(env, "RELAIS_KEYS_FILE"),
+            quota_carrier_rps=_float(env, p + "CARRIER_RPS", cls.quota_carrier_rps, low=0.0, high=1e6),
+            quota_carrier_burst=_int(env, p + "CARRIER_BURST", cls.quota_carrier_burst, low=1, high=10**6),
+            quota_merchant_rps=_float(env, p + "MERCHANT_RPS", cls.quota_merchant_rps, low=0.0, high=1e6),
+            quota_merchant_burst=_int(env, p + "MERCHANT_BURST", cls.quota_merchant_burst, low=1, high=10**6),
+            quota_operator_rps=_float(env, p + "OPERATOR_RPS", cls.quota_operator_rps, low=0.0, high=1e6),
+            quota_operator_burst=_int(env, p + "OPERATOR_BURST", cls.quota_operator_burst, low=1, high=10**6),
+        )
+
+
+# --- telemetry: the standard OTEL_* variables ----------------------------------------------------------
+
+
+def _otlp_headers(env: Mapping[str, str]) -> dict[str, str]:
+    """``OTEL_EXPORTER_OTLP_HEADERS=api-key=x,tenant=y`` (values URL-encoded, as the spec says)."""
+    from urllib.parse import unquote
+
+    headers: dict[str, str] = {}
+    for part in (env.get("OTEL_EXPORTER_OTLP_HEADERS") or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip():
+            raise SettingsError("OTEL_EXPORTER_OTLP_HEADERS must be name=value pairs separated by commas")
+        headers[name.strip().lower()] = unquote(value.strip())
+    return headers
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    """OpenTelemetry export: traces and metrics go over OTLP/gRPC only when an endpoint is set."""
+
+    # OTEL_EXPORTER_OTLP_ENDPOINT, e.g. http://127.0.0.1:4317; None: tracing and metrics are no-ops.
+    otlp_endpoint: str | None = None
+    # OTEL_EXPORTER_OTLP_HEADERS, e.g. an API key of the collector.
+    otlp_headers: Mapping[str, str] = field(default_factory=dict)
+    # OTEL_EXPORTER_OTLP_INSECURE: plaintext to the collector (default for an http:// endpoint).
+    otlp_insecure: bool = False
+    # OTEL_SERVICE_NAME.
+    service_name: str = "relais"
+    # OTEL_METRIC_EXPORT_INTERVAL, milliseconds between metric exports.
+    metric_interval_ms: int = 60_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> TelemetrySettings:
+        endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+            raise SettingsError(f"OTEL_EXPORTER_OTLP_ENDPOINT={endpoint!r} must start with http:// or https://")
+        plain = endpoint is not None and endpoint.startswith("http://")
+        return cls(
+            otlp_endpoint=endpoint,
+            otlp_headers=_otlp_headers(env),
+            otlp_insecure=_bool(env, "OTEL_EXPORTER_OTLP_INSECURE", plain),
+            service_name=env.get("OTEL_SERVICE_NAME") or cls.service_name,
+            metric_interval_ms=_int(
+                env, "OTEL_METRIC_EXPORT_INTERVAL", cls.metric_interval_ms, low=100, high=3_600_000
+            ),
+        )
+
+
 # No slots: the class attributes double as the defaults from_env falls back to.
 @dataclass(frozen=True)
 class Settings:
@@ -264,6 +370,11 @@ class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     # Internal alerts: thresholds file, digest interval and email relay.
     alerts: AlertSettings = field(default_factory=AlertSettings)
+
+    # TLS, API keys and quotas of the gRPC listener.
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    # OpenTelemetry export (OTEL_* variables).
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
     def __post_init__(self) -> None:
         if not 1 <= self.shards <= 16384:
@@ -300,4 +411,6 @@ class Settings:
             log_level=(env.get("RELAIS_LOG_LEVEL") or cls.log_level).upper(),
             gateway=GatewaySettings.from_env(env),
             alerts=AlertSettings.from_env(env),
+            security=SecuritySettings.from_env(env),
+            telemetry=TelemetrySettings.from_env(env),
         )

@@ -23,7 +23,11 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from common.clock import Clock, SystemClock
 from common.settings import Settings
+from common.telemetry import Telemetry, noop_telemetry
+from engine.auth import check_open_listener, server_credentials
+from engine.interceptors import build_interceptors
 from engine.services import SERVICE_NAMES
 
 log = logging.getLogger(__name__)
@@ -81,12 +85,21 @@ async def start_server(
     *,
     register: Sequence[Callable[[grpc.aio.Server], None]] = (),
     interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    clock: Clock | None = None,
+    telemetry: Telemetry | None = None,
 ) -> EngineServer:
     """Start listening. ``register`` are callables ``(server) -> None`` that add the relais services.
 
+    Every call first goes through ``engine.interceptors`` (spans, errors, then keys and quotas when
+    ``RELAIS_KEYS_FILE`` is set); without keys only a loopback address is accepted. TLS (and mutual
+    TLS) when ``RELAIS_TLS_CERT``/``RELAIS_TLS_KEY`` (``RELAIS_TLS_CLIENT_CA``) are set.
+
     Health stays NOT_SERVING until Redis answers a PING.
     """
-    server = grpc.aio.server(options=server_options(settings), interceptors=list(interceptors))
+    security = settings.security
+    check_open_listener(settings.listen, security.keys_file)
+    guards = build_interceptors(settings, redis, clock or SystemClock(), telemetry or noop_telemetry())
+    server = grpc.aio.server(options=server_options(settings), interceptors=[*guards, *interceptors])
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for add in register:
@@ -95,7 +108,11 @@ async def start_server(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(settings.listen)
+    credentials = server_credentials(security.tls_cert, security.tls_key, security.tls_client_ca)
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen)
+    else:
+        port = server.add_secure_port(settings.listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     running = EngineServer(server=server, health=health_servicer, port=port, grace_s=settings.grace_s)

@@ -1,0 +1,273 @@
+"""Server interceptors: every RPC runs inside a span, behind authentication, authorisation by
+service, the caller's quota, and a net that turns bugs into a plain INTERNAL.
+
+- ``ErrorInterceptor`` (outermost): a server span per call, continuing the caller's W3C trace context
+  from the metadata; an unexpected exception is logged (type and stack, never its message, which may
+  carry personal data) and the caller gets INTERNAL "internal error" with the trace id to quote,
+  never a traceback. Expected statuses (``context.abort``) and cancellations pass untouched.
+- ``AuthInterceptor``: ``authorization: Bearer <key>`` → principal (UNAUTHENTICATED otherwise), the
+  coarse per-service rule (PERMISSION_DENIED), the quota (RESOURCE_EXHAUSTED with a retry hint), then
+  binds the principal for ``engine.auth.current_principal()``. Health and reflection stay open.
+
+Both wrap the method handler grpc found, keeping its shape (unary or streaming, coroutine or async
+generator): grpc.aio picks how to drive a handler from that shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from redis.asyncio import Redis
+
+from common.clock import Clock
+from common.settings import Settings
+from common.telemetry import Telemetry, current_trace_ids, extract_trace_context
+from engine.auth import (
+    OPEN_SERVICES,
+    KeyStore,
+    Principal,
+    PrincipalKind,
+    bearer_key,
+    bind_principal,
+    unbind_principal,
+)
+from engine.quota import QuotaLimit, QuotaLimiter
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Guard = Callable[[Context], contextlib.AbstractAsyncContextManager[None]]
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]]
+
+RETRY_AFTER_HEADER = "retry-after-ms"
+
+
+def service_of(method: str) -> str:
+    """``/relais.v1.TrackingService/StreamEvents`` → ``relais.v1.TrackingService``."""
+    return method.lstrip("/").partition("/")[0]
+
+
+# --- wrapping handlers --------------------------------------------------------------------------------
+
+
+def _unary_response(behavior: Callable[..., Any], guard: Guard) -> Callable[..., Any]:
+    async def handle(request: Any, context: Context) -> Any:
+        async with guard(context):
+            result = behavior(request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+    return handle
+
+
+def _stream_response(behavior: Callable[..., Any], guard: Guard) -> Callable[..., Any]:
+    async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
+        async with guard(context):
+            result = behavior(request, context)
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            elif inspect.isawaitable(result):
+                # A coroutine handler that answers with context.write().
+                await result
+            elif result is not None:
+                for item in result:
+                    yield item
+
+    return handle
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler[Any, Any], guard: Guard) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler, each call run inside ``guard(context)``."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _unary_response(handler.unary_unary, guard),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _unary_response(handler.stream_unary, guard),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _stream_response(handler.unary_stream, guard),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(
+        _stream_response(handler.stream_stream, guard),
+        handler.request_deserializer,
+        handler.response_serializer,
+    )
+
+
+def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
+    return {name: value for name, value in details.invocation_metadata or () if isinstance(value, str)}
+
+
+# --- errors and spans ---------------------------------------------------------------------------------
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+    def __init__(self, telemetry: Telemetry) -> None:
+        self._tracer = telemetry.tracer
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        # Only the traceparent/tracestate headers are read; nothing else of the metadata reaches a span.
+        parent = extract_trace_context(_metadata(handler_call_details))
+        service, _, name = method.lstrip("/").partition("/")
+
+        @contextlib.asynccontextmanager
+        async def guard(context: Context) -> AsyncIterator[None]:
+            with self._tracer.start_as_current_span(
+                method.lstrip("/"),
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+                # Exception messages may carry personal data: never recorded on a span.
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                try:
+                    yield
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    _record_status(span, context)
+                    raise
+                except Exception as exc:
+                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.INTERNAL.value[0])
+                    await context.abort(grpc.StatusCode.INTERNAL, _internal_error(method, exc))
+                else:
+                    _record_status(span, context)
+
+        return wrap_handler(handler, guard)
+
+
+def _record_status(span: trace.Span, context: Context) -> None:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS):
+            span.set_status(Status(StatusCode.ERROR, code.name))
+
+
+def _internal_error(method: str, exc: BaseException) -> str:
+    """Log the bug without its message (it may quote personal data); tell the caller only where to look."""
+    stack = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("unexpected %s in %s\n%s", type(exc).__name__, method, stack)
+    ids = current_trace_ids()
+    return f"internal error (trace {ids[0]})" if ids else "internal error"
+
+
+# --- authentication, authorisation, quota -------------------------------------------------------------
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+    def __init__(self, keys: KeyStore, quota: QuotaLimiter | None = None) -> None:
+        self._keys = keys
+        self._quota = quota
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        service = service_of(method)
+        if handler is None or service in OPEN_SERVICES:
+            return handler
+        key = bearer_key(handler_call_details.invocation_metadata)
+        principal = self._keys.authenticate(key) if key else None
+
+        @contextlib.asynccontextmanager
+        async def guard(context: Context) -> AsyncIterator[None]:
+            if principal is None:
+                what = "an unknown API key" if key else "no API key (authorization: Bearer <key>)"
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, what)
+            if not principal.may_call(service):
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{principal.kind.value} callers may not call {service}",
+                )
+            await self._charge(principal, context)
+            token = bind_principal(principal)
+            try:
+                yield
+            finally:
+                # A generator closed from another context cannot reset; the call's context dies anyway.
+                with contextlib.suppress(ValueError):
+                    unbind_principal(token)
+
+        return wrap_handler(handler, guard)
+
+    async def _charge(self, principal: Principal, context: Context) -> None:
+        if self._quota is None:
+            return
+        decision = await self._quota.check(principal)
+        if decision.allowed:
+            return
+        message = f"request quota of {principal} exceeded; retry in {decision.retry_after_ms} ms"
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            message,
+            trailing_metadata=_retry_metadata(message, decision.retry_after_ms),
+        )
+
+
+def _retry_metadata(message: str, retry_after_ms: int) -> tuple[tuple[str, str | bytes], ...]:
+    """A plain ``retry-after-ms`` header, and the standard google.rpc.RetryInfo in the status details."""
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(retry_after_ms)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[detail])
+    return (
+        (RETRY_AFTER_HEADER, str(retry_after_ms)),
+        ("grpc-status-details-bin", status.SerializeToString()),
+    )
+
+
+# --- composition --------------------------------------------------------------------------------------
+
+
+def quota_limits(settings: Settings) -> dict[PrincipalKind, QuotaLimit]:
+    security = settings.security
+    return {
+        PrincipalKind.CARRIER: QuotaLimit(security.quota_carrier_rps, security.quota_carrier_burst),
+        PrincipalKind.MERCHANT: QuotaLimit(security.quota_merchant_rps, security.quota_merchant_burst),
+        PrincipalKind.OPERATOR: QuotaLimit(security.quota_operator_rps, security.quota_operator_burst),
+    }
+
+
+def build_interceptors(
+    settings: Settings, redis: Redis, clock: Clock, telemetry: Telemetry
+) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+    """The interceptors ``start_server`` installs first: errors and spans always; authentication and
+    quotas when a keys file is configured."""
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [ErrorInterceptor(telemetry)]
+    if settings.security.keys_file is not None:
+        store = KeyStore.load(settings.security.keys_file)
+        quota = QuotaLimiter(redis, clock, quota_limits(settings), shards=settings.shards)
+        interceptors.append(AuthInterceptor(store, quota))
+    return interceptors

@@ -1,0 +1,222 @@
+"""Email over SMTP (aiosmtplib): a small pool of reused connections, STARTTLS with certificate
+verification, AUTH, and SMTP replies mapped to results.
+
+Options (``RELAIS_CHANNEL_EMAIL_<OPTION>``): ``host`` (required), ``port`` (587; 465 with
+``tls=implicit``), ``from`` (required, the sender address), ``from_name``, ``username``, ``password``,
+``tls`` (``starttls`` = required, the default; ``opportunistic``; ``implicit``; ``none``), ``ca_file``
+(extra trusted CA bundle, PEM), ``pool_size`` (4), ``timeout_s`` (30), ``message_id_domain``
+(default: the sender's domain), ``helo_name`` (default: ``message_id_domain``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Self
+
+from aiosmtplib import (
+    SMTP,
+    SMTPAuthenticationError,
+    SMTPDataError,
+    SMTPException,
+    SMTPHeloError,
+    SMTPRecipientRefused,
+    SMTPRecipientsRefused,
+    SMTPResponseException,
+    SMTPSenderRefused,
+    SMTPServerDisconnected,
+)
+
+from channels.base import Accepted, EmailAddress, Message, PermanentFailure, SendResult, TransientFailure
+from channels.email_message import InvalidAddressError, build_email, mailbox
+from channels.options import Options
+
+# RCPT replies that say the mailbox does not exist (RFC 5321 §4.2.3): the address is dead.
+_MAILBOX_UNKNOWN = frozenset({550, 551, 553})
+# How long aclose waits for a polite QUIT on each pooled connection.
+_QUIT_TIMEOUT_S = 2.0
+
+
+class Tls(enum.Enum):
+    STARTTLS = "starttls"  # upgrade with STARTTLS or fail: nothing goes out in clear text
+    OPPORTUNISTIC = "opportunistic"  # upgrade when the server offers it
+    IMPLICIT = "implicit"  # TLS from the first byte (SMTPS, port 465)
+    NONE = "none"  # clear text, for a loopback sink only
+
+
+@dataclass(frozen=True, slots=True)
+class EmailConfig:
+    host: str
+    sender: EmailAddress
+    port: int = 587
+    username: str = ""
+    password: str = field(default="", repr=False)
+    tls: Tls = Tls.STARTTLS
+    ca_file: Path | None = None
+    pool_size: int = 4
+    timeout_s: float = 30.0
+    message_id_domain: str = ""
+    helo_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("host is required")
+        if not 1 <= self.pool_size <= 256:
+            raise ValueError("pool_size is out of range (1 to 256)")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        if bool(self.username) != bool(self.password):
+            raise ValueError("username and password go together")
+        mailbox(self.sender)  # raises InvalidAddressError (a ValueError) for a malformed sender
+
+    @property
+    def id_domain(self) -> str:
+        return self.message_id_domain or self.sender.address.rpartition("@")[2]
+
+
+def _config_from(opts: Options) -> EmailConfig:
+    tls = Tls(opts.choice("tls", Tls.STARTTLS.value, tuple(t.value for t in Tls)))
+    sender = EmailAddress(opts.required("from"), opts.text("from_name"))
+    try:
+        mailbox(sender)
+    except InvalidAddressError:
+        raise opts.error("from", "is not an email address") from None
+    username, password = opts.text("username"), opts.text("password")
+    if bool(username) != bool(password):
+        raise opts.error("password" if username else "username", "is required with the other AUTH option")
+    config = EmailConfig(
+        host=opts.required("host"),
+        sender=sender,
+        port=opts.integer("port", 465 if tls is Tls.IMPLICIT else 587, low=1, high=65535),
+        username=username,
+        password=password,
+        tls=tls,
+        ca_file=opts.file("ca_file"),
+        pool_size=opts.integer("pool_size", 4, low=1, high=256),
+        timeout_s=opts.number("timeout_s", 30.0, low=0.1, high=600.0),
+        message_id_domain=opts.text("message_id_domain"),
+        helo_name=opts.text("helo_name"),
+    )
+    opts.finish()
+    return config
+
+
+def _reply_failure(code: int, stage: str, *, on_rcpt: bool) -> SendResult:
+    # The reply text is left out on purpose: servers echo the recipient's address in it.
+    reason = f"email: SMTP {code} on {stage}"
+    if 500 <= code < 600:
+        return PermanentFailure(reason, destination_invalid=on_rcpt and code in _MAILBOX_UNKNOWN)
+    return TransientFailure(reason)
+
+
+def smtp_failure(exc: SMTPException | OSError) -> SendResult:
+    """Translate aiosmtplib's exceptions (and socket/TLS errors) into a result."""
+    if isinstance(exc, SMTPRecipientsRefused):
+        code = exc.recipients[0].code if exc.recipients else 550
+        return _reply_failure(code, "RCPT", on_rcpt=True)
+    if isinstance(exc, SMTPRecipientRefused):
+        return _reply_failure(exc.code, "RCPT", on_rcpt=True)
+    if isinstance(exc, SMTPResponseException) and exc.code > 0:
+        stages: dict[type[SMTPResponseException], str] = {
+            SMTPSenderRefused: "MAIL",
+            SMTPDataError: "DATA",
+            SMTPAuthenticationError: "AUTH",
+            SMTPHeloError: "EHLO",
+        }
+        return _reply_failure(exc.code, stages.get(type(exc), "connect"), on_rcpt=False)
+    # Disconnects, timeouts, refused connections, TLS handshake or verification failures.
+    return TransientFailure(f"email: {type(exc).__name__}")
+
+
+class EmailChannel:
+    name = "email"
+
+    def __init__(self, config: EmailConfig) -> None:
+        self.config = config
+        self._tls_context = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
+        self._slots = asyncio.Semaphore(config.pool_size)
+        # Connected clients not in use; at most pool_size because each comes from a held slot.
+        self._idle: list[SMTP] = []
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> Self:
+        return cls(_config_from(Options("email", options)))
+
+    async def send(self, messages: Sequence[Message]) -> list[SendResult]:
+        return list(await asyncio.gather(*(self._send_one(message) for message in messages)))
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for client in idle:
+            with contextlib.suppress(SMTPException, OSError):
+                await client.quit(timeout=_QUIT_TIMEOUT_S)
+            client.close()
+
+    async def _send_one(self, message: Message) -> SendResult:
+        if not isinstance(message.to, EmailAddress):
+            return PermanentFailure(f"email: cannot reach a {type(message.to).__name__}")
+        try:
+            mail = build_email(message, sender=self.config.sender, message_id_domain=self.config.id_domain)
+        except InvalidAddressError:
+            return PermanentFailure("email: not a mailbox", destination_invalid=True)
+        async with self._slots:
+            try:
+                await self._deliver(mail)
+            except (SMTPException, OSError) as exc:
+                return smtp_failure(exc)
+        return Accepted(provider_message_id=str(mail["Message-ID"]))
+
+    async def _deliver(self, mail: EmailMessage) -> None:
+        while self._idle:
+            client = self._idle.pop()
+            if not client.is_connected:
+                continue
+            try:
+                await self._transact(client, mail)
+            except SMTPServerDisconnected:
+                # The server dropped an idle connection (its timeout, a restart): use another.
+                continue
+            return
+        await self._transact(await self._connect(), mail)
+
+    async def _transact(self, client: SMTP, mail: EmailMessage) -> None:
+        try:
+            await client.send_message(mail)
+        except (SMTPResponseException, SMTPRecipientsRefused):
+            # A refused envelope leaves the connection usable (aiosmtplib sent RSET).
+            self._release(client)
+            raise
+        except BaseException:
+            client.close()
+            raise
+        self._release(client)
+
+    def _release(self, client: SMTP) -> None:
+        if client.is_connected:
+            self._idle.append(client)
+
+    async def _connect(self) -> SMTP:
+        config = self.config
+        client = SMTP(
+            hostname=config.host,
+            port=config.port,
+            username=config.username or None,
+            password=config.password or None,
+            local_hostname=config.helo_name or config.id_domain,
+            timeout=config.timeout_s,
+            use_tls=config.tls is Tls.IMPLICIT,
+            start_tls={Tls.STARTTLS: True, Tls.OPPORTUNISTIC: None}.get(config.tls, False),
+            tls_context=self._tls_context,
+        )
+        try:
+            await client.connect()
+        except BaseException:
+            client.close()
+            raise
+        return client

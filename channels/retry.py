@@ -1,0 +1,48 @@
+"""What the HTTP channels share: reading ``Retry-After`` and translating httpx's transport errors
+into results, at the edge, so no httpx exception escapes ``send``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+
+import httpx
+
+from channels.base import PermanentFailure, TransientFailure
+
+# Upper bound for a provider's Retry-After: a misbehaving header must not park a message for days.
+MAX_RETRY_AFTER_S = 3600.0
+
+
+def retry_after_s(response: httpx.Response, *, now_s: Callable[[], float] = time.time) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), or None."""
+    raw = response.headers.get("retry-after")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if raw.isdigit():
+        return min(float(raw), MAX_RETRY_AFTER_S)
+    try:
+        when = parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return min(max(when.timestamp() - now_s(), 0.0), MAX_RETRY_AFTER_S)
+
+
+def transport_failure(channel: str, exc: httpx.HTTPError | OSError) -> TransientFailure | PermanentFailure:
+    """Map a request that got no HTTP response. The class name is enough for an operator and
+    carries nothing personal (httpx messages may contain the URL, i.e. a push endpoint)."""
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return PermanentFailure(f"{channel}: unusable URL ({type(exc).__name__})")
+    return TransientFailure(f"{channel}: {type(exc).__name__}")
+
+
+def status_failure(
+    channel: str, response: httpx.Response, detail: str = ""
+) -> TransientFailure | PermanentFailure:
+    """The default mapping of an HTTP error status: 408, 429 and 5xx are worth retrying."""
+    reason = f"{channel}: HTTP {response.status_code}{f' {detail}' if detail else ''}"
+    if response.status_code in {408, 429} or response.status_code >= 500:
+        return TransientFailure(reason, retry_after_s=retry_after_s(response))
+    return PermanentFailure(reason)

@@ -7,10 +7,13 @@ misspelt option is reported instead of silently ignored.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from channels.errors import ChannelConfigError
+
+N = TypeVar("N", int, float)
 
 
 class Options:
@@ -42,28 +45,22 @@ class Options:
         return value
 
     def integer(self, option: str, default: int, *, low: int, high: int) -> int:
-        value = self._get(option)
-        if value is None:
-            return default
-        try:
-            number = int(value)
-        except ValueError:
-            raise self.error(option, f"={value!r} is not a whole number") from None
-        if not low <= number <= high:
-            raise self.error(option, f"={number} is out of range ({low} to {high})")
-        return number
+        return self._ranged(option, default, int, "a whole number", low, high)
 
     def number(self, option: str, default: float, *, low: float, high: float) -> float:
+        return self._ranged(option, default, float, "a number", low, high)
+
+    def _ranged(self, option: str, default: N, parse: Callable[[str], N], kind: str, low: N, high: N) -> N:
         value = self._get(option)
         if value is None:
             return default
         try:
-            number = float(value)
+            parsed = parse(value)
         except ValueError:
-            raise self.error(option, f"={value!r} is not a number") from None
-        if not low <= number <= high:
-            raise self.error(option, f"={number} is out of range ({low} to {high})")
-        return number
+            raise self.error(option, f"={value!r} is not {kind}") from None
+        if not low <= parsed <= high:
+            raise self.error(option, f"={parsed} is out of range ({low} to {high})")
+        return parsed
 
     def flag(self, option: str, default: bool) -> bool:
         value = self._get(option)

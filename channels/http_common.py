@@ -1,18 +1,42 @@
-"""What the HTTP channels share: reading ``Retry-After`` and translating httpx's transport errors
-into results, at the edge, so no httpx exception escapes ``send``."""
+"""What the HTTP channels (SMS, FCM, Web Push) share: the client, a bounded fan-out, reading
+``Retry-After``, and translating httpx's errors into results at the edge, so none escapes ``send``."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from email.utils import parsedate_to_datetime
 
 import httpx
 
-from channels.base import PermanentFailure, TransientFailure
+from channels.base import Message, PermanentFailure, SendResult, TransientFailure
 
 # Upper bound for a provider's Retry-After: a misbehaving header must not park a message for days.
 MAX_RETRY_AFTER_S = 3600.0
+
+
+def new_client(*, timeout_s: float, max_connections: int, base_url: str = "") -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=httpx.Timeout(timeout_s),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        # Redirects are never part of these APIs; following one could leak the credentials.
+        follow_redirects=False,
+    )
+
+
+async def send_bounded(
+    messages: Sequence[Message], send_one: Callable[[Message], Awaitable[SendResult]], limit: int
+) -> list[SendResult]:
+    """Send concurrently, at most ``limit`` in flight, results in the messages' order."""
+    slots = asyncio.Semaphore(limit)
+
+    async def bounded(message: Message) -> SendResult:
+        async with slots:
+            return await send_one(message)
+
+    return list(await asyncio.gather(*(bounded(message) for message in messages)))
 
 
 def retry_after_s(response: httpx.Response, *, now_s: Callable[[], float] = time.time) -> float | None:

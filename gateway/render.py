@@ -1,0 +1,542 @@
+"""Rendering: a notice becomes the words a recipient reads, in their language and time zone.
+
+The wording lives in templates, not here. ``templates/messages/<lang>/<kind>.txt`` is one small
+catalogue entry per language and notice kind; its macros hold every channel's sentences side by side
+(macros rather than blocks, so they can share helpers such as "why the attempt failed"):
+
+- ``subject`` (email subject, and push title unless ``push_title`` is given), ``lead`` (the one
+  sentence that matters), ``details`` (more email paragraphs, separated by blank lines),
+  ``highlight`` (lines shown boxed in the email), ``action`` (the label of the link, shown only when
+  the notice is actionable), ``sms``, ``push_title``, ``push_body`` (``lead`` when absent).
+- ``templates/messages/<lang>/_phrases.txt`` says how a language reads a slot, a deadline, a date
+  ("le mardi 10 mars, entre 14:00 et 16:00"), and holds the greeting and sign-off. It reaches every
+  catalogue entry as ``p``.
+- ``templates/email/message.html`` (on ``email/layout.html``) and ``email/message.txt`` lay an email
+  out for every language. Catalogue text is plain text; the HTML layout escapes it as a whole, so no
+  variable can inject markup, and no sentence needs writing twice.
+
+A merchant's file ``<override_dir>/<merchant_id>/<same relative path>`` wins over the built-in one
+(one Jinja environment per merchant with overrides, a ``ChoiceLoader`` over both). Templates are
+compiled once per environment; dates and times are formatted with Babel, cached by local date and by
+minute of the day, so a burst of notices costs a few dictionary look-ups, not a Babel call each.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import quote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from babel import Locale, UnknownLocaleError
+from babel.dates import format_date, format_time
+from google.protobuf.timestamp_pb2 import Timestamp
+from jinja2 import (
+    ChoiceLoader,
+    Environment,
+    FileSystemLoader,
+    StrictUndefined,
+    Template,
+    select_autoescape,
+)
+from relais.v1 import notice_pb2, types_pb2
+
+from common.errors import RelaisError
+
+BUILTIN_TEMPLATES: Final = Path(__file__).parent / "templates"
+LANGUAGES: Final = ("fr", "de", "it", "en")
+FALLBACK_LANGUAGE: Final = "en"
+DEFAULT_LINK_BASE: Final = "https://track.example"
+DEEP_LINK_PREFIX: Final = "relais://parcels/"
+
+# A language without a region is formatted as a European post writes it: English gets day-month
+# dates and a 24-hour clock (en_GB), not the US defaults Babel gives plain "en".
+_PLAIN_LANGUAGE_LOCALE: Final = {"fr": "fr", "de": "de", "it": "it", "en": "en_GB"}
+# "mardi 10 mars", "Dienstag, 10. März", "martedì 10 marzo", "Tuesday 10 March": the full date
+# without the year, written the way each language's posts write it.
+_DATE_PATTERN: Final = {"fr": "EEEE d MMMM", "de": "EEEE, d. MMMM", "it": "EEEE d MMMM", "en": "EEEE d MMMM"}
+_MONTH_FIRST_DATE_PATTERN: Final = "EEEE, MMMM d"
+
+# Caps on data-driven text, so one long pickup point name cannot blow a subject or an SMS up.
+_NAME_MAX_CHARS: Final = 60
+_ADDRESS_MAX_CHARS: Final = 90
+_HOURS_MAX_CHARS: Final = 60
+_ID_MAX_CHARS: Final = 64
+_SUBJECT_MAX_CHARS: Final = 200
+# Bounds on per-input caches, so hostile or varied input cannot grow them without limit.
+_CACHE_MAX_ENTRIES: Final = 4096
+
+_KIND_NAMES: Final = {
+    value: name.removeprefix("NOTICE_KIND_").lower()
+    for name, value in types_pb2.NoticeKind.items()
+    if value != types_pb2.NOTICE_KIND_UNSPECIFIED
+}
+_REASON_NAMES: Final = {
+    value: name.removeprefix("EXCEPTION_REASON_").lower() for name, value in types_pb2.ExceptionReason.items()
+}
+_NEEDS_SLOT: Final = {types_pb2.NOTICE_KIND_SLOT_ANNOUNCED, types_pb2.NOTICE_KIND_SLOT_CORRECTED}
+_NEEDS_PICKUP: Final = {types_pb2.NOTICE_KIND_AVAILABLE_FOR_PICKUP, types_pb2.NOTICE_KIND_PICKUP_REMINDER}
+_MERCHANT_DIR_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_PARAGRAPH_BREAK_RE: Final = re.compile(r"\n[ \t]*\n")
+# Unicode categories that never belong in a line of text: controls (NUL, CR, LF), format characters
+# (bidi overrides and marks, zero-width joiners), private use, surrogates, unassigned.
+_DROPPED_CATEGORIES: Final = frozenset({"Cf", "Co", "Cs", "Cn"})
+_SPACE_CATEGORIES: Final = frozenset({"Cc", "Zs", "Zl", "Zp"})
+
+
+class RenderError(RelaisError, ValueError):
+    """A notice cannot be rendered; the message names the missing or malformed field."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What a channel sends. Email: all three texts; SMS: ``text``; push: ``subject`` is the title,
+    ``text`` the body and ``data`` the app's payload (ids only, never personal data)."""
+
+    subject: str
+    text: str
+    html: str
+    data: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class When:
+    """An instant in the recipient's zone, formatted for their locale."""
+
+    date: str
+    time: str
+
+
+@dataclass(frozen=True)
+class Window:
+    """A delivery slot in the recipient's zone. ``end_date`` is set only when the slot ends on a
+    later day than it starts (the catalogue then names both days)."""
+
+    date: str
+    start: str
+    end: str
+    end_date: str
+
+
+@dataclass(frozen=True)
+class Place:
+    """A pickup point as the catalogue shows it: single-line, sanitised fields."""
+
+    name: str
+    address: str
+    opening_hours: str
+    deadline: When | None
+
+
+@dataclass(frozen=True)
+class EmailParts:
+    """The rendered sentences an email layout arranges (``m`` in ``email/*`` templates)."""
+
+    lang: str
+    parcel_id: str
+    subject: str
+    lead: str
+    paragraphs: tuple[str, ...]
+    highlight: tuple[str, ...]
+    action: str
+    link: str
+    greeting: str
+    signoff: str
+    tracking: str
+    footer: str
+
+
+@dataclass(frozen=True)
+class _Language:
+    code: str  # the catalogue used: fr, de, it, en
+    locale_id: str  # Babel locale for formatting, e.g. "fr_CH"
+    region: str  # "CH", or "" when the locale named none
+    date_pattern: str
+
+
+def clean_line(value: str, max_chars: int) -> str:
+    """One line of display text from untrusted data: NFC, no control or format characters (CR, LF,
+    NUL, bidi marks), runs of whitespace as one space, at most ``max_chars`` characters."""
+    if not (value.isascii() and value.isprintable()):
+        kept: list[str] = []
+        for char in unicodedata.normalize("NFC", value):
+            category = unicodedata.category(char)
+            if category in _SPACE_CATEGORIES:
+                kept.append(" ")
+            elif category not in _DROPPED_CATEGORIES:
+                kept.append(char)
+        value = "".join(kept)
+    value = " ".join(value.split())
+    if len(value) > max_chars:
+        value = value[: max_chars - 1].rstrip() + "…"
+    return value
+
+
+# --- SMS text ---------------------------------------------------------------------------------------
+
+GSM7_BASIC: Final = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿"
+    "abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+# Characters of the GSM 03.38 extension table: each costs two septets (an escape and the character).
+GSM7_EXTENSION: Final = frozenset("^{}\\[~]|€\f")
+# Typography that has a plain GSM equivalent. Everything else outside GSM-7 is tried through its
+# Unicode decomposition (ê -> e, ç -> c) before it is left alone (and the SMS goes out as UCS-2).
+_GSM_SUBSTITUTES: Final = {
+    **dict.fromkeys("\u2018\u2019\u201a\u2032", "'"),  # typographic single quotes, prime
+    **dict.fromkeys("\u201c\u201d\u201e\u00ab\u00bb", '"'),  # typographic double quotes, guillemets
+    **dict.fromkeys("\u2010\u2011\u2013\u2014", "-"),  # hyphens, en and em dash
+    "\u2026": "...",  # ellipsis
+    "\u0153": "oe",
+    "\u0152": "OE",
+    "\t": " ",
+}
+_GSM7_SEGMENT_SEPTETS: Final = (160, 153)
+_UCS2_SEGMENT_UNITS: Final = (70, 67)
+SMS_MAX_SEGMENTS: Final = 2
+
+
+def to_gsm7(text: str) -> str:
+    """Replace what has a GSM-7 spelling, so an SMS costs one segment where the language allows."""
+    out: list[str] = []
+    for char in text:
+        if char in GSM7_BASIC or char in GSM7_EXTENSION:
+            out.append(char)
+        elif char in _GSM_SUBSTITUTES:
+            out.append(_GSM_SUBSTITUTES[char])
+        elif unicodedata.category(char) == "Zs":
+            out.append(" ")
+        else:
+            base = unicodedata.normalize("NFKD", char)[:1]
+            out.append(base if base in GSM7_BASIC else char)
+    return "".join(out)
+
+
+def sms_units(text: str) -> tuple[bool, int]:
+    """(is GSM-7, length in septets) or (False, length in UTF-16 code units) for UCS-2."""
+    if all(char in GSM7_BASIC or char in GSM7_EXTENSION for char in text):
+        return True, sum(2 if char in GSM7_EXTENSION else 1 for char in text)
+    return False, len(text.encode("utf-16-le")) // 2
+
+
+def sms_segments(text: str) -> int:
+    """How many segments an SMS of this text costs (GSM 03.38 / UCS-2 concatenation rules)."""
+    gsm, units = sms_units(text)
+    single, multi = _GSM7_SEGMENT_SEPTETS if gsm else _UCS2_SEGMENT_UNITS
+    if units <= single:
+        return 1
+    return -(-units // multi)
+
+
+def fit_sms(text: str, max_segments: int = SMS_MAX_SEGMENTS) -> str:
+    """The text on one line in GSM-7 where possible, cut with "..." if it would cost more segments."""
+    text = to_gsm7(" ".join(text.split()))
+    if sms_segments(text) <= max_segments:
+        return text
+    # Rare (a very long name in a UCS-2 message): drop characters until "..." fits.
+    while text and sms_segments(text + "...") > max_segments:
+        text = text[:-1]
+    return text.rstrip() + "..."
+
+
+# --- formatting -------------------------------------------------------------------------------------
+
+
+class _Formats:
+    """Babel formatting behind caches: a local date per locale, a minute of the day per locale."""
+
+    def __init__(self) -> None:
+        self.date = lru_cache(maxsize=_CACHE_MAX_ENTRIES)(self._date)
+        self.time = lru_cache(maxsize=_CACHE_MAX_ENTRIES)(self._time)
+        self.zone = lru_cache(maxsize=256)(self._zone)
+
+    @staticmethod
+    def _date(day: date, pattern: str, locale_id: str) -> str:
+        return format_date(day, pattern, locale=locale_id)
+
+    @staticmethod
+    def _time(hour: int, minute: int, locale_id: str) -> str:
+        return format_time(time(hour, minute), "short", locale=locale_id)
+
+    @staticmethod
+    def _zone(name: str) -> ZoneInfo:
+        try:
+            return ZoneInfo(name or "UTC")
+        except (ZoneInfoNotFoundError, ValueError):
+            raise RenderError(f"time_zone: unknown time zone {name[:64]!r}") from None
+
+    def local(self, stamp: Timestamp, zone: ZoneInfo) -> datetime:
+        return datetime.fromtimestamp(stamp.seconds, tz=UTC).astimezone(zone)
+
+    def when(self, moment: datetime, lang: _Language) -> When:
+        return When(
+            date=self.date(moment.date(), lang.date_pattern, lang.locale_id),
+            time=self.time(moment.hour, moment.minute, lang.locale_id),
+        )
+
+    def window(self, span: types_pb2.TimeWindow, zone: ZoneInfo, lang: _Language) -> Window:
+        start = self.local(span.start, zone)
+        end = self.local(span.end, zone)
+        start_day = start.date()
+        # A slot ending at midnight reads "between 22:00 and 00:00", not as a two-day slot.
+        same_day = end.date() == start_day or (
+            end.date().toordinal() == start_day.toordinal() + 1 and (end.hour, end.minute) == (0, 0)
+        )
+        return Window(
+            date=self.date(start_day, lang.date_pattern, lang.locale_id),
+            start=self.time(start.hour, start.minute, lang.locale_id),
+            end=self.time(end.hour, end.minute, lang.locale_id),
+            end_date="" if same_day else self.date(end.date(), lang.date_pattern, lang.locale_id),
+        )
+
+
+def _parse_language(tag: str) -> _Language:
+    """'fr-CH' -> French catalogue, fr_CH formatting; anything we do not write -> English (en_GB)."""
+    try:
+        locale = Locale.parse(tag.strip().replace("-", "_")) if tag.strip() else None
+    except (UnknownLocaleError, ValueError, TypeError):
+        primary = tag.strip().replace("-", "_").partition("_")[0].lower()
+        locale = Locale.parse(primary) if primary in LANGUAGES else None
+    if locale is None or locale.language not in LANGUAGES:
+        locale = Locale.parse(_PLAIN_LANGUAGE_LOCALE[FALLBACK_LANGUAGE])
+    elif locale.territory is None:
+        locale = Locale.parse(_PLAIN_LANGUAGE_LOCALE[locale.language])
+    code = locale.language
+    pattern = _DATE_PATTERN[code]
+    if code == "en" and locale.date_formats["full"].pattern.startswith("EEEE, MMMM"):
+        pattern = _MONTH_FIRST_DATE_PATTERN
+    return _Language(code=code, locale_id=str(locale), region=locale.territory or "", date_pattern=pattern)
+
+
+# --- templates --------------------------------------------------------------------------------------
+
+
+class _Catalogue:
+    """One Jinja environment (the built-in templates, or a merchant's overrides over them) and the
+    templates it compiled, looked up once per (kind, language)."""
+
+    def __init__(self, search_path: list[Path]) -> None:
+        self.env = Environment(
+            loader=ChoiceLoader([FileSystemLoader(path) for path in search_path]),
+            autoescape=select_autoescape(enabled_extensions=("html", "htm", "xml"), default=False),
+            undefined=StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            # Templates never change under a running gateway: skip the per-render staleness check.
+            auto_reload=False,
+            cache_size=1000,
+        )
+        self._messages: dict[tuple[str, str], Template] = {}
+        self._phrases: dict[str, Any] = {}
+        self.email_html = self.env.get_template("email/message.html")
+        self.email_text = self.env.get_template("email/message.txt")
+
+    def message(self, kind: str, lang: str) -> Template:
+        key = (kind, lang)
+        template = self._messages.get(key)
+        if template is None:
+            template = self._messages[key] = self.env.get_template(f"messages/{lang}/{kind}.txt")
+        return template
+
+    def phrases(self, lang: str) -> Any:
+        """The language's ``_phrases.txt`` as a module: its macros and constants, built once."""
+        module = self._phrases.get(lang)
+        if module is None:
+            module = self._phrases[lang] = self.env.get_template(f"messages/{lang}/_phrases.txt").module
+        return module
+
+
+def _part(entry: Any, name: str) -> str:
+    """One sentence macro of a catalogue entry, rendered; "" when the entry does not define it."""
+    macro = getattr(entry, name, None)
+    return "" if macro is None else str(macro()).strip()
+
+
+def _paragraphs(text: str) -> tuple[str, ...]:
+    return tuple(" ".join(part.split()) for part in _PARAGRAPH_BREAK_RE.split(text) if part.strip())
+
+
+class Renderer:
+    """Renders notices for every channel. Build one per process; it is safe to share between tasks
+    (rendering is synchronous and the caches only grow up to their bounds)."""
+
+    def __init__(self, override_dir: Path | None = None, *, link_base: str = DEFAULT_LINK_BASE) -> None:
+        parts = urlsplit(link_base)
+        if parts.scheme not in {"http", "https"} or not parts.netloc or parts.query or parts.fragment:
+            raise RenderError(f"link_base: {link_base!r} is not an http(s) base URL")
+        self._link_base = link_base.rstrip("/")
+        self._override_dir = override_dir.resolve() if override_dir is not None else None
+        self._builtin = _Catalogue([BUILTIN_TEMPLATES])
+        self._merchants: dict[str, _Catalogue] = {}
+        self._languages: dict[str, _Language] = {}
+        self._formats = _Formats()
+
+    # The public surface ------------------------------------------------------------------------------
+
+    def render(
+        self,
+        notice: notice_pb2.Notice,
+        *,
+        channel: types_pb2.Channel.ValueType,
+        locale: str,
+        time_zone: str,
+    ) -> Rendered:
+        kind = _KIND_NAMES.get(notice.kind)
+        if kind is None:
+            raise RenderError(f"kind: cannot render a notice of kind {notice.kind}")
+        _check_required(notice)
+        lang = self._language(locale)
+        catalogue = self._catalogue(notice.merchant_id)
+        template = catalogue.message(kind, lang.code)
+        link = self._link(notice)
+        # Running the entry's module only defines its macros; each part renders when asked for.
+        entry = template.make_module(self._facts(notice, lang, time_zone, link, catalogue))
+        data = {"parcel_id": notice.parcel_id, "kind": kind, "version": str(notice.version)}
+        if link:
+            data["deep_link"] = DEEP_LINK_PREFIX + quote(notice.parcel_id, safe="")
+        if channel == types_pb2.CHANNEL_SMS:
+            return Rendered(subject="", text=fit_sms(_part(entry, "sms")), html="", data=data)
+        if channel == types_pb2.CHANNEL_PUSH:
+            title = _part(entry, "push_title") or _part(entry, "subject")
+            body = _part(entry, "push_body") or _part(entry, "lead")
+            return Rendered(
+                subject=clean_line(title, _SUBJECT_MAX_CHARS), text=" ".join(body.split()), html="", data=data
+            )
+        if channel == types_pb2.CHANNEL_EMAIL:
+            parts = self._email_parts(entry, notice.parcel_id, lang, link, catalogue)
+            variables = {"m": parts}
+            return Rendered(
+                subject=parts.subject,
+                text=catalogue.email_text.render(variables).strip() + "\n",
+                html=catalogue.email_html.render(variables),
+                data=data,
+            )
+        raise RenderError(f"channel: cannot render for channel {channel}")
+
+    # Pieces ------------------------------------------------------------------------------------------
+
+    def _language(self, tag: str) -> _Language:
+        lang = self._languages.get(tag)
+        if lang is None:
+            if len(self._languages) >= _CACHE_MAX_ENTRIES:
+                self._languages.clear()
+            lang = self._languages[tag] = _parse_language(tag)
+        return lang
+
+    def _catalogue(self, merchant_id: str) -> _Catalogue:
+        if self._override_dir is None or not merchant_id:
+            return self._builtin
+        catalogue = self._merchants.get(merchant_id)
+        if catalogue is None:
+            if len(self._merchants) >= _CACHE_MAX_ENTRIES:
+                self._merchants.clear()
+            directory = self._merchant_dir(merchant_id)
+            catalogue = self._builtin if directory is None else _Catalogue([directory, BUILTIN_TEMPLATES])
+            self._merchants[merchant_id] = catalogue
+        return catalogue
+
+    def _merchant_dir(self, merchant_id: str) -> Path | None:
+        """The merchant's override directory, if it has one. The id must look like an id (no slash, no
+        leading dot) and the directory must resolve inside the override root, symlinks included."""
+        assert self._override_dir is not None
+        if not _MERCHANT_DIR_RE.fullmatch(merchant_id):
+            return None
+        directory = (self._override_dir / merchant_id).resolve()
+        if directory.parent != self._override_dir or not directory.is_dir():
+            return None
+        return directory
+
+    def _link(self, notice: notice_pb2.Notice) -> str:
+        # Only actionable notices may carry a link: an unpaid order's notice is information only.
+        if not notice.actionable:
+            return ""
+        return f"{self._link_base}/p/{quote(notice.parcel_id, safe='')}"
+
+    def _facts(
+        self, notice: notice_pb2.Notice, lang: _Language, time_zone: str, link: str, catalogue: _Catalogue
+    ) -> dict[str, Any]:
+        zone = self._formats.zone(time_zone)
+        formats = self._formats
+        facts: dict[str, Any] = {
+            "p": catalogue.phrases(lang.code),
+            "region": lang.region,
+            "parcel_id": clean_line(notice.parcel_id, _ID_MAX_CHARS),
+            "link": link,
+            "reason": _REASON_NAMES.get(notice.exception_reason, "other"),
+            "returned": notice.parcel_status == types_pb2.TRACKING_STATUS_RETURNED_TO_SENDER,
+            "slot": formats.window(notice.slot, zone, lang) if notice.HasField("slot") else None,
+            "previous_slot": (
+                formats.window(notice.previous_slot, zone, lang) if notice.HasField("previous_slot") else None
+            ),
+            "pickup": self._place(notice, zone, lang) if notice.HasField("pickup_point") else None,
+            "promised_date": "",
+        }
+        promised = notice.promised_date
+        if notice.HasField("promised_date") and promised.year > 0:
+            try:
+                day = date(promised.year, promised.month, promised.day)
+            except ValueError:
+                raise RenderError("promised_date: not a calendar date") from None
+            facts["promised_date"] = formats.date(day, lang.date_pattern, lang.locale_id)
+        return facts
+
+    def _place(self, notice: notice_pb2.Notice, zone: ZoneInfo, lang: _Language) -> Place:
+        point = notice.pickup_point
+        address = point.address
+        town = clean_line(f"{address.postal_code} {address.city}", _ADDRESS_MAX_CHARS)
+        lines = [clean_line(line, _ADDRESS_MAX_CHARS) for line in address.lines]
+        deadline = point.deadline if point.HasField("deadline") else None
+        if deadline is None and notice.HasField("deadline"):
+            deadline = notice.deadline
+        return Place(
+            name=clean_line(point.name, _NAME_MAX_CHARS),
+            address=clean_line(", ".join(part for part in (*lines, town) if part), _ADDRESS_MAX_CHARS),
+            opening_hours=clean_line(point.opening_hours, _HOURS_MAX_CHARS),
+            deadline=None
+            if deadline is None
+            else self._formats.when(self._formats.local(deadline, zone), lang),
+        )
+
+    def _email_parts(
+        self, entry: Any, raw_parcel_id: str, lang: _Language, link: str, catalogue: _Catalogue
+    ) -> EmailParts:
+        phrases = catalogue.phrases(lang.code)
+        action = ""
+        if link:
+            # An entry without an ``action`` macro gets the language's "track your parcel"; one with an
+            # empty macro (delivered, returned) gets no button at all.
+            action = _part(entry, "action") if hasattr(entry, "action") else str(phrases.track_action)
+        parcel_id = clean_line(raw_parcel_id, _ID_MAX_CHARS)
+        return EmailParts(
+            lang=lang.code,
+            parcel_id=parcel_id,
+            subject=clean_line(_part(entry, "subject"), _SUBJECT_MAX_CHARS),
+            lead=" ".join(_part(entry, "lead").split()),
+            paragraphs=_paragraphs(_part(entry, "details")),
+            highlight=_lines(_part(entry, "highlight").splitlines()),
+            action=clean_line(action, _SUBJECT_MAX_CHARS),
+            link=link if action else "",
+            greeting=str(phrases.greeting),
+            signoff=str(phrases.signoff(lang.region)).strip(),
+            tracking=str(phrases.tracking(parcel_id)).strip(),
+            footer=str(phrases.footer),
+        )
+
+
+def _lines(lines: Iterable[str]) -> tuple[str, ...]:
+    return tuple(line for line in (" ".join(raw.split()) for raw in lines) if line)
+
+
+def _check_required(notice: notice_pb2.Notice) -> None:
+    if notice.kind in _NEEDS_SLOT and not notice.HasField("slot"):
+        raise RenderError("slot: required for a slot notice")
+    if notice.kind == types_pb2.NOTICE_KIND_SLOT_CORRECTED and not notice.HasField("previous_slot"):
+        raise RenderError("previous_slot: required for a slot correction")
+    if notice.kind in _NEEDS_PICKUP and not notice.pickup_point.name:
+        raise RenderError("pickup_point.name: required for a pickup notice")

@@ -27,8 +27,25 @@ def tag(shard: int) -> str:
 
 
 def parcel(shard: int, parcel_id: str) -> str:
-    """Hash of one parcel: its state (protobuf), version for optimistic checks, and its notices."""
+    """Hash of one parcel: its state (protobuf), version for optimistic checks, and its notices.
+
+    Fields (written by ``common/lua/apply.lua``; the engine's ``engine/state.py`` names them):
+    ``v`` version (integer string, bumped by every engine write), ``s`` the ``ParcelState`` protobuf,
+    ``q`` the notice kinds the engine scheduled (comma-separated, to check the due set in one read),
+    ``n:<KIND>`` the ``Notice`` body that should go out, ``nv:<KIND>`` its version, ``ns:<KIND>`` set
+    to ``CANCELLED`` / ``SUPPRESSED`` when the notice was withdrawn (its body is then removed), and
+    ``a:<KIND>`` the gateway's delivery attempts. Finished parcels carry a TTL of the retention.
+    """
     return f"{PREFIX}p:{tag(shard)}:{parcel_id}"
+
+
+def notice_id(parcel_id: str, kind_name: str) -> str:
+    """Member of ``due`` and ``Notice.notice_id``: ``<parcel_id>:<KIND>`` (split at the LAST ':').
+
+    Internal timers use the same form with a kind that is not a NoticeKind (e.g. ``CHECK_DELAYED``):
+    they carry no ``n:<KIND>`` body, so the scheduler's claim skips them and their owner acts on them.
+    """
+    return f"{parcel_id}:{kind_name}"
 
 
 def due(shard: int) -> str:

@@ -194,6 +194,45 @@ class GatewaySettings:
         )
 
 
+# --- engine: ingest and notice planning ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Notice planning and ingest, from ``RELAIS_ENGINE_*`` variables."""
+
+    # A moved slot sends no correction when both its ends moved by this much or less (or it lies
+    # inside the slot the recipient was told).
+    slot_shift_threshold_s: int = 15 * 60
+    # A correction waits this long after the change, so rapid successive changes make one correction.
+    correction_debounce_s: int = 120
+    # The pickup reminder is due this long before the pickup deadline.
+    pickup_reminder_lead_s: int = 24 * 3600
+    # Batches of one StreamEvents call applied at once; the stream reads no further until acks drain.
+    stream_window: int = 8
+    # Parcels that never finish (no event, never delivered) are removed after this many idle days.
+    idle_retention_days: int = 180
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> EngineSettings:
+        p = "RELAIS_ENGINE_"
+        return cls(
+            slot_shift_threshold_s=_int(
+                env, p + "SLOT_SHIFT_THRESHOLD_S", cls.slot_shift_threshold_s, low=0, high=86400
+            ),
+            correction_debounce_s=_int(
+                env, p + "CORRECTION_DEBOUNCE_S", cls.correction_debounce_s, low=0, high=86400
+            ),
+            pickup_reminder_lead_s=_int(
+                env, p + "PICKUP_REMINDER_LEAD_S", cls.pickup_reminder_lead_s, low=60, high=30 * 86400
+            ),
+            stream_window=_int(env, p + "STREAM_WINDOW", cls.stream_window, low=1, high=1024),
+            idle_retention_days=_int(
+                env, p + "IDLE_RETENTION_DAYS", cls.idle_retention_days, low=1, high=3650
+            ),
+        )
+
+
 # --- alerts -----------------------------------------------------------------------------------------
 
 
@@ -370,6 +409,8 @@ class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     # Internal alerts: thresholds file, digest interval and email relay.
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    # The engine: notice planning rules and the stream window.
+    engine: EngineSettings = field(default_factory=EngineSettings)
 
     # TLS, API keys and quotas of the gRPC listener.
     security: SecuritySettings = field(default_factory=SecuritySettings)
@@ -411,6 +452,7 @@ class Settings:
             log_level=(env.get("RELAIS_LOG_LEVEL") or cls.log_level).upper(),
             gateway=GatewaySettings.from_env(env),
             alerts=AlertSettings.from_env(env),
+            engine=EngineSettings.from_env(env),
             security=SecuritySettings.from_env(env),
             telemetry=TelemetrySettings.from_env(env),
         )

@@ -1,0 +1,239 @@
+"""ParcelService: register parcels (merging what carriers already scanned) and read a parcel's story.
+
+``RegisterParcels`` rejects bad entries by index and applies the rest: it stores the order facts, merges
+them into a parcel carriers may have scanned first, plans what became plannable (the recipient is now
+known) and plans pending notices again with the new facts. It keeps ``keys.recipient_parcels``, the set
+the re-planning on a preference change walks.
+
+``GetParcel`` answers from ONE pipelined round trip: the parcel's read script (version, state, which
+notices are still due), its hash (notice bodies and the gateway's attempts) and its alert hash. Another
+merchant's parcel is NOT_FOUND, like an unknown one: nobody can probe which tracking numbers exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn
+
+import grpc
+from redis.asyncio import Redis
+from relais.v1 import notice_pb2, parcel_pb2, parcel_pb2_grpc, state_pb2
+
+from common import keys
+from common.clock import Clock
+from engine import auth
+from engine.alert_store import parse_parcel_alerts
+from engine.planner import kind_name
+from engine.state import DAY_MS, ParcelRecord, ParcelStore, attempts_field, parse_read
+from engine.validation import MAX_BATCH_PARCELS, Problem, check_registration
+
+Context = grpc.aio.ServicerContext[object, object]
+
+_WITHDRAWN = (notice_pb2.NOTICE_STATUS_CANCELLED, notice_pb2.NOTICE_STATUS_SUPPRESSED)
+
+
+async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+def notice_view(
+    parcel_id: str, mark: state_pb2.NoticeMark, pending: frozenset[str], raw_attempts: bytes | None
+) -> notice_pb2.NoticeView:
+    """One notice as GetParcel shows it: the engine's mark plus the gateway's attempts."""
+    name = kind_name(mark.kind)
+    view = notice_pb2.NoticeView(
+        notice_id=keys.notice_id(parcel_id, name),
+        kind=mark.kind,
+        version=mark.version,
+        status_reason=mark.status_reason,
+    )
+    if mark.due_ms:
+        view.scheduled_at.FromMilliseconds(mark.due_ms)
+    if mark.HasField("slot"):
+        view.slot.CopyFrom(mark.slot)
+    if mark.HasField("previous_slot"):
+        view.previous_slot.CopyFrom(mark.previous_slot)
+    if raw_attempts:
+        # The gateway appends one serialized NoticeView per attempt: concatenated, they parse as one.
+        view.attempts.extend(notice_pb2.NoticeView.FromString(raw_attempts).attempts)
+    last = view.attempts[-1].status if view.attempts else None
+    if mark.status in _WITHDRAWN:
+        view.status = mark.status
+    elif name in pending:
+        retrying = last == notice_pb2.NOTICE_STATUS_RETRYING
+        view.status = notice_pb2.NOTICE_STATUS_RETRYING if retrying else notice_pb2.NOTICE_STATUS_SCHEDULED
+    else:
+        view.status = last if last is not None else notice_pb2.NOTICE_STATUS_QUEUED
+    for attempt in reversed(view.attempts):
+        if attempt.status == notice_pb2.NOTICE_STATUS_SENT:
+            view.sent_at.CopyFrom(attempt.attempted_at)
+            view.channel = attempt.channel
+            break
+    return view
+
+
+def parcel_view(record: ParcelRecord, fields: Mapping[bytes, bytes]) -> parcel_pb2.ParcelView:
+    """The parcel as GetParcel shows it (alerts are added by the caller)."""
+    state = record.state
+    view = parcel_pb2.ParcelView(
+        parcel_id=record.parcel_id,
+        merchant_id=state.merchant_id,
+        carrier=state.carrier,
+        recipient_id=state.recipient_id,
+        registered=state.registered,
+        status=state.status,
+        substatus=state.substatus,
+        exception_reason=state.exception_reason,
+        timeline=state.timeline,
+    )
+    if state.HasField("slot"):
+        view.current_slot.CopyFrom(state.slot)
+    if state.HasField("pickup_point"):
+        view.pickup_point.CopyFrom(state.pickup_point)
+    if state.HasField("order"):
+        view.order.CopyFrom(state.order)
+    for mark in state.notices:
+        raw = fields.get(attempts_field(kind_name(mark.kind)).encode())
+        view.notices.append(notice_view(record.parcel_id, mark, record.pending, raw))
+    if state.created_ms:
+        view.created_at.FromMilliseconds(state.created_ms)
+    if state.updated_ms:
+        view.updated_at.FromMilliseconds(state.updated_ms)
+    if state.expires_ms:
+        view.expires_at.FromMilliseconds(state.expires_ms)
+    return view
+
+
+def merge_registration(
+    state: state_pb2.ParcelState, parcel: parcel_pb2.ParcelRegistration, now_ms: int
+) -> None:
+    """Fold the order facts into the state (a parcel scanned first keeps its events and carrier)."""
+    state.registered = True
+    state.merchant_id = parcel.merchant_id
+    state.recipient_id = parcel.recipient_id
+    if not state.carrier:
+        state.carrier = parcel.carrier
+    state.order.CopyFrom(parcel.order)
+    if not state.created_ms:
+        state.created_ms = now_ms
+    state.updated_ms = now_ms
+
+
+class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
+    def __init__(self, store: ParcelStore, clock: Clock) -> None:
+        self._store = store
+        self._redis: Redis = store.redis
+        self._clock = clock
+
+    def _screen(
+        self, parcels: Sequence[parcel_pb2.ParcelRegistration]
+    ) -> tuple[dict[str, tuple[int, parcel_pb2.ParcelRegistration]], list[parcel_pb2.RejectedParcel]]:
+        wanted: dict[str, tuple[int, parcel_pb2.ParcelRegistration]] = {}
+        rejected: list[parcel_pb2.RejectedParcel] = []
+        for index, parcel in enumerate(parcels):
+            problem = check_registration(parcel)
+            if problem is None and not auth.can_access_merchant(parcel.merchant_id):
+                problem = Problem("merchant_id", "the caller may not register parcels for this merchant")
+            if problem is None and not auth.can_access_recipient(parcel.recipient_id):
+                problem = Problem("recipient_id", "the recipient id is outside the caller's namespace")
+            if problem is not None:
+                rejected.append(
+                    parcel_pb2.RejectedParcel(index=index, field=problem.field, reason=problem.reason)
+                )
+            else:
+                wanted[parcel.parcel_id] = (index, parcel)  # the last registration of a parcel wins
+        return wanted, rejected
+
+    async def RegisterParcels(  # noqa: N802 - gRPC method name
+        self, request: parcel_pb2.RegisterParcelsRequest, context: Context
+    ) -> parcel_pb2.RegisterParcelsResponse:
+        if len(request.parcels) > MAX_BATCH_PARCELS:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "parcels: at most 5000 per request")
+        wanted, rejected = self._screen(request.parcels)
+        taken: dict[str, int] = {}
+        previous: dict[str, str] = {}
+        now_ms = self._clock.now_ms()
+
+        def mutate(record: ParcelRecord) -> bool:
+            index, parcel = wanted[record.parcel_id]
+            state = record.state
+            if state.merchant_id and state.merchant_id != parcel.merchant_id:
+                taken[record.parcel_id] = index
+                return False
+            taken.pop(record.parcel_id, None)
+            if state.recipient_id and state.recipient_id != parcel.recipient_id:
+                previous[record.parcel_id] = state.recipient_id
+            merge_registration(state, parcel, now_ms)
+            return True
+
+        if wanted:
+            await self._store.update(list(wanted), mutate, refresh=True)
+            await self._index_recipients(wanted, taken, previous)
+        for index in taken.values():
+            rejected.append(
+                parcel_pb2.RejectedParcel(
+                    index=index, field="parcel_id", reason="the parcel is registered by another merchant"
+                )
+            )
+        rejected.sort(key=lambda r: r.index)
+        return parcel_pb2.RegisterParcelsResponse(registered=len(wanted) - len(taken), rejected=rejected)
+
+    async def _index_recipients(
+        self,
+        wanted: Mapping[str, tuple[int, parcel_pb2.ParcelRegistration]],
+        taken: Mapping[str, int],
+        previous: Mapping[str, str],
+    ) -> None:
+        """Keep each recipient's set of parcels (re-planning and erasure walk it): one round trip."""
+        shards = self._store.settings.shards
+        idle_ms = self._store.settings.engine.idle_retention_days * DAY_MS
+        pipe = self._redis.pipeline(transaction=False)
+        for pid, (_index, parcel) in wanted.items():
+            if pid in taken:
+                continue
+            rid = parcel.recipient_id
+            key = keys.recipient_parcels(keys.shard_of(rid, shards), rid)
+            pipe.sadd(key, pid)
+            pipe.pexpire(key, idle_ms)
+        for pid, rid in previous.items():
+            pipe.srem(keys.recipient_parcels(keys.shard_of(rid, shards), rid), pid)
+        await pipe.execute()
+
+    async def GetParcel(  # noqa: N802 - gRPC method name
+        self, request: parcel_pb2.GetParcelRequest, context: Context
+    ) -> parcel_pb2.ParcelView:
+        pid = request.parcel_id
+        if not pid or len(pid) > 64:
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "parcel_id: required, up to 64 characters"
+            )
+        view = await self.get_parcel(pid)
+        # A parcel nobody registered yet belongs to no merchant: only operators may read it then.
+        if view is None or not auth.can_access_merchant(view.merchant_id):
+            await _abort(context, grpc.StatusCode.NOT_FOUND, "parcel_id: no such parcel")
+        return view
+
+    async def get_parcel(self, parcel_id: str) -> parcel_pb2.ParcelView | None:
+        """The parcel's whole story in one round trip; None when unknown (or expired)."""
+        shard = self._store.shard(parcel_id)
+        pipe = self._redis.pipeline(transaction=False)
+        await self._store.queue_read(pipe, shard, [parcel_id])
+        pipe.hgetall(keys.parcel(shard, parcel_id))
+        pipe.hgetall(keys.alerts(shard, parcel_id))
+        read, fields, alerts = await pipe.execute()
+        record = parse_read(shard, [parcel_id], read)[parcel_id]
+        if not record.exists:
+            return None
+        view = parcel_view(record, fields)
+        view.open_alerts.extend(parse_parcel_alerts(alerts).unresolved())
+        return view
+
+
+def add_parcel_service(servicer: ParcelServicer) -> Callable[[grpc.aio.Server], None]:
+    """A ``register`` callable for ``engine.server.start_server``."""
+
+    def add(server: grpc.aio.Server) -> None:
+        parcel_pb2_grpc.add_ParcelServiceServicer_to_server(servicer, server)
+
+    return add

@@ -1,0 +1,442 @@
+"""Notice planning: the rules recipients feel, as pure functions over a parcel's state.
+
+``plan`` takes the state after new facts were folded in (events, a registration, new preferences), the
+notice kinds still waiting in the due set, the recipient's planning preferences and the time, and
+decides which notices to schedule, replace or withdraw. It does no IO, so every rule is tested here:
+
+- SHIPPED once, on the first carrier scan;
+- SLOT_ANNOUNCED when a window appears; replaced in place (same id, new version = slot version) while
+  it has not gone out, so the recipient never sees the old slot;
+- SLOT_CORRECTED once the recipient was told a slot: names the old and the new one, due a debounce
+  after the change so rapid changes make one correction; none (and a pending one withdrawn) when the
+  new slot lies inside the told one or both ends moved by the threshold or less;
+- DELIVERED cancels every pending notice; RETURNED likewise; an expired parcel just cancels;
+- ATTEMPT_FAILED per failed attempt; AVAILABLE_FOR_PICKUP per pickup point and deadline, with a
+  PICKUP_REMINDER a lead before the deadline, withdrawn when the parcel leaves the pickup point;
+- DELAYED scheduled up front for the moment the promised date has passed in the recipient's time
+  zone: delivery (or arrival at a pickup point) withdraws it first, so the claim itself is the check;
+- EXCEPTION (check your address) for address problems of paid orders only;
+- muted kinds are not scheduled (SUPPRESSED); unpaid orders' notices are not actionable.
+
+Send times go through ``common.quiet_hours.allowed_send_ms``: outside quiet hours, never past a deadline.
+Notice ids are ``<parcel_id>:<KIND>``; a notice is "gone out" when the engine scheduled it and the
+scheduler has since claimed it from the due set (``pending`` no longer lists it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TypeAlias
+
+from relais.v1 import notice_pb2, preferences_pb2, state_pb2, types_pb2
+
+from common.quiet_hours import allowed_send_ms, zone
+from common.settings import EngineSettings
+
+Kind: TypeAlias = types_pb2.NoticeKind.ValueType
+Status: TypeAlias = notice_pb2.NoticeStatus.ValueType
+
+_PREFIX = "NOTICE_KIND_"
+_NAMES: dict[int, str] = {
+    value: types_pb2.NoticeKind.Name(value)[len(_PREFIX) :]
+    for value in types_pb2.NoticeKind.values()
+    if value
+}
+
+SHIPPED = types_pb2.NOTICE_KIND_SHIPPED
+ANNOUNCED = types_pb2.NOTICE_KIND_SLOT_ANNOUNCED
+CORRECTED = types_pb2.NOTICE_KIND_SLOT_CORRECTED
+DELIVERED = types_pb2.NOTICE_KIND_DELIVERED
+ATTEMPT_FAILED = types_pb2.NOTICE_KIND_ATTEMPT_FAILED
+AT_PICKUP = types_pb2.NOTICE_KIND_AVAILABLE_FOR_PICKUP
+REMINDER = types_pb2.NOTICE_KIND_PICKUP_REMINDER
+DELAYED = types_pb2.NOTICE_KIND_DELAYED
+EXCEPTION = types_pb2.NOTICE_KIND_EXCEPTION
+RETURNED = types_pb2.NOTICE_KIND_RETURNED
+
+SCHEDULED = notice_pb2.NOTICE_STATUS_SCHEDULED
+QUEUED = notice_pb2.NOTICE_STATUS_QUEUED
+CANCELLED = notice_pb2.NOTICE_STATUS_CANCELLED
+SUPPRESSED = notice_pb2.NOTICE_STATUS_SUPPRESSED
+
+REASON_MUTED = "muted by the recipient"
+REASON_UNPAID = "unpaid order: no address check"
+REASON_WITHIN = "slot moved within the threshold of the slot the recipient was told"
+REASON_SLOT_OVER = "the slot is over"
+REASON_AT_PICKUP = "waiting at a pickup point"
+REASON_LEFT_PICKUP = "no longer waiting at the pickup point"
+REASON_DELIVERED = "delivered"
+REASON_RETURNED = "returned to the sender"
+REASON_EXPIRED = "tracking expired"
+REASON_ERASED = "the recipient's data was erased"
+
+T = types_pb2
+
+
+def kind_name(kind: int) -> str:
+    """``NOTICE_KIND_SLOT_ANNOUNCED`` -> ``SLOT_ANNOUNCED``: the KIND of notice ids and hash fields."""
+    return _NAMES[kind]
+
+
+def window_ms(window: types_pb2.TimeWindow) -> tuple[int, int]:
+    return window.start.ToMilliseconds(), window.end.ToMilliseconds()
+
+
+def within_threshold(told: types_pb2.TimeWindow, new: types_pb2.TimeWindow, threshold_ms: int) -> bool:
+    """No correction is worth sending: ``new`` lies inside ``told``, or both ends moved <= threshold."""
+    told_start, told_end = window_ms(told)
+    new_start, new_end = window_ms(new)
+    inside = told_start <= new_start and new_end <= told_end
+    return inside or (abs(new_start - told_start) <= threshold_ms and abs(new_end - told_end) <= threshold_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRules:
+    shift_threshold_ms: int = 15 * 60_000
+    debounce_ms: int = 120_000
+    reminder_lead_ms: int = 24 * 3_600_000
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> PlanRules:
+        return cls(
+            shift_threshold_ms=settings.slot_shift_threshold_s * 1000,
+            debounce_ms=settings.correction_debounce_s * 1000,
+            reminder_lead_ms=settings.pickup_reminder_lead_s * 1000,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Audience:
+    """What planning needs of a recipient's preferences (no contact data)."""
+
+    time_zone: str = "UTC"
+    quiet: tuple[int, int] | None = None
+    muted: frozenset[Kind] = frozenset()
+
+    @classmethod
+    def from_preferences(cls, prefs: preferences_pb2.RecipientPreferences) -> Audience:
+        quiet = None
+        if prefs.HasField("quiet_hours"):
+            quiet = (prefs.quiet_hours.start_minute, prefs.quiet_hours.end_minute)
+        return cls(time_zone=prefs.time_zone or "UTC", quiet=quiet, muted=frozenset(prefs.muted_kinds))
+
+
+@dataclass(slots=True)
+class Plan:
+    """The outcome: notices to write and put in the due set, kinds to take out of it, and the kinds that
+    must still be pending when written (replaced or withdrawn: if the scheduler claimed one meanwhile,
+    the write conflicts and the parcel is planned again)."""
+
+    scheduled: dict[Kind, notice_pb2.Notice] = field(default_factory=dict)
+    withdrawn: dict[Kind, Status] = field(default_factory=dict)
+    checked: set[Kind] = field(default_factory=set)
+
+
+def plan(
+    state: state_pb2.ParcelState,
+    pending: frozenset[str],
+    audience: Audience | None,
+    now_ms: int,
+    rules: PlanRules,
+    *,
+    shard: int = 0,
+    refresh: bool = False,
+    erase: bool = False,
+) -> Plan:
+    """Plan the parcel's notices; updates ``state`` (its notice marks, told slot) in place.
+
+    ``refresh`` plans every pending notice again with the current facts and preferences (new quiet
+    hours or muted kinds, a changed registration) instead of only reacting to new facts. ``erase``
+    withdraws every pending notice and plans nothing more until the recipient sets preferences again.
+    """
+    planner = _Planner(state, pending, audience, now_ms, rules, shard)
+    return planner.erase() if erase else planner.run(refresh=refresh)
+
+
+def end_of_day_ms(date: types_pb2.LocalDate, time_zone: str) -> int:
+    """The first instant after ``date`` in ``time_zone`` (UTC when the zone is unknown)."""
+    try:
+        tz = zone(time_zone)
+    except ValueError:
+        tz = zone("UTC")
+    day = datetime(date.year, date.month, date.day, tzinfo=tz) + timedelta(days=1)
+    return int(day.timestamp() * 1000)
+
+
+class _Planner:
+    def __init__(
+        self,
+        state: state_pb2.ParcelState,
+        pending: frozenset[str],
+        audience: Audience | None,
+        now_ms: int,
+        rules: PlanRules,
+        shard: int,
+    ) -> None:
+        self.state = state
+        self.pending = pending
+        self.audience = audience
+        self.now_ms = now_ms
+        self.rules = rules
+        self.shard = shard
+        self.marks = {mark.kind: mark for mark in state.notices}
+        self.touched: set[Kind] = set()
+        self.result = Plan()
+
+    def erase(self) -> Plan:
+        self._observe_claims()
+        for kind in list(self.marks):
+            self._withdraw(kind, CANCELLED, REASON_ERASED)
+        self.state.recipient_erased = True
+        return self.result
+
+    def run(self, *, refresh: bool) -> Plan:
+        self._observe_claims()
+        state = self.state
+        if not state.recipient_id:
+            return self.result
+        if state.recipient_erased:
+            if self.audience is None:
+                return self.result
+            state.recipient_erased = False  # they set preferences again
+        status = state.status
+        if status == T.TRACKING_STATUS_DELIVERED:
+            self._finish(DELIVERED, REASON_DELIVERED)
+        elif status in (T.TRACKING_STATUS_RETURNING_TO_SENDER, T.TRACKING_STATUS_RETURNED_TO_SENDER):
+            self._finish(RETURNED, REASON_RETURNED)
+        elif status == T.TRACKING_STATUS_EXPIRED:
+            self._finish(None, REASON_EXPIRED)
+        else:
+            self._active()
+        if refresh:
+            self._refresh()
+        return self.result
+
+    # --- what went out -------------------------------------------------------------------------------
+
+    def _observe_claims(self) -> None:
+        """Scheduled notices no longer in the due set went out; slot ones set what the recipient knows."""
+        for kind in sorted(self.marks):
+            mark = self.marks[kind]
+            if mark.status == SCHEDULED and kind_name(kind) not in self.pending:
+                mark.status = QUEUED
+                if kind in (ANNOUNCED, CORRECTED):
+                    self.state.told_slot.CopyFrom(mark.slot)
+
+    # --- the rules -----------------------------------------------------------------------------------
+
+    def _finish(self, final: Kind | None, reason: str) -> None:
+        for kind in list(self.marks):
+            if kind != final:
+                self._withdraw(kind, CANCELLED, reason)
+        if final is not None and final not in self.marks:
+            self._schedule(final, 1, self.now_ms, None)
+
+    def _active(self) -> None:
+        if self.state.scanned and SHIPPED not in self.marks:
+            self._schedule(SHIPPED, 1, self.now_ms, None)
+        self._slot()
+        self._pickup()
+        self._once_per_event(ATTEMPT_FAILED, self.state.status == T.TRACKING_STATUS_ATTEMPT_FAIL)
+        self._once_per_event(
+            EXCEPTION,
+            self.state.status == T.TRACKING_STATUS_EXCEPTION
+            and self.state.exception_reason == T.EXCEPTION_REASON_ADDRESS_PROBLEM,
+        )
+        self._delayed()
+
+    def _slot(self) -> None:
+        state = self.state
+        if state.status == T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP or not state.HasField("slot"):
+            for kind in (ANNOUNCED, CORRECTED):
+                self._withdraw(kind, CANCELLED, REASON_AT_PICKUP)
+            return
+        window, version = state.slot.window, state.slot.version
+        start_ms, end_ms = window_ms(window)
+        if end_ms <= self.now_ms:
+            for kind in (ANNOUNCED, CORRECTED):
+                self._withdraw(kind, CANCELLED, REASON_SLOT_OVER)
+            return
+        if not state.HasField("told_slot"):
+            announced = self.marks.get(ANNOUNCED)
+            if announced is None or announced.status != SCHEDULED or announced.version != version:
+                self._schedule(ANNOUNCED, version, self.now_ms, start_ms, slot=window)
+            return
+        told = state.told_slot
+        if within_threshold(told, window, self.rules.shift_threshold_ms):
+            self._withdraw(CORRECTED, SUPPRESSED, REASON_WITHIN)
+            return
+        corrected = self.marks.get(CORRECTED)
+        if corrected is None or corrected.status != SCHEDULED or corrected.version != version:
+            desired_ms = self.now_ms + self.rules.debounce_ms
+            self._schedule(CORRECTED, version, desired_ms, start_ms, slot=window, previous=told)
+
+    def _pickup(self) -> None:
+        state = self.state
+        if state.status != T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP or not state.HasField("pickup_point"):
+            for kind in (AT_PICKUP, REMINDER):
+                self._withdraw(kind, CANCELLED, REASON_LEFT_PICKUP)
+            return
+        point = state.pickup_point
+        deadline_ms = point.deadline.ToMilliseconds()
+        subject = f"{point.id}@{deadline_ms}"
+        notice = self.marks.get(AT_PICKUP)
+        if notice is None or notice.subject != subject:
+            self._schedule(AT_PICKUP, _next(notice), self.now_ms, deadline_ms, subject=subject)
+        reminder = self.marks.get(REMINDER)
+        remind_ms = deadline_ms - self.rules.reminder_lead_ms
+        if reminder is not None and reminder.subject == subject:
+            return
+        if remind_ms > self.now_ms:
+            self._schedule(REMINDER, _next(reminder), remind_ms, deadline_ms, subject=subject)
+        else:
+            self._withdraw(REMINDER, CANCELLED, REASON_LEFT_PICKUP)
+
+    def _once_per_event(self, kind: Kind, applies: bool) -> None:
+        if not applies:
+            return
+        subject = self.state.status_event_id
+        mark = self.marks.get(kind)
+        if mark is None or mark.subject != subject:
+            self._schedule(kind, _next(mark), self.now_ms, None, subject=subject)
+
+    def _delayed(self) -> None:
+        order = self.state.order
+        if self.state.status == T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP or not order.HasField("promised_date"):
+            self._withdraw(DELAYED, CANCELLED, REASON_AT_PICKUP)
+            return
+        date = order.promised_date
+        subject = f"{date.year:04d}-{date.month:02d}-{date.day:02d}"
+        mark = self.marks.get(DELAYED)
+        if mark is not None and mark.subject == subject:
+            return
+        time_zone = self.audience.time_zone if self.audience else "UTC"
+        self._schedule(DELAYED, _next(mark), end_of_day_ms(date, time_zone), None, subject=subject)
+
+    def _refresh(self) -> None:
+        """Plan pending notices again, same version: new preferences or facts, same promise."""
+        for kind, mark in list(self.marks.items()):
+            if kind in self.touched or mark.status != SCHEDULED:
+                continue
+            slot = types_pb2.TimeWindow()
+            slot.CopyFrom(mark.slot)
+            previous = types_pb2.TimeWindow()
+            previous.CopyFrom(mark.previous_slot)
+            self._schedule(
+                kind,
+                mark.version,
+                mark.desired_ms,
+                mark.deadline_ms or None,
+                slot=slot if mark.HasField("slot") else None,
+                previous=previous if mark.HasField("previous_slot") else None,
+                subject=mark.subject,
+                cause=mark.cause_event_id,
+            )
+
+    # --- scheduling ----------------------------------------------------------------------------------
+
+    def _suppression(self, kind: Kind) -> str | None:
+        if self.audience is not None and kind in self.audience.muted:
+            return REASON_MUTED
+        if kind == EXCEPTION and not self.state.order.paid:
+            return REASON_UNPAID
+        return None
+
+    def _schedule(
+        self,
+        kind: Kind,
+        version: int,
+        desired_ms: int,
+        deadline_ms: int | None,
+        *,
+        slot: types_pb2.TimeWindow | None = None,
+        previous: types_pb2.TimeWindow | None = None,
+        subject: str = "",
+        cause: str | None = None,
+    ) -> None:
+        self.touched.add(kind)
+        mark = self.marks.get(kind)
+        if mark is None:
+            mark = self.state.notices.add(kind=kind)
+            self.marks[kind] = mark
+        if mark.status == SCHEDULED:
+            self.result.checked.add(kind)
+        mark.version = version
+        mark.desired_ms = desired_ms
+        mark.deadline_ms = deadline_ms or 0
+        mark.subject = subject
+        mark.planned_ms = self.now_ms
+        mark.cause_event_id = self.state.status_event_id if cause is None else cause
+        _set_window(mark, "slot", slot)
+        _set_window(mark, "previous_slot", previous)
+        reason = self._suppression(kind)
+        if reason is not None:
+            mark.status, mark.status_reason, mark.due_ms = SUPPRESSED, reason, 0
+            self.result.scheduled.pop(kind, None)
+            self.result.withdrawn[kind] = SUPPRESSED
+            return
+        audience = self.audience or Audience()
+        mark.due_ms = allowed_send_ms(
+            desired_ms, self.now_ms, audience.quiet, audience.time_zone, deadline_ms
+        )
+        mark.status, mark.status_reason = SCHEDULED, ""
+        self.result.withdrawn.pop(kind, None)
+        self.result.scheduled[kind] = self._notice(mark)
+
+    def _withdraw(self, kind: Kind, status: Status, reason: str) -> None:
+        mark = self.marks.get(kind)
+        if mark is None or mark.status != SCHEDULED:
+            return
+        self.touched.add(kind)
+        self.result.checked.add(kind)
+        mark.status, mark.status_reason = status, reason
+        self.result.scheduled.pop(kind, None)
+        self.result.withdrawn[kind] = status
+
+    def _notice(self, mark: state_pb2.NoticeMark) -> notice_pb2.Notice:
+        state = self.state
+        order = state.order
+        notice = notice_pb2.Notice(
+            notice_id=f"{state.parcel_id}:{kind_name(mark.kind)}",
+            version=mark.version,
+            kind=mark.kind,
+            parcel_id=state.parcel_id,
+            merchant_id=state.merchant_id,
+            recipient_id=state.recipient_id,
+            carrier=state.carrier,
+            parcel_status=state.status,
+            paid=order.paid,
+            # Unpaid orders get informational notices only: no link that changes the delivery.
+            actionable=order.paid,
+            cause_event_id=mark.cause_event_id,
+            shard=self.shard,
+        )
+        if order.HasField("declared_value"):
+            notice.declared_value.CopyFrom(order.declared_value)
+        if order.HasField("promised_date"):
+            notice.promised_date.CopyFrom(order.promised_date)
+        if mark.HasField("slot"):
+            notice.slot.CopyFrom(mark.slot)
+        if mark.HasField("previous_slot"):
+            notice.previous_slot.CopyFrom(mark.previous_slot)
+        if mark.kind in (AT_PICKUP, REMINDER) and state.HasField("pickup_point"):
+            notice.pickup_point.CopyFrom(state.pickup_point)
+        if mark.kind in (ATTEMPT_FAILED, EXCEPTION):
+            notice.exception_reason = state.exception_reason
+        notice.due_at.FromMilliseconds(mark.due_ms)
+        if mark.deadline_ms:
+            notice.deadline.FromMilliseconds(mark.deadline_ms)
+        notice.planned_at.FromMilliseconds(self.now_ms)
+        return notice
+
+
+def _next(mark: state_pb2.NoticeMark | None) -> int:
+    return 1 if mark is None else mark.version + 1
+
+
+def _set_window(mark: state_pb2.NoticeMark, name: str, window: types_pb2.TimeWindow | None) -> None:
+    if window is None:
+        mark.ClearField(name)  # type: ignore[arg-type]
+    else:
+        getattr(mark, name).CopyFrom(window)

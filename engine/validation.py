@@ -1,0 +1,130 @@
+"""Checks of what callers send: one tracking event, one parcel registration.
+
+Each check returns a ``Problem`` naming the field (as a path, e.g. ``delivery_window.end``) and saying
+what is wrong in a sentence for the integrator, or None. Values are never echoed back: a field may hold
+personal data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+
+from relais.v1 import parcel_pb2, tracking_pb2, types_pb2
+
+MAX_BATCH_EVENTS = 5000
+MAX_BATCH_PARCELS = 5000
+MAX_FUTURE_MS = 10 * 60_000
+# Nothing a carrier scanned happened before this (2000-01-01): a zero or garbage timestamp.
+MIN_OCCURRED_MS = 946_684_800_000
+MAX_WINDOW_MS = 7 * 86_400_000
+
+# Printable ASCII without spaces: ids end up in Redis keys and notice ids.
+_ID = re.compile(r"[\x21-\x7e]+")
+_CURRENCY = re.compile(r"[A-Z]{3}")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    field: str
+    reason: str
+
+
+def _ident(value: str, name: str, max_len: int) -> Problem | None:
+    if not value:
+        return Problem(name, f"{name} is required")
+    if len(value) > max_len:
+        return Problem(name, f"{name} is longer than {max_len} characters")
+    if not _ID.fullmatch(value):
+        return Problem(name, f"{name} must be printable ASCII without spaces")
+    return None
+
+
+def _text(value: str, name: str, max_len: int) -> Problem | None:
+    if len(value) > max_len:
+        return Problem(name, f"{name} is longer than {max_len} characters")
+    return None
+
+
+def _window(event: tracking_pb2.TrackingEvent) -> Problem | None:
+    if not event.HasField("delivery_window"):
+        return None
+    window = event.delivery_window
+    if not window.HasField("start"):
+        return Problem("delivery_window.start", "delivery_window.start is required")
+    if not window.HasField("end"):
+        return Problem("delivery_window.end", "delivery_window.end is required")
+    start_ms, end_ms = window.start.ToMilliseconds(), window.end.ToMilliseconds()
+    if end_ms <= start_ms:
+        return Problem("delivery_window.end", "delivery_window.end must be after its start")
+    if end_ms - start_ms > MAX_WINDOW_MS:
+        return Problem("delivery_window.end", "delivery_window spans more than 7 days")
+    return None
+
+
+def _pickup(event: tracking_pb2.TrackingEvent) -> Problem | None:
+    if event.status != types_pb2.TRACKING_STATUS_AVAILABLE_FOR_PICKUP:
+        return None
+    point = event.pickup_point
+    if not event.HasField("pickup_point") or not point.id:
+        return Problem("pickup_point.id", "pickup_point.id is required for AVAILABLE_FOR_PICKUP")
+    if not point.HasField("deadline"):
+        return Problem("pickup_point.deadline", "pickup_point.deadline is required for AVAILABLE_FOR_PICKUP")
+    return None
+
+
+def _occurred(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
+    if not event.HasField("occurred_at"):
+        return Problem("occurred_at", "occurred_at is required")
+    occurred_ms = event.occurred_at.ToMilliseconds()
+    if occurred_ms < MIN_OCCURRED_MS:
+        return Problem("occurred_at", "occurred_at is before 2000-01-01")
+    if occurred_ms > now_ms + MAX_FUTURE_MS:
+        return Problem("occurred_at", "occurred_at is more than 10 minutes in the future")
+    return None
+
+
+def check_event(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
+    """The first problem of ``event``, or None when it can be applied."""
+    if event.status not in types_pb2.TrackingStatus.values() or not event.status:
+        return Problem("status", "status is required (a TRACKING_STATUS_* value)")
+    if event.exception_reason not in types_pb2.ExceptionReason.values():
+        return Problem("exception_reason", "exception_reason is not an EXCEPTION_REASON_* value")
+    return (
+        _ident(event.event_id, "event_id", 128)
+        or _ident(event.parcel_id, "parcel_id", 64)
+        or _ident(event.carrier, "carrier", 64)
+        or _occurred(event, now_ms)
+        or _text(event.substatus, "substatus", 64)
+        or _text(event.description, "description", 256)
+        or _window(event)
+        or _pickup(event)
+    )
+
+
+def _order(order: parcel_pb2.OrderFacts) -> Problem | None:
+    if order.HasField("declared_value"):
+        value = order.declared_value
+        if not _CURRENCY.fullmatch(value.currency_code):
+            return Problem("order.declared_value.currency_code", "currency_code must be an ISO 4217 code")
+        if value.amount_minor < 0:
+            return Problem("order.declared_value.amount_minor", "amount_minor must not be negative")
+    if order.HasField("promised_date"):
+        date = order.promised_date
+        try:
+            dt.date(date.year, date.month, date.day)
+        except ValueError:
+            return Problem("order.promised_date", "order.promised_date is not a calendar date")
+    return _text(order.order_reference, "order.order_reference", 64)
+
+
+def check_registration(parcel: parcel_pb2.ParcelRegistration) -> Problem | None:
+    """The first problem of ``parcel``, or None when it can be registered."""
+    return (
+        _ident(parcel.parcel_id, "parcel_id", 64)
+        or _ident(parcel.merchant_id, "merchant_id", 128)
+        or _ident(parcel.carrier, "carrier", 64)
+        or _ident(parcel.recipient_id, "recipient_id", 128)
+        or _order(parcel.order)
+    )

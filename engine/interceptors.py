@@ -21,7 +21,7 @@ import inspect
 import logging
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -46,9 +46,14 @@ from engine.quota import QuotaLimit, QuotaLimiter
 
 log = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext[Any, Any]
-Guard = Callable[[Context], contextlib.AbstractAsyncContextManager[None]]
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]]
+# grpc-stubs make these generic; the runtime classes are not subscriptable.
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Guard = Callable[[Context], contextlib.AbstractAsyncContextManager[None]]
+    Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]]
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    ServerInterceptor = grpc.aio.ServerInterceptor
 
 RETRY_AFTER_HEADER = "retry-after-ms"
 
@@ -124,7 +129,7 @@ def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
 # --- errors and spans ---------------------------------------------------------------------------------
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+class ErrorInterceptor(ServerInterceptor):
     def __init__(self, telemetry: Telemetry) -> None:
         self._tracer = telemetry.tracer
 
@@ -165,12 +170,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
         return wrap_handler(handler, guard)
 
 
+# Server-side statuses that mean a fault of the server, not of the request.
+_SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
+
+
 def _record_status(span: trace.Span, context: Context) -> None:
+    """The call's status code on its span; ``code()`` is None when the handler set none (OK)."""
     code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS):
-            span.set_status(Status(StatusCode.ERROR, code.name))
+    if code is None:
+        code = grpc.StatusCode.OK
+    if isinstance(code, int):
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code in _SERVER_FAULTS:
+        span.set_status(Status(StatusCode.ERROR, code.name))
 
 
 def _internal_error(method: str, exc: BaseException) -> str:
@@ -184,7 +197,7 @@ def _internal_error(method: str, exc: BaseException) -> str:
 # --- authentication, authorisation, quota -------------------------------------------------------------
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+class AuthInterceptor(ServerInterceptor):
     def __init__(self, keys: KeyStore, quota: QuotaLimiter | None = None) -> None:
         self._keys = keys
         self._quota = quota

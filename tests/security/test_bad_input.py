@@ -1,0 +1,73 @@
+"""What bad input and bugs get: oversized messages, deadlines, and no traceback for the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+from relais.v1 import parcel_pb2, parcel_pb2_grpc, tracking_pb2, tracking_pb2_grpc
+
+from common.clock import ManualClock
+from common.settings import SecuritySettings
+from tests.security.conftest import bearer, serving, settings_with
+from tests.security.probe import SECRET_EMAIL, ProbeParcels, add_probes
+
+
+async def test_a_bug_becomes_internal_without_its_message_and_is_logged_without_personal_data(
+    redis: Redis, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serving(settings_with(SecuritySettings()), redis, clock, [add_probes]) as running:  # noqa: SIM117
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = parcel_pb2_grpc.ParcelServiceStub(channel)
+            with caplog.at_level(logging.DEBUG), pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetParcel(parcel_pb2.GetParcelRequest(parcel_id="boom"), timeout=5)
+            error = info.value
+            assert error.code() == grpc.StatusCode.INTERNAL
+            assert error.details() == "internal error"
+            assert "Traceback" not in str(error)
+            assert SECRET_EMAIL not in str(error)
+            # The server still answers.
+            view = await stub.GetParcel(parcel_pb2.GetParcelRequest(parcel_id="p1"), timeout=5)
+            assert view.parcel_id == "p1"
+    logged = [r for r in caplog.records if r.name == "engine.interceptors"]
+    assert len(logged) == 1
+    assert "ValueError" in logged[0].getMessage()
+    assert "GetParcel" in logged[0].getMessage()
+    assert all(SECRET_EMAIL not in r.getMessage() and not r.exc_info for r in caplog.records)
+
+
+async def test_oversized_messages_are_resource_exhausted(redis: Redis, clock: ManualClock) -> None:
+    settings = settings_with(SecuritySettings(), max_message_bytes=64 * 1024)
+    async with serving(settings, redis, clock, [add_probes]) as running:  # noqa: SIM117
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = tracking_pb2_grpc.TrackingServiceStub(channel)
+            events = [tracking_pb2.TrackingEvent(event_id=f"e{i}", description="x" * 200) for i in range(400)]
+            big = tracking_pb2.EventBatch(seq=1, events=events)
+            assert big.ByteSize() > 64 * 1024
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.RecordEvents(big, timeout=5)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            small = tracking_pb2.EventBatch(seq=2, events=events[:10])
+            assert (await stub.RecordEvents(small, timeout=5)).accepted == 10
+
+
+async def test_a_call_past_its_deadline_is_cancelled_on_the_server(
+    redis: Redis, clock: ManualClock, keys_file: Path
+) -> None:
+    parcels = ProbeParcels()
+    settings = settings_with(SecuritySettings(keys_file=keys_file))
+    async with serving(settings, redis, clock, [lambda s: add_probes(s, parcels)]) as running:  # noqa: SIM117
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = parcel_pb2_grpc.ParcelServiceStub(channel)
+            call = stub.GetParcel(
+                parcel_pb2.GetParcelRequest(parcel_id="hang"), metadata=bearer("operator"), timeout=0.3
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.wait_for(parcels.cancelled.wait(), timeout=5)
+            assert parcels.hanging.is_set()

@@ -80,7 +80,8 @@ class EmailConfig:
         return self.message_id_domain or self.sender.address.rpartition("@")[2]
 
 
-def _config_from(opts: Options) -> EmailConfig:
+def config_from_options(options: Mapping[str, str]) -> EmailConfig:
+    opts = Options("email", options)
     tls = Tls(opts.choice("tls", Tls.STARTTLS.value, tuple(t.value for t in Tls)))
     sender = EmailAddress(opts.required("from"), opts.text("from_name"))
     try:
@@ -139,14 +140,15 @@ class EmailChannel:
 
     def __init__(self, config: EmailConfig) -> None:
         self.config = config
-        self._tls_context = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
+        # Built on first connect: loading the CA store is slow and a tls=none sink never needs it.
+        self._tls_context: ssl.SSLContext | None = None
         self._slots = asyncio.Semaphore(config.pool_size)
         # Connected clients not in use; at most pool_size because each comes from a held slot.
         self._idle: list[SMTP] = []
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> Self:
-        return cls(_config_from(Options("email", options)))
+        return cls(config_from_options(options))
 
     async def send(self, messages: Sequence[Message]) -> list[SendResult]:
         return list(await asyncio.gather(*(self._send_one(message) for message in messages)))
@@ -201,6 +203,14 @@ class EmailChannel:
         if client.is_connected:
             self._idle.append(client)
 
+    def _tls(self) -> ssl.SSLContext | None:
+        if self.config.tls is Tls.NONE:
+            return None
+        if self._tls_context is None:
+            ca_file = self.config.ca_file
+            self._tls_context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        return self._tls_context
+
     async def _connect(self) -> SMTP:
         config = self.config
         client = SMTP(
@@ -212,7 +222,7 @@ class EmailChannel:
             timeout=config.timeout_s,
             use_tls=config.tls is Tls.IMPLICIT,
             start_tls={Tls.STARTTLS: True, Tls.OPPORTUNISTIC: None}.get(config.tls, False),
-            tls_context=self._tls_context,
+            tls_context=self._tls(),
         )
         try:
             await client.connect()

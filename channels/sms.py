@@ -12,6 +12,7 @@ cost estimate, ``max_segments`` (10: longer texts are refused, they cost too muc
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Self
@@ -68,7 +69,8 @@ class SmsConfig:
         return f"/2010-04-01/Accounts/{self.account_sid}/Messages.json"
 
 
-def _config_from(opts: Options) -> SmsConfig:
+def config_from_options(options: Mapping[str, str]) -> SmsConfig:
+    opts = Options("sms", options)
     sender, service = opts.text("from"), opts.text("messaging_service_sid")
     if bool(sender) == bool(service):
         raise opts.error("from", "or 'messaging_service_sid' is required (exactly one of them)")
@@ -129,17 +131,26 @@ def _sid(response: httpx.Response) -> str:
 class SmsChannel:
     name = "sms"
 
-    def __init__(self, config: SmsConfig, *, bucket: TokenBucket | None = None) -> None:
+    def __init__(
+        self,
+        config: SmsConfig,
+        *,
+        bucket: TokenBucket | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.config = config
         self._bucket = bucket or TokenBucket(config.rate_per_s, config.burst)
         self._client = new_client(
-            base_url=config.base_url, timeout_s=config.timeout_s, max_connections=config.max_concurrency
+            base_url=config.base_url,
+            timeout_s=config.timeout_s,
+            max_connections=config.max_concurrency,
+            tls_context=tls_context,
         )
         self._auth = httpx.BasicAuth(config.account_sid, config.auth_token)
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> Self:
-        return cls(_config_from(Options("sms", options)))
+        return cls(config_from_options(options))
 
     async def send(self, messages: Sequence[Message]) -> list[SendResult]:
         return await send_bounded(messages, self._send_one, self.config.max_concurrency)

@@ -1,0 +1,194 @@
+"""Digests: alerts opened since the last digest, grouped per merchant team, POSTed to a webhook on a
+local HTTP server or emailed to an aiosmtpd server on loopback; a failed digest goes again."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from relais.v1 import alerts_pb2, types_pb2
+
+from channels.smtp_sink import SmtpSink
+from common.clock import ManualClock
+from engine.alert_digest import DigestSender, DigestSink, EmailSink, WebhookSink
+from engine.alert_monitor import AlertMonitor
+from engine.alert_rules import DestinationKind, ParcelFacts, parse_alert_config
+from engine.alert_store import AlertStore
+from tests.conftest import T0_MS
+
+S = types_pb2
+A = alerts_pb2
+SHARDS = 4
+
+
+@dataclass
+class HookServer:
+    """An HTTP/1.1 endpoint on loopback that keeps what it is sent and answers ``status``."""
+
+    status: int = 200
+    requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
+    port: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        request_line, *header_lines = head.strip().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        self.requests.append((request_line, headers, body))
+        writer.write(f"HTTP/1.1 {self.status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+
+@pytest.fixture
+async def hook() -> AsyncIterator[HookServer]:
+    server = HookServer()
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    server.port = listener.sockets[0].getsockname()[1]
+    yield server
+    listener.close()
+    await listener.wait_closed()
+
+
+@pytest.fixture
+async def smtp(tmp_path: Path) -> AsyncIterator[tuple[SmtpSink, int, Path]]:
+    outbox = tmp_path / "smtp"
+    sink = SmtpSink(outbox)
+    _, port = await sink.start()
+    yield sink, port, outbox
+    await sink.stop()
+
+
+def received_mail(outbox: Path) -> list[Message]:
+    return [email.message_from_bytes(p.read_bytes()) for p in sorted(outbox.glob("*.eml"))]
+
+
+def parcel(parcel_id: str, status: int, merchant_id: str = "acme", **kw: object) -> ParcelFacts:
+    return ParcelFacts(
+        parcel_id=parcel_id,
+        merchant_id=merchant_id,
+        status=status,  # type: ignore[arg-type]
+        created_ms=T0_MS,
+        first_scan_ms=T0_MS,
+        last_event_ms=T0_MS,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+ADDRESS = {"status": S.TRACKING_STATUS_EXCEPTION, "exception_reason": S.EXCEPTION_REASON_ADDRESS_PROBLEM}
+
+
+async def test_digests_group_alerts_per_team(
+    redis: Redis, clock: ManualClock, hook: HookServer, smtp: tuple[SmtpSink, int, Path]
+) -> None:
+    _, smtp_port, outbox = smtp
+    config = parse_alert_config(
+        {
+            "merchants": {
+                "acme": {
+                    "teams": {
+                        "ecommerce": {"webhook": f"http://127.0.0.1:{hook.port}/relais"},
+                        "customer_service": {"email": "service@acme.example"},
+                    }
+                },
+            }
+        }
+    )
+    monitor = AlertMonitor(AlertStore(redis, shards=SHARDS, retention_ms=10**10), config, clock)
+    await monitor.check(
+        [
+            parcel("R1", S.TRACKING_STATUS_RETURNING_TO_SENDER),
+            parcel("R2", S.TRACKING_STATUS_RETURNED_TO_SENDER),
+            parcel("X1", **ADDRESS),  # type: ignore[arg-type]
+            parcel("X2", **ADDRESS),  # type: ignore[arg-type]
+            parcel("X3", **ADDRESS),  # type: ignore[arg-type]
+            # No destination for globex: acknowledged and dropped.
+            parcel("G1", S.TRACKING_STATUS_RETURNING_TO_SENDER, merchant_id="globex"),
+        ]
+    )
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        sinks: dict[DestinationKind, DigestSink] = {
+            DestinationKind.WEBHOOK: WebhookSink(client),
+            DestinationKind.EMAIL: EmailSink("127.0.0.1", smtp_port, "alerts@relais.example"),
+        }
+        sender = DigestSender(redis, shards=SHARDS, config=config, sinks=sinks)
+        outcome = await sender.run_once()
+        assert (outcome.digests_sent, outcome.alerts_sent, outcome.alerts_dropped) == (2, 5, 1)
+
+        assert len(hook.requests) == 1
+        request_line, headers, body = hook.requests[0]
+        assert request_line == "POST /relais HTTP/1.1"
+        assert headers["content-type"] == "application/json"
+        payload = json.loads(body)
+        assert headers["idempotency-key"] == payload["digest_id"]
+        assert (payload["merchant_id"], payload["team"], payload["count"]) == ("acme", "ECOMMERCE", 2)
+        assert [(a["alert_id"], a["kind"]) for a in payload["alerts"]] == [
+            ("R1:RETURNED:1", "RETURNED"),
+            ("R2:RETURNED:1", "RETURNED"),
+        ]
+        assert payload["alerts"][0]["parcel_status"] == "RETURNING_TO_SENDER"
+        assert payload["alerts"][0]["opened_at"] == "2026-03-10T09:00:00+00:00"
+
+        (mail,) = received_mail(outbox)
+        assert mail["To"] == "service@acme.example"
+        assert mail["From"] == "alerts@relais.example"
+        assert mail["Subject"] == "relais: 3 new alerts for customer service (acme)"
+        text = mail.get_payload(decode=True).decode()  # type: ignore[union-attr]
+        for pid in ("X1", "X2", "X3"):
+            assert f"[{pid}:ADDRESS_PROBLEM:1]" in text
+
+        # Nothing new: nothing sent. New alerts: only those go out.
+        assert await sender.run_once() == type(outcome)()
+        clock.advance_ms(60_000)
+        await monitor.check([parcel("R3", S.TRACKING_STATUS_RETURNED_TO_SENDER)])
+        assert (await sender.run_once()).alerts_sent == 1
+        assert [a["alert_id"] for a in json.loads(hook.requests[-1][2])["alerts"]] == ["R3:RETURNED:1"]
+        assert len(received_mail(outbox)) == 1
+
+
+async def test_failed_digest_goes_again_next_round(
+    redis: Redis, clock: ManualClock, hook: HookServer
+) -> None:
+    config = parse_alert_config(
+        {"merchants": {"acme": {"teams": {"ecommerce": {"webhook": f"http://127.0.0.1:{hook.port}/h"}}}}}
+    )
+    monitor = AlertMonitor(AlertStore(redis, shards=SHARDS, retention_ms=10**10), config, clock)
+    await monitor.check([parcel(f"R{i}", S.TRACKING_STATUS_RETURNING_TO_SENDER) for i in range(5)])
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        sender = DigestSender(
+            redis, shards=SHARDS, config=config, sinks={DestinationKind.WEBHOOK: WebhookSink(client)}
+        )
+        hook.status = 503
+        failed = await sender.run_once()
+        assert (failed.digests_failed, failed.digests_sent) == (1, 0)
+        hook.status = 200
+        again = await sender.run_once()
+        assert (again.digests_sent, again.alerts_sent) == (1, 5)
+        first, second = (json.loads(body) for _, _, body in hook.requests)
+        # The same digest, recognisable by its idempotency key.
+        assert first == second
+        assert (await sender.run_once()).digests_sent == 0
+
+
+async def test_unreachable_smtp_server_is_a_delivery_error(redis: Redis, clock: ManualClock) -> None:
+    config = parse_alert_config(
+        {"merchants": {"acme": {"teams": {"ecommerce": {"email": "shop@acme.example"}}}}}
+    )
+    monitor = AlertMonitor(AlertStore(redis, shards=SHARDS, retention_ms=10**10), config, clock)
+    await monitor.check([parcel("R1", S.TRACKING_STATUS_RETURNING_TO_SENDER)])
+    # A port nothing listens on.
+    closed = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = closed.sockets[0].getsockname()[1]
+    closed.close()
+    await closed.wait_closed()
+    sink = EmailSink("127.0.0.1", port, "alerts@relais.example", timeout_s=2.0)
+    sender = DigestSender(redis, shards=SHARDS, config=config, sinks={DestinationKind.EMAIL: sink})
+    assert (await sender.run_once()).digests_failed == 1

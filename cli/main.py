@@ -13,12 +13,15 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 from common import logs
 from common.errors import RelaisError
 from common.redis_client import connect
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
+from common.telemetry import setup_telemetry
+from engine.auth import Principal, add_key, describe_listener
 from engine.server import install_signal_handlers, start_server
 
 log = logging.getLogger("relais")
@@ -40,21 +43,41 @@ async def redis_url(settings: Settings) -> AsyncIterator[str]:
 async def serve(settings: Settings, *, with_gateway: bool) -> None:
     async with redis_url(settings) as url:
         redis = connect(url)
+        telemetry = setup_telemetry(settings)
         try:
-            running = await start_server(settings, redis)
+            running = await start_server(settings, redis, telemetry=telemetry)
             stopped = asyncio.Event()
             install_signal_handlers(running, stopped)
             where = "REDIS_URL" if settings.redis_url else f"embedded Redis at {url}"
+            sec = settings.security
             log.info(
-                "relais engine listening on %s (port %d), %s, gateway %s; no authentication: loopback only",
+                "relais engine listening on %s (port %d), %s, gateway %s; %s",
                 settings.listen,
                 running.port,
                 where,
                 "on" if with_gateway else "off",
+                describe_listener(sec.tls_cert, sec.tls_client_ca, sec.keys_file),
             )
             await running.wait()
         finally:
             await redis.aclose()
+            telemetry.shutdown()
+
+
+def keys_add(principal: str, path: Path | None) -> int:
+    """Print a new key once; only its hash is stored."""
+    try:
+        who = Principal.parse(principal)
+        path = path or Settings.from_env().security.keys_file
+    except (ValueError, RelaisError) as exc:
+        print(f"relais: {exc}", file=sys.stderr)
+        return 2
+    if path is None:
+        print("relais: give --file or set RELAIS_KEYS_FILE", file=sys.stderr)
+        return 2
+    print(add_key(path, who))
+    print(f"relais: key for {who} added to {path}; it is shown only now", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,11 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="the engine's gRPC server and scheduler")
     sub.add_parser("run", help="everything, embedded: Redis, engine, scheduler, gateway, local sinks")
+    keys_cmd = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    add = keys_cmd.add_parser(
+        "add", help="print a new key for a principal and append its hash to the keys file"
+    )
+    add.add_argument("--principal", required=True, help="carrier:<code>, merchant:<id> or operator")
+    add.add_argument("--file", type=Path, help="the keys file (default: RELAIS_KEYS_FILE)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "keys":
+        return keys_add(args.principal, args.file)
     try:
         settings = Settings.from_env()
     except RelaisError as exc:

@@ -282,3 +282,10 @@ def server_credentials(
         root_certificates=root,
         require_client_auth=root is not None,
     )
+
+
+def describe_listener(tls_cert: Path | None, tls_client_ca: Path | None, keys_file: Path | None) -> str:
+    """For the start-up line: how callers are authenticated."""
+    transport = "mutual TLS" if tls_client_ca else "TLS" if tls_cert else "plaintext"
+    callers = f"API keys from {keys_file}" if keys_file else "no authentication: loopback only"
+    return f"{transport}, {callers}"

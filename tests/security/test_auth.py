@@ -318,3 +318,18 @@ async def test_a_tenant_over_quota_is_told_when_to_retry_and_others_are_unaffect
     assert sorted(quota_keys) == sorted(
         keys.quota(who, Settings().shards).encode() for who in ("merchant:acme", "merchant:globex")
     )
+
+
+def test_relais_keys_add_prints_a_key_once_and_stores_only_its_hash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli.main import main
+
+    path = tmp_path / "keys.jsonl"
+    assert main(["keys", "add", "--principal", "carrier:swisspost", "--file", str(path)]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("rlk_")
+    assert key not in path.read_text()
+    assert KeyStore.load(path).authenticate(key) == Principal.parse("carrier:swisspost")
+    assert main(["keys", "add", "--principal", "admin", "--file", str(path)]) == 2
+    assert "admin" in capsys.readouterr().err

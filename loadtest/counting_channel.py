@@ -70,13 +70,6 @@ class Deliveries:
     def duplicated(self) -> dict[str, int]:
         return {key: n for key, n in self.per_key.items() if n > 1}
 
-    def notice_ids(self) -> Counter[str]:
-        """Deliveries per notice id (key ``<notice_id>:<version>:<channel>``; ids contain colons)."""
-        out: Counter[str] = Counter()
-        for key, n in self.per_key.items():
-            out[key.rsplit(":", 2)[0]] += n
-        return out
-
 
 def _lines(directory: Path) -> Iterator[tuple[str, int]]:
     for path in sorted(directory.glob("sent-*.tsv")):

@@ -15,9 +15,10 @@ import itertools
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from relais.v1 import parcel_pb2, tracking_pb2, types_pb2
+from relais.v1 import parcel_pb2, preferences_pb2, tracking_pb2, types_pb2
 
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS
@@ -37,6 +38,7 @@ class Shape(enum.Enum):
     """The kinds of journey, each with the steps a carrier reports."""
 
     PLAIN = "plain"
+    SAME_DAY = "same_day"
     SLOT_MOVED = "slot_moved"
     FAILED_ATTEMPT = "failed_attempt"
     PICKUP = "pickup"
@@ -56,7 +58,6 @@ class Step:
 
 
 _S = types_pb2
-_LABEL = Step(_S.TRACKING_STATUS_INFO_RECEIVED, "LABEL")
 _SCAN = Step(_S.TRACKING_STATUS_IN_TRANSIT, "HUB_SCAN")
 _OUT = Step(_S.TRACKING_STATUS_OUT_FOR_DELIVERY, "ON_VAN", window_start_offset_ms=2 * HOUR_MS)
 # A move of one hour: well over the 15-minute threshold, so a correction if the first went out.
@@ -71,12 +72,15 @@ _ADDRESS = Step(
 _PICKUP = Step(_S.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, "AT_SHOP", pickup_deadline_offset_ms=7 * DAY_MS)
 _DELIVERED = Step(_S.TRACKING_STATUS_DELIVERED, "DELIVERED")
 
+# The label itself is the merchant's registration, so journeys start at the first carrier scan:
+# every event then moves the recipient's story on (first scan: shipped; window: slot; ...).
 STEPS: dict[Shape, tuple[Step, ...]] = {
-    Shape.PLAIN: (_LABEL, _SCAN, _OUT, _DELIVERED),
-    Shape.SLOT_MOVED: (_LABEL, _SCAN, _OUT, _OUT_MOVED, _DELIVERED),
-    Shape.FAILED_ATTEMPT: (_LABEL, _SCAN, _OUT, _ABSENT, _OUT_NEXT_DAY, _DELIVERED),
-    Shape.PICKUP: (_LABEL, _SCAN, _OUT, _ABSENT, _PICKUP, _DELIVERED),
-    Shape.ADDRESS_PROBLEM: (_LABEL, _SCAN, _ADDRESS, _SCAN, _OUT, _DELIVERED),
+    Shape.PLAIN: (_SCAN, _OUT, _DELIVERED),
+    Shape.SAME_DAY: (_OUT, _DELIVERED),
+    Shape.SLOT_MOVED: (_SCAN, _OUT, _OUT_MOVED, _DELIVERED),
+    Shape.FAILED_ATTEMPT: (_SCAN, _OUT, _ABSENT, _OUT_NEXT_DAY, _DELIVERED),
+    Shape.PICKUP: (_SCAN, _OUT, _ABSENT, _PICKUP, _DELIVERED),
+    Shape.ADDRESS_PROBLEM: (_SCAN, _ADDRESS, _SCAN, _OUT, _DELIVERED),
 }
 
 
@@ -85,7 +89,8 @@ class Mix:
     """Shares of each journey shape (weights, need not add up to one)."""
 
     weights: tuple[tuple[Shape, float], ...] = (
-        (Shape.PLAIN, 0.60),
+        (Shape.PLAIN, 0.50),
+        (Shape.SAME_DAY, 0.10),
         (Shape.SLOT_MOVED, 0.15),
         (Shape.FAILED_ATTEMPT, 0.10),
         (Shape.PICKUP, 0.10),
@@ -202,8 +207,9 @@ def to_event(journey: Journey, index: int, now_ms: int) -> tracking_pb2.Tracking
     return event
 
 
-def registration(journey: Journey, today: types_pb2.LocalDate) -> parcel_pb2.ParcelRegistration:
-    """What the merchant's shop registers when it prints the label: paid, so notices may be actionable."""
+def registration(journey: Journey, promised: types_pb2.LocalDate) -> parcel_pb2.ParcelRegistration:
+    """What the merchant's shop registers when it prints the label: paid, so notices may be actionable.
+    ``promised`` should lie a few days ahead, so no DELAYED notice falls due during a run."""
     return parcel_pb2.ParcelRegistration(
         parcel_id=journey.parcel_id,
         merchant_id=journey.merchant_id,
@@ -212,7 +218,7 @@ def registration(journey: Journey, today: types_pb2.LocalDate) -> parcel_pb2.Par
         order=parcel_pb2.OrderFacts(
             paid=True,
             declared_value=types_pb2.Money(currency_code="CHF", amount_minor=4990),
-            promised_date=today,
+            promised_date=promised,
             order_reference=f"ORD-{journey.parcel_id[-9:]}",
         ),
     )
@@ -278,6 +284,23 @@ def iter_batches(
 
 
 def registrations(
-    journeys: Sequence[Journey], today: types_pb2.LocalDate
+    journeys: Sequence[Journey], promised: types_pb2.LocalDate
 ) -> parcel_pb2.RegisterParcelsRequest:
-    return parcel_pb2.RegisterParcelsRequest(parcels=[registration(j, today) for j in journeys])
+    return parcel_pb2.RegisterParcelsRequest(parcels=[registration(j, promised) for j in journeys])
+
+
+def promised_date(now_ms: int, days_ahead: int = 3) -> types_pb2.LocalDate:
+    """The delivery date a shop promises at checkout: a few days after ``now_ms`` (UTC)."""
+    day = datetime.fromtimestamp(now_ms / 1000, tz=UTC).date() + timedelta(days=days_ahead)
+    return types_pb2.LocalDate(year=day.year, month=day.month, day=day.day)
+
+
+def preferences_of(n: int, locale: str) -> preferences_pb2.RecipientPreferences:
+    """A load-test recipient: email only, no quiet hours, so notices go out when due."""
+    return preferences_pb2.RecipientPreferences(
+        recipient_id=recipient_id(n),
+        locale=locale,
+        time_zone="Europe/Zurich",
+        email=f"{recipient_id(n)}@example.test",
+        channel_order=[types_pb2.CHANNEL_EMAIL],
+    )

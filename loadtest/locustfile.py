@@ -21,7 +21,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,8 @@ from loadtest.journeys import (
     Journey,
     JourneyFactory,
     Mix,
-    recipient_id,
+    preferences_of,
+    promised_date,
     registrations,
     split,
 )
@@ -120,9 +120,9 @@ class RelaisUser(User):
         self.fire(name, started, length(result), None)
         return result
 
-    def register(self, name: str, journeys: list[Journey], today: types_pb2.LocalDate) -> bool:
+    def register(self, name: str, journeys: list[Journey], promised: types_pb2.LocalDate) -> bool:
         """RegisterParcels for the journeys' parcels; False when the call failed."""
-        request = registrations(journeys, today)
+        request = registrations(journeys, promised)
         response = self.timed(
             name,
             lambda: self.parcels.RegisterParcels(request, timeout=CALL_TIMEOUT_S),
@@ -143,11 +143,6 @@ class RelaisUser(User):
             exception=exc,
             context={},
         )
-
-
-def _today() -> types_pb2.LocalDate:
-    now = datetime.now(tz=UTC)
-    return types_pb2.LocalDate(year=now.year, month=now.month, day=now.day)
 
 
 class CarrierUser(RelaisUser):
@@ -197,13 +192,13 @@ class CarrierUser(RelaisUser):
         acks = method(requests())
         reader = gevent.spawn(self._read_acks, acks, in_flight, credits)
         seq = 0
-        today = _today()
+        promised = promised_date(time.time_ns() // 1_000_000)
         while (step := planner.next(time.monotonic())) is not None:
             if isinstance(step, Wait):
                 gevent.sleep(step.seconds)
                 continue
             assert isinstance(step, Send)
-            if step.new and self.register("RegisterParcels", step.group.journeys, today):
+            if step.new and self.register("RegisterParcels", step.group.journeys, promised):
                 self.shared.recent_parcels.extend(j.parcel_id for j in step.group.journeys)
             credits.acquire()
             seq += 1
@@ -280,18 +275,11 @@ class MerchantUser(RelaisUser):
 
     @task(1)
     def register_some(self) -> None:
-        self.register("RegisterParcels (merchant)", [self.factory.make() for _ in range(20)], _today())
-
-
-def preferences_of(n: int, locale: str) -> preferences_pb2.RecipientPreferences:
-    """A load-test recipient: email only, no quiet hours, so notices go out when due."""
-    return preferences_pb2.RecipientPreferences(
-        recipient_id=recipient_id(n),
-        locale=locale,
-        time_zone="Europe/Zurich",
-        email=f"{recipient_id(n)}@example.test",
-        channel_order=[types_pb2.CHANNEL_EMAIL],
-    )
+        self.register(
+            "RegisterParcels (merchant)",
+            [self.factory.make() for _ in range(20)],
+            promised_date(time.time_ns() // 1_000_000),
+        )
 
 
 class PreferenceUser(RelaisUser):

@@ -1,0 +1,100 @@
+"""The outbox streams, read through one consumer group by any number of gateway processes.
+
+Each process reads every shard's stream in one blocking ``XREADGROUP`` under its own consumer name.
+An entry stays pending until its batch is settled (XACK + XDEL in the settle script). Entries of a
+gateway that died stay pending too: after the send timeout they are idle long enough that another
+gateway takes them over with ``XAUTOCLAIM`` (``min-idle-time`` = send timeout), so a crash delays
+notices but loses none.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from common import keys
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    shard: int
+    entry_id: bytes
+    # The Notice bytes; None when the entry has no ``n`` field (malformed: acknowledged and dropped).
+    body: bytes | None
+
+
+def default_consumer_name() -> str:
+    """Unique per process: a restarted gateway is a new consumer, its predecessor's entries reclaimed."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Outbox:
+    def __init__(
+        self,
+        redis: Redis,
+        shards: int,
+        consumer: str,
+        *,
+        batch_size: int,
+        block_ms: int,
+        min_idle_ms: int,
+    ) -> None:
+        self._redis = redis
+        self._consumer = consumer
+        self._batch_size = batch_size
+        self._block_ms = block_ms
+        self._min_idle_ms = min_idle_ms
+        self._streams = {keys.outbox(s): s for s in range(shards)}
+        self._by_name = {name.encode(): s for name, s in self._streams.items()}
+        self._cursors = dict.fromkeys(range(shards), b"0-0")
+
+    async def ensure_groups(self) -> None:
+        """Create the consumer group on every stream (and the stream itself), reading from the start."""
+        pipe = self._redis.pipeline(transaction=False)
+        for name in self._streams:
+            pipe.xgroup_create(name, keys.OUTBOX_GROUP, id="0", mkstream=True)
+        for reply in await pipe.execute(raise_on_error=False):
+            if isinstance(reply, ResponseError) and "BUSYGROUP" not in str(reply):
+                raise reply
+
+    async def read(self, *, block: bool = True) -> list[Entry]:
+        """New entries of every shard, up to ``batch_size`` per stream; waits up to ``block_ms``."""
+        reply = await self._redis.xreadgroup(
+            keys.OUTBOX_GROUP,
+            self._consumer,
+            dict.fromkeys(self._streams, ">"),
+            count=self._batch_size,
+            block=self._block_ms if block else None,
+        )
+        entries: list[Entry] = []
+        for name, messages in reply or ():
+            shard = self._by_name[name]
+            entries.extend(Entry(shard, entry_id, fields.get(b"n")) for entry_id, fields in messages)
+        return entries
+
+    async def reclaim(self) -> list[Entry]:
+        """Entries other consumers left pending longer than the send timeout, now ours."""
+        pipe = self._redis.pipeline(transaction=False)
+        for name, shard in self._streams.items():
+            pipe.xautoclaim(
+                name,
+                keys.OUTBOX_GROUP,
+                self._consumer,
+                self._min_idle_ms,
+                start_id=self._cursors[shard],
+                count=self._batch_size,
+            )
+        entries: list[Entry] = []
+        for shard, reply in zip(self._streams.values(), await pipe.execute(), strict=True):
+            # [next cursor, claimed entries, ids deleted meanwhile (Redis drops those from the PEL)]
+            self._cursors[shard] = reply[0]
+            entries.extend(
+                Entry(shard, entry_id, fields.get(b"n"))
+                for entry_id, fields in reply[1]
+                if entry_id is not None
+            )
+        return entries

@@ -1,0 +1,63 @@
+"""At most one send per idempotency key (notice id + version + channel).
+
+Before a send the gateway claims the key: ``SET key sending NX GET PX <send timeout>``, pipelined with
+the batch's other commands. After the provider accepted, the settle script sets it to ``sent`` for the
+retention period. A gateway that dies mid-send leaves a ``sending`` claim that expires after the send
+timeout, when another gateway reclaims the outbox entry: that message is sent at most once more, and a
+key already ``sent`` is never sent again. The key also travels to the provider (``Message.
+idempotency_key``) so a provider that deduplicates makes the rare resend invisible.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+
+from redis.asyncio.client import Pipeline
+
+from channels.base import ApnsToken, Destination, EmailAddress, FcmToken, PhoneNumber, WebPushSubscription
+from common import keys
+from gateway.routing import ChannelKind, channel_name, single_address
+
+SENDING = b"sending"
+SENT = b"sent"
+
+
+class Claim(enum.Enum):
+    CLAIMED = "claimed"  # ours: send it
+    SENT = "sent"  # sent before: never again
+    IN_FLIGHT = "in_flight"  # another gateway is sending it right now
+
+
+def _fingerprint(to: Destination) -> str:
+    """A short stable digest of an address (no personal data in the key itself)."""
+    match to:
+        case FcmToken(token):
+            raw = token
+        case WebPushSubscription(endpoint, _, _):
+            raw = endpoint
+        case ApnsToken(device_token, _, _):
+            raw = device_token
+        case EmailAddress(address, _):
+            raw = address
+        case PhoneNumber(e164):
+            raw = e164
+    return hashlib.blake2b(raw.encode(), digest_size=6).hexdigest()
+
+
+def idempotency_key(notice_id: str, version: int, channel: ChannelKind, to: Destination | None = None) -> str:
+    """``<notice_id>:<version>:<channel>``; push to several devices adds ``:<address digest>`` so each
+    device's message is claimed on its own."""
+    key = f"{notice_id}:{version}:{channel_name(channel)}"
+    return key if to is None or single_address(channel) else f"{key}:{_fingerprint(to)}"
+
+
+def queue_claim(pipe: Pipeline, shard: int, key: str, lease_ms: int) -> None:
+    """Queue the claim; its reply goes to ``parse_claim``."""
+    pipe.set(keys.idempotency(shard, key), SENDING, nx=True, px=lease_ms, get=True)
+
+
+def parse_claim(reply: bytes | None) -> Claim:
+    if reply is None:
+        return Claim.CLAIMED
+    return Claim.SENT if reply == SENT else Claim.IN_FLIGHT

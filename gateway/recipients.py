@@ -1,0 +1,101 @@
+"""Recipients' preferences as the gateway needs them: read with the batch, pruned of dead addresses.
+
+The engine owns the preferences (``PreferenceService``); the gateway only reads them at send time and
+removes an address a provider rejected for good (unregistered push token, hard bounce, unreachable
+number), with an optimistic WATCH/MULTI so a concurrent update is never overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
+from relais.v1 import preferences_pb2
+
+from channels.base import ApnsToken, Destination, EmailAddress, FcmToken, PhoneNumber, WebPushSubscription
+from common import keys
+
+log = logging.getLogger(__name__)
+
+MAX_WATCH_RETRIES = 5
+
+
+def preferences_key(recipient_id: str, shards: int) -> str:
+    return keys.preferences(keys.shard_of(recipient_id, shards), recipient_id)
+
+
+def queue_load(pipe: Pipeline, recipient_id: str, shards: int) -> None:
+    pipe.get(preferences_key(recipient_id, shards))
+
+
+def parse(reply: bytes | None) -> preferences_pb2.RecipientPreferences | None:
+    if reply is None:
+        return None
+    prefs = preferences_pb2.RecipientPreferences()
+    prefs.ParseFromString(reply)
+    return prefs
+
+
+def _is_dead(target: preferences_pb2.PushTarget, dead: Collection[Destination]) -> bool:
+    which = target.WhichOneof("target")
+    if which == "fcm":
+        return FcmToken(target.fcm.token) in dead
+    if which == "web_push":
+        w = target.web_push
+        return WebPushSubscription(w.endpoint, w.p256dh, w.auth) in dead
+    if which == "apns":
+        a = target.apns
+        return ApnsToken(a.device_token, a.bundle_id, a.sandbox) in dead
+    return False
+
+
+def without(
+    prefs: preferences_pb2.RecipientPreferences, dead: Collection[Destination]
+) -> preferences_pb2.RecipientPreferences | None:
+    """A copy without the dead addresses, or None if none of them is in ``prefs`` any more."""
+    pruned = preferences_pb2.RecipientPreferences()
+    pruned.CopyFrom(prefs)
+    changed = False
+    if prefs.email and EmailAddress(prefs.email) in dead:
+        pruned.ClearField("email")
+        changed = True
+    if prefs.phone and PhoneNumber(prefs.phone) in dead:
+        pruned.ClearField("phone")
+        changed = True
+    alive = [t for t in prefs.push_targets if not _is_dead(t, dead)]
+    if len(alive) != len(prefs.push_targets):
+        del pruned.push_targets[:]
+        pruned.push_targets.extend(alive)
+        changed = True
+    return pruned if changed else None
+
+
+async def remove_destinations(
+    redis: Redis, recipient_id: str, dead: Collection[Destination], shards: int
+) -> bool:
+    """Remove dead addresses from the recipient's preferences; True if something was removed."""
+    key = preferences_key(recipient_id, shards)
+    async with redis.pipeline(transaction=True) as pipe:
+        for _ in range(MAX_WATCH_RETRIES):
+            try:
+                await pipe.watch(key)
+                prefs = parse(await pipe.get(key))
+                pruned = None if prefs is None else without(prefs, dead)
+                if pruned is None:
+                    await pipe.unwatch()  # type: ignore[no-untyped-call]
+                    return False
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.set(key, pruned.SerializeToString())
+                await pipe.execute()
+                return True
+            except WatchError:
+                continue
+    log.warning(
+        "preferences of recipient %s changed %d times in a row; dead address kept",
+        recipient_id,
+        MAX_WATCH_RETRIES,
+    )
+    return False

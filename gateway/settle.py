@@ -1,0 +1,115 @@
+"""Everything a batch decided, written back in one round trip: one ``settle.lua`` call per shard.
+
+Outcomes are appended to the parcel hash (``a:<KIND>``, read by GetParcel), finished sends mark their
+idempotency keys ``sent``, retries and delays go back into the due set (only if the engine has not
+superseded the notice meanwhile), exhausted notices go to the dead-letter stream, and the outbox
+entries are acknowledged and deleted. Spent SMS segments ride in the same pipeline.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from redis.asyncio import Redis
+from relais.v1 import notice_pb2
+
+from common import keys
+from gateway.routing import kind_name
+from gateway.scripts import LuaScript
+
+# An SMS budget counter outlives its month by a few days, for an operator to read.
+SMS_BUDGET_TTL_S = 40 * 24 * 3600
+
+
+@dataclass(slots=True)
+class _ShardOps:
+    keys: list[str] = field(default_factory=list)
+    args: list[Any] = field(default_factory=list)
+
+
+def timestamp(ms: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromMilliseconds(ms)
+    return ts
+
+
+class Settlement:
+    """Collects a batch's writes per shard; ``execute`` sends them all in one pipeline."""
+
+    def __init__(self, script: LuaScript, *, group: str, retention_ms: int, now_ms: int) -> None:
+        self._script = script
+        self._group = group
+        self._retention_ms = retention_ms
+        self._now_ms = now_ms
+        self._shards: dict[int, _ShardOps] = defaultdict(_ShardOps)
+        self._sms_segments: dict[str, int] = defaultdict(int)
+
+    def _op(self, shard: int, name: str, *args: Any, key: str | None = None) -> None:
+        ops = self._shards[shard]
+        ops.args.append(name)
+        ops.args.extend(args)
+        if key is not None:
+            ops.keys.append(key)
+
+    def ack(self, shard: int, entry_id: bytes) -> None:
+        self._op(shard, "ack", entry_id)
+
+    def record(self, shard: int, notice: notice_pb2.Notice, attempt: notice_pb2.DeliveryAttempt) -> None:
+        # A NoticeView holding just this attempt: appended bytes parse as one view with every attempt.
+        view = notice_pb2.NoticeView(attempts=[attempt])
+        key = keys.parcel(shard, notice.parcel_id)
+        self._op(shard, "rec", kind_name(notice.kind), view.SerializeToString(), key=key)
+
+    def sent(self, shard: int, idempotency_key: str) -> None:
+        self._op(shard, "sent", key=keys.idempotency(shard, idempotency_key))
+
+    def free(self, shard: int, idempotency_key: str) -> None:
+        self._op(shard, "free", key=keys.idempotency(shard, idempotency_key))
+
+    def reschedule(self, shard: int, notice: notice_pb2.Notice, due_ms: int) -> None:
+        """Back into the due set at ``due_ms`` with ``notice`` as the new body, if still current."""
+        body = notice_pb2.Notice()
+        body.CopyFrom(notice)
+        body.due_at.CopyFrom(timestamp(due_ms))
+        key = keys.parcel(shard, notice.parcel_id)
+        args = (
+            kind_name(notice.kind),
+            str(notice.version),
+            notice.notice_id,
+            due_ms,
+            body.SerializeToString(),
+        )
+        self._op(shard, "resched", *args, key=key)
+
+    def dead_letter(self, shard: int, notice: notice_pb2.Notice, reason: str) -> None:
+        key = keys.parcel(shard, notice.parcel_id)
+        args = (kind_name(notice.kind), str(notice.version), notice.SerializeToString(), reason)
+        self._op(shard, "dlq", *args, key=key)
+
+    def drop_dead_letter(self, shard: int, entry_id: bytes | str) -> None:
+        self._op(shard, "dlqdel", entry_id)
+
+    def spend_sms(self, budget_key: str, segments: int) -> None:
+        self._sms_segments[budget_key] += max(1, segments)
+
+    async def execute(self, redis: Redis, *, load_scripts: bool = False) -> int:
+        """One round trip; returns how many notices were dropped as superseded. ``load_scripts`` for
+        callers off the hot path that did not load the script at start (the CLI)."""
+        if not self._shards and not self._sms_segments:
+            return 0
+        if load_scripts:
+            await self._script.load()
+        pipe = redis.pipeline(transaction=False)
+        for shard, ops in self._shards.items():
+            fixed = [keys.outbox(shard), keys.due(shard), keys.dead_letters(shard)]
+            self._script.queue(
+                pipe, fixed + ops.keys, [self._group, self._retention_ms, self._now_ms, *ops.args]
+            )
+        for budget_key, segments in self._sms_segments.items():
+            pipe.incrby(budget_key, segments)
+            pipe.expire(budget_key, SMS_BUDGET_TTL_S)
+        replies = await pipe.execute()
+        return sum(int(reply) for reply in replies[: len(self._shards)])

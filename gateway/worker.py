@@ -1,0 +1,610 @@
+"""The gateway loop: outbox → route → rate-limit → render → send → record, a batch at a time.
+
+A batch costs a constant number of Redis round trips, whatever its size:
+
+1. ``XREADGROUP`` (or ``XAUTOCLAIM`` for a crashed gateway's entries);
+2. one pipeline reading the recipients' preferences and the merchants' SMS budgets;
+3. one pipeline with the GCRA call for every send's limits and every idempotency claim;
+4. the sends, grouped per provider, the providers in parallel;
+5. one pipeline settling it all (one script call per shard).
+
+A channel that rejects a recipient for good (dead token, hard bounce) is left for the next channel
+within the same batch (steps 3-4 again, for those notices only). Limited and quiet notices go back
+to the due set unchanged; failed ones with one more attempt and a backoff; exhausted ones to the
+dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from relais.v1 import notice_pb2, preferences_pb2, types_pb2
+
+from channels.base import (
+    Accepted,
+    Channel,
+    Destination,
+    Message,
+    PermanentFailure,
+    SendResult,
+    TransientFailure,
+)
+from common import keys
+from common.clock import Clock
+from common.quiet_hours import allowed_send_ms, is_quiet
+from common.settings import GatewaySettings, Settings
+from gateway import idempotency, recipients
+from gateway.consumer import Entry, Outbox, default_consumer_name
+from gateway.idempotency import Claim
+from gateway.limiter import Limit, Limiter
+from gateway.outcome import Outcome, Verdict, backoff_ms, judge
+from gateway.render import Rendered
+from gateway.routing import SLOT_KINDS, Route, RoutingPolicy, channel_name, plan
+from gateway.scripts import LuaScript
+from gateway.settle import Settlement, timestamp
+
+log = logging.getLogger(__name__)
+
+# Push, then email, then SMS: at most one fallback round per channel.
+MAX_ROUNDS = 3
+SUPPRESSED = notice_pb2.NOTICE_STATUS_SUPPRESSED
+DEAD_LETTER = notice_pb2.NOTICE_STATUS_DEAD_LETTER
+
+
+class Renderer(Protocol):
+    def render(
+        self,
+        notice: notice_pb2.Notice,
+        *,
+        channel: types_pb2.Channel.ValueType,
+        locale: str,
+        time_zone: str,
+    ) -> Rendered: ...
+
+
+@dataclass(slots=True)
+class BatchStats:
+    sent: int = 0
+    retrying: int = 0
+    dead_lettered: int = 0
+    failed: int = 0
+    suppressed: int = 0
+    limited: int = 0
+    deferred_quiet: int = 0
+    elsewhere: int = 0
+    superseded: int = 0
+
+    def add(self, other: BatchStats) -> None:
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass(slots=True)
+class _Item:
+    entry: Entry
+    notice: notice_pb2.Notice
+    prefs: preferences_pb2.RecipientPreferences | None = None
+
+
+@dataclass(slots=True)
+class _Job:
+    item: _Item
+    route: Route
+    quiet: bool
+    keys: list[str] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
+    wait_ms: int = 0
+    results: list[SendResult | None] = field(default_factory=list)
+
+
+def _month(now_ms: int) -> str:
+    return datetime.fromtimestamp(now_ms / 1000, UTC).strftime("%Y-%m")
+
+
+def _quiet_window(prefs: preferences_pb2.RecipientPreferences) -> tuple[int, int] | None:
+    if not prefs.HasField("quiet_hours"):
+        return None
+    return (prefs.quiet_hours.start_minute, prefs.quiet_hours.end_minute)
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        clock: Clock,
+        channels: Mapping[str, Channel],
+        *,
+        renderer: Renderer | None = None,
+        consumer: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if renderer is None:
+            from gateway.render import Renderer as DefaultRenderer
+
+            renderer = DefaultRenderer()
+        self._settings: GatewaySettings = settings.gateway
+        self._shards = settings.shards
+        self._redis = redis
+        self._clock = clock
+        self._channels = channels
+        self._renderer = renderer
+        self._rng = rng or random.Random()
+        self._policy = RoutingPolicy.for_providers(
+            channels,
+            sms_value_threshold_minor=self._settings.sms_value_threshold_minor,
+            sms_monthly_budget_segments=self._settings.sms_monthly_budget_segments,
+        )
+        self._lease_ms = max(1, int(self._settings.send_timeout_s * 1000))
+        self.outbox = Outbox(
+            redis,
+            settings.shards,
+            consumer or default_consumer_name(),
+            batch_size=self._settings.batch_size,
+            block_ms=self._settings.block_ms,
+            min_idle_ms=self._lease_ms,
+        )
+        self._limiter = Limiter(redis)
+        self._settle = LuaScript(redis, "settle")
+
+    async def start(self) -> None:
+        await self.outbox.ensure_groups()
+        await self._limiter.load()
+        await self._settle.load()
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    async def run_once(self, *, block: bool = False, reclaim: bool = False) -> BatchStats:
+        """Read one batch (reclaimed entries first if asked) and process it: for tests and tools."""
+        entries = await self.outbox.reclaim() if reclaim else []
+        entries = entries or await self.outbox.read(block=block)
+        return await self.process(entries)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set: read, process with at most ``max_in_flight`` batches at once."""
+        await self.start()
+        permits = asyncio.Semaphore(self._settings.max_in_flight)
+        tasks: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        next_reclaim = loop.time()
+        while not stop.is_set():
+            await permits.acquire()
+            try:
+                entries: list[Entry] = []
+                if loop.time() >= next_reclaim:
+                    next_reclaim = loop.time() + self._settings.reclaim_interval_s
+                    entries = await self.outbox.reclaim()
+                entries = entries or await self.outbox.read()
+            except (RedisError, OSError) as exc:
+                permits.release()
+                log.warning("outbox read failed (%s); retrying in 1 s", type(exc).__name__)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                continue
+            if not entries:
+                permits.release()
+                continue
+            task = asyncio.create_task(self._process_guarded(entries, permits))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    async def _process_guarded(self, entries: list[Entry], permits: asyncio.Semaphore) -> None:
+        try:
+            await self.process(entries)
+        except Exception:
+            # The entries stay pending: another gateway (or this one) reclaims them after the lease.
+            log.exception("batch of %d notices failed; left for reclaim", len(entries))
+        finally:
+            permits.release()
+
+    # --- one batch ------------------------------------------------------------------------------
+
+    async def process(self, entries: Sequence[Entry]) -> BatchStats:
+        stats = BatchStats()
+        if not entries:
+            return stats
+        now_ms = self._clock.now_ms()
+        settlement = Settlement(
+            self._settle,
+            group=keys.OUTBOX_GROUP,
+            retention_ms=self._settings.idempotency_retention_s * 1000,
+            now_ms=now_ms,
+        )
+        items = self._parse(entries, settlement)
+        sms_spent = await self._load(items, now_ms)
+        pending = items
+        for _ in range(MAX_ROUNDS + 1):
+            jobs = self._plan(pending, now_ms, sms_spent, settlement, stats)
+            if not jobs:
+                break
+            await self._claim_and_limit(jobs, now_ms)
+            await self._send(jobs)
+            pending = await self._judge(jobs, now_ms, sms_spent, settlement, stats)
+        for item in items:
+            settlement.ack(item.entry.shard, item.entry.entry_id)
+        stats.superseded = await settlement.execute(self._redis)
+        return stats
+
+    def _parse(self, entries: Sequence[Entry], settlement: Settlement) -> list[_Item]:
+        items: list[_Item] = []
+        for entry in entries:
+            notice = notice_pb2.Notice()
+            try:
+                if entry.body is None:
+                    raise ValueError("no body")
+                notice.ParseFromString(entry.body)
+            except Exception:
+                log.error("outbox entry %s of shard %d is not a Notice; dropped", entry.entry_id, entry.shard)
+                settlement.ack(entry.shard, entry.entry_id)
+                continue
+            items.append(_Item(entry, notice))
+        return items
+
+    def _sms_budget_key(self, merchant_id: str, now_ms: int) -> str:
+        return keys.sms_budget(merchant_id, _month(now_ms), self._shards)
+
+    async def _load(self, items: list[_Item], now_ms: int) -> dict[str, int]:
+        """Preferences and SMS budgets of the batch, one round trip. Returns segments spent per key."""
+        recipient_ids = list({item.notice.recipient_id for item in items})
+        budget_keys = list({self._sms_budget_key(item.notice.merchant_id, now_ms) for item in items})
+        pipe = self._redis.pipeline(transaction=False)
+        for recipient_id in recipient_ids:
+            recipients.queue_load(pipe, recipient_id, self._shards)
+        for budget_key in budget_keys:
+            pipe.get(budget_key)
+        replies = await pipe.execute()
+        prefs = {rid: recipients.parse(reply) for rid, reply in zip(recipient_ids, replies, strict=False)}
+        for item in items:
+            item.prefs = prefs[item.notice.recipient_id]
+        spent = replies[len(recipient_ids) :]
+        return {key: int(value or 0) for key, value in zip(budget_keys, spent, strict=True)}
+
+    # --- routing ------------------------------------------------------------------------------
+
+    def _plan(
+        self,
+        items: list[_Item],
+        now_ms: int,
+        sms_spent: dict[str, int],
+        settlement: Settlement,
+        stats: BatchStats,
+    ) -> list[_Job]:
+        jobs: list[_Job] = []
+        for item in items:
+            job = self._plan_one(item, now_ms, sms_spent, settlement, stats)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def _plan_one(
+        self,
+        item: _Item,
+        now_ms: int,
+        sms_spent: dict[str, int],
+        settlement: Settlement,
+        stats: BatchStats,
+    ) -> _Job | None:
+        notice, prefs, shard = item.notice, item.prefs, item.entry.shard
+        if prefs is None:
+            self._give_up(item, SUPPRESSED, "no preferences", now_ms, settlement)
+            stats.suppressed += 1
+            return None
+        if notice.kind in prefs.muted_kinds:
+            self._give_up(item, SUPPRESSED, "kind muted by the recipient", now_ms, settlement)
+            stats.suppressed += 1
+            return None
+        quiet = self._quiet(prefs, now_ms)
+        if quiet:
+            deadline_ms = notice.deadline.ToMilliseconds() if notice.HasField("deadline") else None
+            send_ms = allowed_send_ms(now_ms, now_ms, _quiet_window(prefs), self._zone(prefs), deadline_ms)
+            if send_ms > now_ms:
+                settlement.reschedule(shard, notice, send_ms)
+                stats.deferred_quiet += 1
+                return None
+        spent = sms_spent.get(self._sms_budget_key(notice.merchant_id, now_ms), 0)
+        routes = plan(notice, prefs, self._policy, now_ms=now_ms, quiet=quiet, sms_spent_segments=spent)
+        if routes:
+            return _Job(item, routes[0], quiet)
+        if notice.failed_channels:
+            self._give_up(item, DEAD_LETTER, "every channel failed", now_ms, settlement)
+            stats.dead_lettered += 1
+        else:
+            self._give_up(item, SUPPRESSED, "no reachable channel", now_ms, settlement)
+            stats.suppressed += 1
+        return None
+
+    def _quiet(self, prefs: preferences_pb2.RecipientPreferences, now_ms: int) -> bool:
+        return is_quiet(now_ms, _quiet_window(prefs), self._zone(prefs))
+
+    @staticmethod
+    def _zone(prefs: preferences_pb2.RecipientPreferences) -> str:
+        return prefs.time_zone or "UTC"
+
+    # --- limits and claims: one round trip ------------------------------------------------------
+
+    def _limits(self, job: _Job) -> list[Limit]:
+        s = self._settings
+        notice = job.item.notice
+        limits = [
+            Limit("provider", provider, s.provider_rate(provider), max(1, int(s.provider_rate(provider))))
+            for provider in dict.fromkeys(t.provider for t in job.route.targets)
+        ]
+        limits.append(Limit("merchant", notice.merchant_id, s.merchant_rate_per_s, s.merchant_burst))
+        # A slot notice or a correction is the point of relais: never held back by the frequency cap.
+        if notice.kind not in SLOT_KINDS:
+            limits.append(
+                Limit("recipient", notice.recipient_id, s.recipient_rate_per_h / 3600, s.recipient_burst)
+            )
+        return limits
+
+    async def _claim_and_limit(self, jobs: list[_Job], now_ms: int) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        if self._settings.limits_enabled:
+            self._limiter.queue(pipe, now_ms, [self._limits(job) for job in jobs])
+        for job in jobs:
+            notice = job.item.notice
+            job.keys = [
+                idempotency.idempotency_key(notice.notice_id, notice.version, job.route.channel, target.to)
+                for target in job.route.targets
+            ]
+            for key in job.keys:
+                idempotency.queue_claim(pipe, job.item.entry.shard, key, self._lease_ms)
+        replies = list(await pipe.execute())
+        waits = [int(w) for w in replies.pop(0)] if self._settings.limits_enabled else [0] * len(jobs)
+        position = 0
+        for job, wait_ms in zip(jobs, waits, strict=True):
+            job.wait_ms = wait_ms
+            job.claims = [idempotency.parse_claim(r) for r in replies[position : position + len(job.keys)]]
+            position += len(job.keys)
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def _message(self, job: _Job, index: int, rendered: Rendered) -> Message:
+        notice, prefs = job.item.notice, job.item.prefs
+        assert prefs is not None
+        push = job.route.channel == types_pb2.CHANNEL_PUSH
+        expires_at = None
+        if push and notice.HasField("slot"):
+            expires_at = notice.slot.end.ToDatetime(tzinfo=UTC)
+        return Message(
+            idempotency_key=job.keys[index],
+            to=job.route.targets[index].to,
+            subject=rendered.subject,
+            text=rendered.text,
+            html=rendered.html,
+            data=rendered.data,
+            collapse_key=notice.notice_id if push else "",
+            expires_at=expires_at,
+            locale=prefs.locale or "en",
+        )
+
+    async def _send(self, jobs: list[_Job]) -> None:
+        by_provider: dict[str, list[tuple[_Job, int, Message]]] = defaultdict(list)
+        for job in jobs:
+            job.results = [None] * len(job.keys)
+            if job.wait_ms:
+                continue
+            rendered: Rendered | None = None
+            for index, claim in enumerate(job.claims):
+                if claim is not Claim.CLAIMED:
+                    continue
+                if rendered is None:
+                    rendered = self._render(job)
+                    if rendered is None:
+                        break
+                by_provider[job.route.targets[index].provider].append(
+                    (job, index, self._message(job, index, rendered))
+                )
+        await asyncio.gather(*(self._send_provider(p, batch) for p, batch in by_provider.items()))
+
+    def _render(self, job: _Job) -> Rendered | None:
+        notice, prefs = job.item.notice, job.item.prefs
+        assert prefs is not None
+        try:
+            return self._renderer.render(
+                notice, channel=job.route.channel, locale=prefs.locale or "en", time_zone=self._zone(prefs)
+            )
+        except Exception as exc:
+            log.exception(
+                "notice %s cannot be rendered for %s", notice.notice_id, channel_name(job.route.channel)
+            )
+            job.results = [PermanentFailure(f"render failed: {type(exc).__name__}")] * len(job.keys)
+            return None
+
+    async def _send_provider(self, provider: str, batch: list[tuple[_Job, int, Message]]) -> None:
+        channel = self._channels[provider]
+        results: Sequence[SendResult]
+        try:
+            results = await asyncio.wait_for(
+                channel.send([message for _, _, message in batch]), self._settings.send_timeout_s
+            )
+            if len(results) != len(batch):
+                raise RuntimeError(f"channel {provider} returned {len(results)} results for {len(batch)}")
+        except Exception as exc:
+            # Third-party messages may quote addresses: log the type only.
+            log.warning("provider %s failed a batch of %d: %s", provider, len(batch), type(exc).__name__)
+            results = [TransientFailure(f"{provider}: {type(exc).__name__}")] * len(batch)
+        for (job, index, _), result in zip(batch, results, strict=True):
+            job.results[index] = result
+
+    # --- outcomes -----------------------------------------------------------------------------
+
+    async def _judge(
+        self,
+        jobs: list[_Job],
+        now_ms: int,
+        sms_spent: dict[str, int],
+        settlement: Settlement,
+        stats: BatchStats,
+    ) -> list[_Item]:
+        """Settle each job; returns the items that fall back to their next channel."""
+        fall_back: list[_Item] = []
+        dead_by_recipient: dict[str, list[Destination]] = defaultdict(list)
+        for job in jobs:
+            shard, notice = job.item.entry.shard, job.item.notice
+            if job.wait_ms:
+                for key in job.keys:
+                    settlement.free(shard, key)
+                settlement.reschedule(shard, notice, now_ms + job.wait_ms)
+                stats.limited += 1
+                continue
+            outcome = self._outcome(job)
+            if outcome.dead:
+                dead_by_recipient[notice.recipient_id].extend(outcome.dead)
+            if self._settle_job(job, outcome, now_ms, sms_spent, settlement, stats):
+                notice.failed_channels.append(job.route.channel)
+                fall_back.append(job.item)
+        if dead_by_recipient:
+            await self._remove_dead(dead_by_recipient, jobs)
+        return fall_back
+
+    def _outcome(self, job: _Job) -> Outcome:
+        # A key sent before counts as accepted: the message reached the provider already.
+        results = [
+            Accepted("") if claim is Claim.SENT else result
+            for claim, result in zip(job.claims, job.results, strict=True)
+        ]
+        return judge(results, [t.to for t in job.route.targets])
+
+    def _settle_job(
+        self,
+        job: _Job,
+        outcome: Outcome,
+        now_ms: int,
+        sms_spent: dict[str, int],
+        settlement: Settlement,
+        stats: BatchStats,
+    ) -> bool:
+        """Record one job's outcome; True when the notice should try its next channel."""
+        shard, notice = job.item.entry.shard, job.item.notice
+        if outcome.verdict is Verdict.ELSEWHERE:
+            stats.elsewhere += 1
+            return False
+        if outcome.verdict is Verdict.SENT:
+            accepted = outcome.accepted
+            assert accepted is not None
+            for key, claim, result in zip(job.keys, job.claims, job.results, strict=True):
+                if claim is Claim.CLAIMED:
+                    (settlement.sent if isinstance(result, Accepted) else settlement.free)(shard, key)
+            provider = job.route.targets[outcome.accepted_index].provider
+            self._record(
+                job, notice_pb2.NOTICE_STATUS_SENT, now_ms, settlement, provider, accepted.provider_message_id
+            )
+            if job.route.channel == types_pb2.CHANNEL_SMS:
+                budget_key = self._sms_budget_key(notice.merchant_id, now_ms)
+                settlement.spend_sms(budget_key, accepted.segments)
+                sms_spent[budget_key] = sms_spent.get(budget_key, 0) + max(1, accepted.segments)
+            stats.sent += 1
+            return False
+        for key, claim in zip(job.keys, job.claims, strict=True):
+            if claim is Claim.CLAIMED:
+                settlement.free(shard, key)
+        provider = job.route.targets[0].provider
+        if outcome.verdict is Verdict.FALL_BACK:
+            self._record(
+                job, notice_pb2.NOTICE_STATUS_FAILED, now_ms, settlement, provider, error=outcome.reason
+            )
+            stats.failed += 1
+            return True
+        attempt = notice.attempt + 1
+        if attempt >= self._settings.max_attempts:
+            self._record(
+                job, notice_pb2.NOTICE_STATUS_DEAD_LETTER, now_ms, settlement, provider, error=outcome.reason
+            )
+            notice.attempt = attempt
+            settlement.dead_letter(shard, notice, f"out of retries: {outcome.reason}")
+            stats.dead_lettered += 1
+            return False
+        self._record(
+            job, notice_pb2.NOTICE_STATUS_RETRYING, now_ms, settlement, provider, error=outcome.reason
+        )
+        delay_ms = backoff_ms(
+            notice.attempt,
+            base_s=self._settings.backoff_base_s,
+            max_s=self._settings.backoff_max_s,
+            rng=self._rng,
+        )
+        notice.attempt = attempt
+        settlement.reschedule(shard, notice, now_ms + max(delay_ms, outcome.retry_after_ms))
+        stats.retrying += 1
+        return False
+
+    def _record(
+        self,
+        job: _Job,
+        status: notice_pb2.NoticeStatus.ValueType,
+        now_ms: int,
+        settlement: Settlement,
+        provider: str = "",
+        provider_message_id: str = "",
+        *,
+        error: str = "",
+    ) -> None:
+        notice = job.item.notice
+        attempt = notice_pb2.DeliveryAttempt(
+            channel=job.route.channel,
+            provider=provider,
+            provider_message_id=provider_message_id,
+            status=status,
+            attempted_at=timestamp(now_ms),
+            error=error,
+            idempotency_key=idempotency.idempotency_key(notice.notice_id, notice.version, job.route.channel),
+            version=notice.version,
+        )
+        settlement.record(job.item.entry.shard, notice, attempt)
+
+    def _give_up(
+        self,
+        item: _Item,
+        status: notice_pb2.NoticeStatus.ValueType,
+        reason: str,
+        now_ms: int,
+        settlement: Settlement,
+    ) -> None:
+        """Record a notice that no channel took: SUPPRESSED (nothing to try) or DEAD_LETTER (all failed)."""
+        attempt = notice_pb2.DeliveryAttempt(
+            status=status, attempted_at=timestamp(now_ms), error=reason, version=item.notice.version
+        )
+        settlement.record(item.entry.shard, item.notice, attempt)
+        if status == notice_pb2.NOTICE_STATUS_DEAD_LETTER:
+            settlement.dead_letter(item.entry.shard, item.notice, reason)
+
+    async def _remove_dead(self, dead_by_recipient: dict[str, list[Destination]], jobs: list[_Job]) -> None:
+        """Prune dead addresses from the stored preferences, and from this batch's copies so a
+        fallback round does not use them. Rare (failures only), so one WATCH/MULTI per recipient."""
+        await asyncio.gather(
+            *(
+                recipients.remove_destinations(self._redis, recipient_id, dead, self._shards)
+                for recipient_id, dead in dead_by_recipient.items()
+            )
+        )
+        for job in jobs:
+            item = job.item
+            dead = dead_by_recipient.get(item.notice.recipient_id)
+            if dead and item.prefs is not None:
+                item.prefs = recipients.without(item.prefs, dead) or item.prefs
+
+
+async def run_gateway(
+    settings: Settings,
+    redis: Redis,
+    clock: Clock,
+    channels: Mapping[str, Channel],
+    stop: asyncio.Event,
+    *,
+    renderer: Renderer | None = None,
+) -> None:
+    """Run a gateway until ``stop`` is set; any number may run at once against the same Redis."""
+    await Gateway(settings, redis, clock, channels, renderer=renderer).run(stop)

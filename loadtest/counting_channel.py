@@ -30,6 +30,11 @@ class CountingChannel:
         self._file: IO[str] | None = self.path.open("a", encoding="ascii", buffering=1 << 20)
         self._sent = 0
 
+    @property
+    def sent(self) -> int:
+        """Messages accepted so far by this channel object."""
+        return self._sent
+
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> Self:
         opts = Options(cls.name, options)

@@ -1,0 +1,572 @@
+"""``make bench``: each figure beside its baseline, measured in the same run on the same machine.
+
+1. ingest — engine events/s over batched ``StreamEvents``, fully applied (acked), vs a bare
+   ``grpc.aio`` echo server fed the very same bytes (``loadtest.echo_server``);
+2. scheduler — notices claimed from ``due:{s}`` into the outbox per second (the real ``Dispatcher``
+   on the notices the engine planned), vs arq's worker picking up deferred no-op jobs on the same
+   Redis; Redis round trips and commands per notice; the claim rate with 1M notices pending;
+3. gateway — notices/s through the real gateway into a counting sink, rate limits on vs off;
+4. end to end — carrier events in, notices out of the sink, with the whole stack running;
+5. memory — Redis bytes per tracked parcel with one pending notice; engine RSS after the events.
+
+``--quick`` runs everything at a tenth of the size. Results go to ``loadtest/results/bench.json``;
+a figure whose component cannot run is null with the reason under ``reasons``, never invented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+from redis.asyncio import Redis
+from relais.v1 import parcel_pb2, parcel_pb2_grpc
+
+from common import keys
+from common.clock import SystemClock
+from common.redis_client import connect
+from common.redis_server import free_port
+from common.settings import GatewaySettings, Settings
+from loadtest.arq_baseline import measure_arq
+from loadtest.audit import backlog
+from loadtest.counting_channel import CountingChannel, read_deliveries
+from loadtest.ingest_client import Batch, plan_streams, stream_batches
+from loadtest.journeys import (
+    EventBudget,
+    Group,
+    Journey,
+    JourneyFactory,
+    Mix,
+    Shape,
+    promised_date,
+    registrations,
+)
+from loadtest.recipients import set_up_recipients
+from loadtest.redis_stats import RoundTrips, command_stats, counting_client, used_memory
+from loadtest.stack import GENEROUS_LIMITS, Stack, StackConfig
+from loadtest.wire import encode_next
+
+RESULTS = Path(__file__).parent / "results"
+REGISTER_CHUNK = 5000
+STREAMS = 4
+WINDOW = 8
+PARCELS_PER_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    ingest_events: int
+    claim_small: int
+    claim_large_pending: int
+    claim_large_due: int
+    arq_jobs: int
+    e2e_notices: int
+    memory_parcels: int
+    recipients: int
+
+
+FULL = Sizes(
+    ingest_events=1_000_000,
+    claim_small=10_000,
+    claim_large_pending=1_000_000,
+    claim_large_due=100_000,
+    arq_jobs=10_000,
+    e2e_notices=1_000_000,
+    memory_parcels=100_000,
+    recipients=20_000,
+)
+QUICK = Sizes(
+    ingest_events=100_000,
+    claim_small=10_000,
+    claim_large_pending=100_000,
+    claim_large_due=10_000,
+    arq_jobs=2_000,
+    e2e_notices=100_000,
+    memory_parcels=10_000,
+    recipients=2_000,
+)
+
+
+@dataclass
+class Results:
+    figures: dict[str, Any] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def unavailable(self, names: list[str], reason: str) -> None:
+        for name in names:
+            self.figures.setdefault(name, None)
+            self.reasons[name] = reason
+
+
+async def section(results: Results, names: list[str], run: Callable[[], Awaitable[None]]) -> None:
+    """Run one section; if it fails its figures are null with the reason (a component not landed)."""
+    started = time.monotonic()
+    try:
+        await run()
+    except Exception as exc:
+        results.unavailable(
+            [n for n in names if results.figures.get(n) is None], f"{type(exc).__name__}: {exc}"
+        )
+    print(f"  ({', '.join(names)}: {time.monotonic() - started:.1f}s)", file=sys.stderr, flush=True)
+
+
+# --- workload ----------------------------------------------------------------------------------------
+
+
+def make_groups(prefix: str, events: int, recipients: int, mix: Mix | None = None) -> list[Group]:
+    factory = JourneyFactory(prefix=prefix, recipients=recipients, mix=mix or Mix())
+    budget = EventBudget(events)
+    groups: list[Group] = []
+    while (group := budget.take_group(factory, PARCELS_PER_BATCH)) is not None:
+        groups.append(group)
+    return groups
+
+
+async def register_all(target: str, journeys: list[Journey], now_ms: int) -> None:
+    """Untimed set-up: the merchants register the parcels first, so events plan notices."""
+    promised = promised_date(now_ms)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = parcel_pb2_grpc.ParcelServiceStub(channel)
+        chunks = [journeys[i : i + REGISTER_CHUNK] for i in range(0, len(journeys), REGISTER_CHUNK)]
+        sem = asyncio.Semaphore(4)
+
+        async def one(chunk: list[Journey]) -> parcel_pb2.RegisterParcelsResponse:
+            async with sem:
+                return await stub.RegisterParcels(registrations(chunk, promised))
+
+        replies = await asyncio.gather(*(one(c) for c in chunks))
+    rejected = sum(len(r.rejected) for r in replies)
+    if rejected:
+        raise RuntimeError(f"{rejected} registrations rejected")
+
+
+def spawn_echo(log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    log = (log_dir / "echo.log").open("wb")
+    args = [sys.executable, "-m", "loadtest.echo_server", "--port", str(port)]
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return proc, f"127.0.0.1:{port}"
+
+
+# --- 1. ingest, and what it leaves for 2. and 3. ---------------------------------------------------
+
+
+async def bench_ingest(results: Results, sizes: Sizes, stack: Stack, run_dir: Path) -> None:
+    now_ms = time.time_ns() // 1_000_000
+    groups = make_groups("BI", sizes.ingest_events, sizes.recipients)
+    journeys = [j for g in groups for j in g.journeys]
+    streams = plan_streams(groups, STREAMS, now_ms)
+    echo, echo_target = spawn_echo(run_dir)
+    try:
+        await asyncio.sleep(1.0)
+        echo_result = await stream_batches(echo_target, streams, window=WINDOW)
+    finally:
+        echo.terminate()
+        echo.wait()
+    results.figures["echo_events_per_s"] = echo_result.events_per_s
+    await register_all(stack.target, journeys, now_ms)
+    engine_result = await stream_batches(stack.target, streams, window=WINDOW)
+    acks = sorted(engine_result.ack_ms)
+    results.figures.update(
+        {
+            "ingest_events": engine_result.events,
+            "ingest_events_per_s": engine_result.events_per_s,
+            "ingest_rejected": engine_result.rejected,
+            "ingest_ack_ms_p50": statistics.median(acks) if acks else None,
+            "ingest_ack_ms_p99": acks[int(len(acks) * 0.99)] if acks else None,
+            "ingest_vs_echo": engine_result.events_per_s / echo_result.events_per_s
+            if echo_result.events_per_s
+            else None,
+            "engine_rss_bytes": _rss(stack.engine_pid()),
+            "engine_rss_after_events": engine_result.events,
+        }
+    )
+
+
+def _rss(pid: int | None) -> int | None:
+    return int(psutil.Process(pid).memory_info().rss) if pid is not None else None
+
+
+# --- 2. scheduler ------------------------------------------------------------------------------------
+
+
+async def claim_all(redis_url: str, shards: int, due: int) -> tuple[int, float, int, int]:
+    """Run the real Dispatcher until ``due`` notices are claimed: (claimed, seconds, trips, commands)."""
+    from engine.scheduler import Dispatcher
+
+    trips = RoundTrips()
+    client = counting_client(redis_url, trips)
+    plain = connect(redis_url)
+    try:
+        dispatcher = Dispatcher(client, SystemClock(), shards, batch_size=1000)
+        before = await command_stats(plain)
+        trips.count = 0
+        claimed = 0
+        started = time.perf_counter()
+        while claimed < due:
+            stats = await dispatcher.claim_once()
+            claimed += stats.claimed
+            if stats.claimed == 0 and not stats.saturated:
+                break
+        seconds = time.perf_counter() - started
+        commands = (await command_stats(plain)).minus(before)
+        return claimed, seconds, trips.count, commands.total - commands.calls.get("info", 0)
+    finally:
+        await client.aclose()
+        await plain.aclose()
+
+
+async def bench_scheduler_on_engine_notices(results: Results, stack: Stack, shards: int) -> None:
+    redis = connect(stack.redis_url)
+    try:
+        due_now = (await backlog(redis, shards, time.time_ns() // 1_000_000)).due_now
+    finally:
+        await redis.aclose()
+    claimed, seconds, trips, commands = await claim_all(stack.redis_url, shards, due_now)
+    results.figures.update(
+        {
+            "claim_notices": claimed,
+            "claim_notices_per_s": claimed / seconds if seconds else None,
+            "redis_round_trips_per_notice": trips / claimed if claimed else None,
+            "redis_commands_per_notice": commands / claimed if claimed else None,
+        }
+    )
+
+
+async def fill_due(redis: Redis, shards: int, pending: int, due: int, body: bytes) -> None:
+    """Synthetic pending notices in the engine's layout (body in the parcel hash, id in the due set):
+    the first ``due`` due now, the rest tomorrow."""
+    now_ms = time.time_ns() // 1_000_000
+    chunk = 10_000
+    for start in range(0, pending, chunk):
+        pipe = redis.pipeline(transaction=False)
+        for n in range(start, min(pending, start + chunk)):
+            parcel_id = f"BS-{n:09d}"
+            shard = keys.shard_of(parcel_id, shards)
+            pipe.hset(keys.parcel(shard, parcel_id), mapping={"n:SHIPPED": body, "nv:SHIPPED": 1})
+            score = now_ms - 1 if n < due else now_ms + 86_400_000
+            pipe.zadd(keys.due(shard), {f"{parcel_id}:SHIPPED": score})
+        await pipe.execute()
+
+
+async def bench_scheduler_scale(results: Results, sizes: Sizes, redis_url: str, shards: int) -> None:
+    from relais.v1 import notice_pb2, types_pb2
+
+    body = notice_pb2.Notice(
+        notice_id="BS-000000000:SHIPPED",
+        version=1,
+        kind=types_pb2.NOTICE_KIND_SHIPPED,
+        parcel_id="BS-000000000",
+        merchant_id="lt-m-1",
+        recipient_id="lt-r-1",
+        carrier="swisspost",
+        parcel_status=types_pb2.TRACKING_STATUS_IN_TRANSIT,
+        paid=True,
+    ).SerializeToString()
+    redis = connect(redis_url)
+    try:
+        for label, pending, due in (
+            ("small", sizes.claim_small, sizes.claim_small),
+            ("large", sizes.claim_large_pending, sizes.claim_large_due),
+        ):
+            await redis.flushdb()
+            await fill_due(redis, shards, pending, due, body)
+            claimed, seconds, _, _ = await claim_all(redis_url, shards, due)
+            rate = claimed / seconds if seconds else None
+            if label == "small":
+                results.figures["claim_notices_per_s_at_10k_pending"] = rate
+            else:
+                results.figures["claim_notices_per_s_at_1m_pending"] = rate
+                results.figures["claim_large_pending"] = pending
+                results.figures["claim_large_due"] = due
+        await redis.flushdb()
+        arq = await measure_arq(redis_url, sizes.arq_jobs)
+        results.figures["arq_jobs"] = arq.jobs
+        results.figures["arq_jobs_per_s"] = arq.jobs_per_s
+        await redis.flushdb()
+    finally:
+        await redis.aclose()
+
+
+# --- 3. gateway ----------------------------------------------------------------------------------------
+
+
+async def drain_with_gateway(
+    redis_url: str, shards: int, sink: Path, *, limits: bool, stop_after: int | None
+) -> tuple[int, float]:
+    """Run the real gateway in-process into a counting sink until the outbox is drained (or it has
+    sent ``stop_after``): (sent, seconds)."""
+    from gateway.worker import run_gateway
+
+    env = {**GENEROUS_LIMITS, "RELAIS_SHARDS": str(shards), "REDIS_URL": redis_url}
+    base = Settings.from_env(env)
+    gateway = GatewaySettings.from_env({**env, "RELAIS_GATEWAY_LIMITS_ENABLED": str(limits).lower()})
+    settings = dataclasses.replace(base, gateway=gateway)
+    redis = connect(redis_url)
+    channel = CountingChannel(sink)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_gateway(settings, redis, SystemClock(), {"null": channel}, stop))
+    started = time.perf_counter()
+    try:
+        while not task.done():
+            await asyncio.sleep(0.05)
+            seen = await backlog(redis, shards, time.time_ns() // 1_000_000)
+            if seen.outbox_undelivered == 0 or (stop_after is not None and channel.sent >= stop_after):
+                break
+        seconds = time.perf_counter() - started
+        stop.set()
+        await task
+        return channel.sent, seconds
+    finally:
+        await channel.aclose()
+        await redis.aclose()
+
+
+async def bench_gateway(results: Results, stack: Stack, shards: int, run_dir: Path) -> None:
+    redis = connect(stack.redis_url)
+    try:
+        queued = (await backlog(redis, shards, time.time_ns() // 1_000_000)).outbox_undelivered
+    finally:
+        await redis.aclose()
+    if queued == 0:
+        raise RuntimeError("no notices in the outbox to send")
+    sent_on, s_on = await drain_with_gateway(
+        stack.redis_url, shards, run_dir / "sink-limits", limits=True, stop_after=queued // 2
+    )
+    sent_off, s_off = await drain_with_gateway(
+        stack.redis_url, shards, run_dir / "sink-nolimits", limits=False, stop_after=None
+    )
+    results.figures.update(
+        {
+            "gateway_notices": sent_on,
+            "gateway_notices_per_s": sent_on / s_on if s_on else None,
+            "gateway_nolimit_notices": sent_off,
+            "gateway_nolimit_notices_per_s": sent_off / s_off if s_off else None,
+        }
+    )
+
+
+# --- 4. end to end ---------------------------------------------------------------------------------------
+
+
+async def bench_e2e(results: Results, sizes: Sizes, run_dir: Path, shards: int) -> None:
+    """Same-day parcels: one event each (first scan on the van, with a window) plans two notices
+    (shipped, slot announced). Clock: first event sent → last notice in the sink."""
+    config = StackConfig(run_dir=run_dir / "e2e", shards=shards, gateways=2)
+    now_ms = time.time_ns() // 1_000_000
+    groups = make_groups("BE", sizes.e2e_notices // 2, sizes.recipients, Mix(((Shape.SAME_DAY, 1.0),)))
+    for group in groups:  # only the first step: delivery would cancel what is not sent yet
+        group.journeys = [Journey(**{**_fields(j), "steps": j.steps[:1]}) for j in group.journeys]
+    journeys = [j for g in groups for j in g.journeys]
+    streams = plan_streams(groups, STREAMS, now_ms)
+    with Stack(config) as stack:
+        redis = connect(stack.redis_url)
+        try:
+            await set_up_recipients(stack.target, redis, shards, sizes.recipients)
+            await register_all(stack.target, journeys, now_ms)
+            started = time.perf_counter()
+            sent = await stream_batches(stack.target, streams, window=WINDOW)
+            expected = 2 * sent.accepted
+            while time.perf_counter() - started < 600:
+                await asyncio.sleep(0.25)
+                seen = await backlog(redis, shards, time.time_ns() // 1_000_000)
+                if seen.drained:
+                    break
+            seconds = time.perf_counter() - started
+        finally:
+            await redis.aclose()
+        stack.stop_gateways()
+        delivered = read_deliveries(config.sink_dir).total
+    results.figures.update(
+        {
+            "e2e_events": sent.accepted,
+            "e2e_notices": delivered,
+            "e2e_notices_expected": expected,
+            "e2e_seconds": seconds,
+            "e2e_notices_per_s": delivered / seconds if seconds else None,
+        }
+    )
+
+
+def _fields(journey: Journey) -> dict[str, Any]:
+    return {name: getattr(journey, name) for name in Journey.__dataclass_fields__}
+
+
+# --- 5. memory ---------------------------------------------------------------------------------------
+
+
+async def bench_memory(results: Results, sizes: Sizes, stack: Stack, shards: int) -> None:
+    """Parcels registered without a promised date and scanned once: exactly one pending notice
+    (SHIPPED), since this stack runs no scheduler."""
+    redis = connect(stack.redis_url)
+    try:
+        await redis.flushdb()
+        await asyncio.sleep(0.2)
+        before = await used_memory(redis)
+        now_ms = time.time_ns() // 1_000_000
+        groups = make_groups("BM", sizes.memory_parcels, sizes.recipients, Mix(((Shape.PLAIN, 1.0),)))
+        journeys = [j for g in groups for j in g.journeys]
+        async with grpc.aio.insecure_channel(stack.target) as channel:
+            stub = parcel_pb2_grpc.ParcelServiceStub(channel)
+            for i in range(0, len(journeys), REGISTER_CHUNK):
+                request = registrations(journeys[i : i + REGISTER_CHUNK], promised_date(now_ms))
+                for parcel in request.parcels:
+                    parcel.order.ClearField("promised_date")
+                await stub.RegisterParcels(request)
+        first_scans: list[list[Batch]] = [[] for _ in range(STREAMS)]
+        for n, group in enumerate(groups):
+            first_scans[n % STREAMS].append(encode_next(group, n + 1, now_ms))
+        await stream_batches(stack.target, first_scans, window=WINDOW)
+        pending = (await backlog(redis, shards, now_ms + 60_000)).due_now
+        after = await used_memory(redis)
+        parcels = len(journeys)
+        results.figures.update(
+            {
+                "memory_parcels": parcels,
+                "memory_pending_notices": pending,
+                "redis_bytes_per_parcel": (after - before) / parcels if parcels else None,
+            }
+        )
+    finally:
+        await redis.aclose()
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+
+async def run(sizes: Sizes, run_dir: Path, shards: int) -> Results:
+    results = Results()
+    engine_only = StackConfig(run_dir=run_dir / "engine", shards=shards, gateways=0, scheduler=False)
+    with Stack(engine_only) as stack:
+        redis = connect(stack.redis_url)
+        try:
+            await set_up_recipients(stack.target, redis, shards, sizes.recipients)
+        finally:
+            await redis.aclose()
+        print("1. ingest", file=sys.stderr)
+        await section(
+            results,
+            ["ingest_events_per_s", "echo_events_per_s", "engine_rss_bytes"],
+            lambda: bench_ingest(results, sizes, stack, run_dir),
+        )
+        print("2. scheduler", file=sys.stderr)
+        await section(
+            results,
+            ["claim_notices_per_s", "redis_round_trips_per_notice"],
+            lambda: bench_scheduler_on_engine_notices(results, stack, shards),
+        )
+        print("3. gateway", file=sys.stderr)
+        await section(
+            results,
+            ["gateway_notices_per_s", "gateway_nolimit_notices_per_s"],
+            lambda: bench_gateway(results, stack, shards, run_dir),
+        )
+        print("5. memory", file=sys.stderr)
+        await section(
+            results, ["redis_bytes_per_parcel"], lambda: bench_memory(results, sizes, stack, shards)
+        )
+        print("2b. scheduler at scale, arq", file=sys.stderr)
+        await section(
+            results,
+            ["claim_notices_per_s_at_1m_pending", "arq_jobs_per_s"],
+            lambda: bench_scheduler_scale(results, sizes, stack.redis_url, shards),
+        )
+    print("4. end to end", file=sys.stderr)
+    await section(results, ["e2e_notices", "e2e_seconds"], lambda: bench_e2e(results, sizes, run_dir, shards))
+    return results
+
+
+AT_10K = "claim_notices_per_s_at_10k_pending"
+ROWS = (
+    ("ingest events/s (acked)", "ingest_events_per_s", "echo_events_per_s", "echo server"),
+    ("claims/s (engine's notices)", "claim_notices_per_s", "arq_jobs_per_s", "arq jobs/s"),
+    (
+        "claims/s, 1M pending",
+        "claim_notices_per_s_at_1m_pending",
+        "claim_notices_per_s_at_10k_pending",
+        "10k",
+    ),
+    ("gateway notices/s (limits on)", "gateway_notices_per_s", "gateway_nolimit_notices_per_s", "limits off"),
+    ("Redis round trips / notice", "redis_round_trips_per_notice", "redis_commands_per_notice", "commands"),
+    ("end to end: notices", "e2e_notices", "e2e_seconds", "seconds"),
+    ("Redis bytes / parcel", "redis_bytes_per_parcel", None, ""),
+    ("engine RSS bytes", "engine_rss_bytes", None, ""),
+)
+
+
+def table(figures: dict[str, Any]) -> str:
+    def fmt(value: Any) -> str:
+        if value is None:
+            return "null"
+        return f"{value:,.2f}" if isinstance(value, float) and value < 100 else f"{value:,.0f}"
+
+    lines = [f"{'figure':<32}{'value':>16}  {'baseline':>16}  {'ratio':>8}  baseline is"]
+    for label, name, base, what in ROWS:
+        value = figures.get(name)
+        baseline = figures.get(base) if base else None
+        ratio = (
+            f"{value / baseline:.2f}x"
+            if isinstance(value, int | float) and isinstance(baseline, int | float) and baseline
+            else ""
+        )
+        lines.append(f"{label:<32}{fmt(value):>16}  {fmt(baseline) if base else '':>16}  {ratio:>8}  {what}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a tenth of the size")
+    parser.add_argument("--shards", type=int, default=16)
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    run_dir = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    import uvloop
+
+    results = uvloop.run(run(sizes, run_dir, args.shards))
+    required = {
+        "ingest_events_per_s", "echo_events_per_s", "claim_notices_per_s",
+        "claim_notices_per_s_at_1m_pending", "arq_jobs_per_s", "redis_round_trips_per_notice",
+        "gateway_notices_per_s", "gateway_nolimit_notices_per_s", "e2e_notices", "e2e_seconds",
+        "redis_bytes_per_parcel", "engine_rss_bytes",
+    }  # fmt: skip
+    for name in required - results.figures.keys():
+        results.unavailable([name], "not measured (its section failed before reaching it)")
+    document = {
+        **results.figures,
+        "reasons": results.reasons,
+        "quick": args.quick,
+        "sizes": dataclasses.asdict(sizes),
+        "seconds": time.monotonic() - started,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "grpcio_version": grpc.__version__,
+        "python_version": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
+    (RESULTS / "bench.json").write_text(json.dumps(document, indent=2))
+    (run_dir / "bench.json").write_text(json.dumps(document, indent=2))
+    print(table(results.figures))
+    for name, reason in sorted(results.reasons.items()):
+        print(f"  {name}: null — {reason}")
+    print(f"written: {RESULTS / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

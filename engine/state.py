@@ -16,8 +16,9 @@ A batch therefore costs a constant number of round trips whatever its size.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -237,13 +238,20 @@ def parse_read(
 
 # Changes a parcel's state in place; False when nothing changed (nothing is written then).
 Mutator = Callable[[ParcelRecord], bool]
+# ``async hook(states)`` after an update wrote its parcels.
+StatesHook = Callable[[Sequence[state_pb2.ParcelState]], Awaitable[None]]
 
 
 class ParcelStore:
     """Reads, plans and writes parcels in a constant number of round trips per call."""
 
-    def __init__(self, redis: Redis, settings: Settings, clock: Clock) -> None:
+    def __init__(
+        self, redis: Redis, settings: Settings, clock: Clock, *, after_update: StatesHook | None = None
+    ) -> None:
         self.redis = redis
+        # Called with the states of every parcel an update read (written or not, so a batch retried
+        # after a failure repairs what the hook missed), in turn with the writes: the alert monitor.
+        self.after_update = after_update
         self.settings = settings
         self.clock = clock
         self.rules = PlanRules.from_settings(settings.engine)
@@ -251,6 +259,25 @@ class ParcelStore:
         self._apply: AsyncScript = register(redis, "apply")
         # Round trips made so far: the tests check a batch costs a constant number.
         self.round_trips = 0
+        # Parcels an update of this process is working on: concurrent batches of one process touching
+        # the same parcel take turns instead of conflicting (version conflicts remain the guard
+        # between processes).
+        self._busy: dict[str, asyncio.Future[None]] = {}
+
+    async def _take(self, parcel_ids: Sequence[str]) -> asyncio.Future[None]:
+        while busy := {self._busy[pid] for pid in parcel_ids if pid in self._busy}:
+            await asyncio.wait(busy)
+        # No await between the check and the claim: all of them or none.
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for pid in parcel_ids:
+            self._busy[pid] = turn
+        return turn
+
+    def _release(self, parcel_ids: Sequence[str], turn: asyncio.Future[None]) -> None:
+        for pid in parcel_ids:
+            if self._busy.get(pid) is turn:
+                del self._busy[pid]
+        turn.set_result(None)
 
     def shard(self, ident: str) -> int:
         return keys.shard_of(ident, self.settings.shards)
@@ -332,6 +359,19 @@ class ParcelStore:
         Returns the records as written, each with its ``plan`` (unchanged ones as read, without).
         """
         todo = list(dict.fromkeys(parcel_ids))
+        turn = await self._take(todo)
+        try:
+            done = await self._update(todo, mutate, refresh=refresh, erase=erase)
+            if self.after_update is not None:
+                await self.after_update([r.state for r in done.values() if r.exists or r.plan is not None])
+            return done
+        finally:
+            self._release(todo, turn)
+
+    async def _update(
+        self, parcel_ids: list[str], mutate: Mutator, *, refresh: bool, erase: bool
+    ) -> dict[str, ParcelRecord]:
+        todo = parcel_ids
         done: dict[str, ParcelRecord] = {}
         audiences: dict[str, Audience | None] = {}
         for _attempt in range(MAX_ATTEMPTS):

@@ -1,0 +1,246 @@
+"""Ingest, registration and re-planning against the real Redis fixture (no gRPC here)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from redis.asyncio import Redis
+from relais.v1 import notice_pb2, parcel_pb2, preferences_pb2, state_pb2, tracking_pb2, types_pb2
+
+from common import keys
+from common.clock import ManualClock
+from engine.planner import window_ms
+from engine.state import DAY_MS, body_field, version_field, withdrawn_field
+from tests.conftest import T0_MS
+from tests.engine.core_support import (
+    HOUR_MS,
+    MIN_MS,
+    SETTINGS,
+    Core,
+    claim,
+    due_members,
+    engine_for,
+    event,
+    hget,
+    put_preferences,
+    registration,
+    smembers,
+)
+
+T = types_pb2
+SLOT = (T0_MS + DAY_MS, T0_MS + DAY_MS + 2 * HOUR_MS)
+
+
+def batch(seq: int, *events: tracking_pb2.TrackingEvent) -> tracking_pb2.EventBatch:
+    return tracking_pb2.EventBatch(seq=seq, events=events)
+
+
+async def register(engine: Core, *regs: parcel_pb2.ParcelRegistration) -> parcel_pb2.RegisterParcelsResponse:
+    # Without gRPC: the servicer only needs a context to abort with, which valid requests never do.
+    request = parcel_pb2.RegisterParcelsRequest(parcels=regs)
+    return await engine.parcels.RegisterParcels(request, None)  # type: ignore[arg-type]
+
+
+async def notice_body(redis: Redis, parcel_id: str, kind: str) -> notice_pb2.Notice | None:
+    shard = keys.shard_of(parcel_id, SETTINGS.shards)
+    raw = await hget(redis, keys.parcel(shard, parcel_id), body_field(kind))
+    return None if raw is None else notice_pb2.Notice.FromString(raw)
+
+
+async def state_of(redis: Redis, parcel_id: str) -> state_pb2.ParcelState:
+    shard = keys.shard_of(parcel_id, SETTINGS.shards)
+    raw = await hget(redis, keys.parcel(shard, parcel_id), "s")
+    assert raw is not None
+    return state_pb2.ParcelState.FromString(raw)
+
+
+async def test_slot_story_end_to_end(redis: Redis, clock: ManualClock) -> None:
+    engine = engine_for(redis, clock)
+    await register(engine, registration("P1"))
+    ing = engine.ingestor
+    await ing.apply(batch(1, event("e1", "P1", T.TRACKING_STATUS_IN_TRANSIT, T0_MS, slot=SLOT)))
+    assert set(await due_members(redis, "P1")) == {"P1:SHIPPED", "P1:SLOT_ANNOUNCED"}
+    await claim(redis, "P1", "SHIPPED")
+
+    # Moved before it went out: the same notice, new version and slot; nothing else.
+    moved = (SLOT[0] + 3 * HOUR_MS, SLOT[1] + 3 * HOUR_MS)
+    await ing.apply(batch(2, event("e2", "P1", T.TRACKING_STATUS_IN_TRANSIT, T0_MS + 1, slot=moved)))
+    assert set(await due_members(redis, "P1")) == {"P1:SLOT_ANNOUNCED"}
+    body = await notice_body(redis, "P1", "SLOT_ANNOUNCED")
+    assert body is not None
+    assert body.version == 2
+    assert window_ms(body.slot) == moved
+    assert body.shard == (keys.shard_of("P1", SETTINGS.shards))
+    shard = keys.shard_of("P1", SETTINGS.shards)
+    assert await hget(redis, keys.parcel(shard, "P1"), version_field("SLOT_ANNOUNCED")) == b"2"
+
+    # It went out; moved again: one correction naming both slots, due after the debounce.
+    await claim(redis, "P1", "SLOT_ANNOUNCED")
+    clock.advance_ms(MIN_MS)
+    later = (SLOT[0] + 6 * HOUR_MS, SLOT[1] + 6 * HOUR_MS)
+    await ing.apply(batch(3, event("e3", "P1", T.TRACKING_STATUS_IN_TRANSIT, T0_MS + 2, slot=later)))
+    due = await due_members(redis, "P1")
+    assert due == {"P1:SLOT_CORRECTED": clock.now_ms() + SETTINGS.engine.correction_debounce_s * 1000}
+    correction = await notice_body(redis, "P1", "SLOT_CORRECTED")
+    assert correction is not None
+    assert window_ms(correction.previous_slot) == moved
+    assert window_ms(correction.slot) == later
+
+    # It went out; a tiny move sends nothing.
+    await claim(redis, "P1", "SLOT_CORRECTED")
+    tiny = (later[0] + 10 * MIN_MS, later[1] + 10 * MIN_MS)
+    await ing.apply(batch(4, event("e4", "P1", T.TRACKING_STATUS_OUT_FOR_DELIVERY, T0_MS + 3, slot=tiny)))
+    assert await due_members(redis, "P1") == {}
+
+    # A bigger move plans a correction; delivery cancels it before it goes out.
+    far = (later[0] + 2 * HOUR_MS, later[1] + 2 * HOUR_MS)
+    await ing.apply(batch(5, event("e5", "P1", T.TRACKING_STATUS_OUT_FOR_DELIVERY, T0_MS + 4, slot=far)))
+    assert set(await due_members(redis, "P1")) == {"P1:SLOT_CORRECTED"}
+    await ing.apply(batch(6, event("e6", "P1", T.TRACKING_STATUS_DELIVERED, T0_MS + 5)))
+    assert set(await due_members(redis, "P1")) == {"P1:DELIVERED"}
+    assert await notice_body(redis, "P1", "SLOT_CORRECTED") is None
+    assert await hget(redis, keys.parcel(shard, "P1"), withdrawn_field("SLOT_CORRECTED")) == b"CANCELLED"
+
+
+async def test_duplicates_out_of_order_and_bad_events(redis: Redis, clock: ManualClock) -> None:
+    engine = engine_for(redis, clock)
+    events = [
+        event("b", "P2", T.TRACKING_STATUS_OUT_FOR_DELIVERY, T0_MS - MIN_MS),
+        tracking_pb2.TrackingEvent(event_id="x", parcel_id="P2", carrier="swisspost"),  # no status
+        event("a", "P2", T.TRACKING_STATUS_IN_TRANSIT, T0_MS - HOUR_MS),
+        event("future", "P2", T.TRACKING_STATUS_IN_TRANSIT, T0_MS + HOUR_MS),
+        event("a", "P2", T.TRACKING_STATUS_IN_TRANSIT, T0_MS - HOUR_MS),  # same id again
+    ]
+    ack = await engine.ingestor.apply(batch(7, *events))
+    assert (ack.seq, ack.accepted, ack.duplicates) == (7, 2, 1)
+    assert [(r.index, r.field, r.code) for r in ack.rejected] == [
+        (1, "status", tracking_pb2.REJECT_CODE_INVALID_ARGUMENT),
+        (3, "occurred_at", tracking_pb2.REJECT_CODE_INVALID_ARGUMENT),
+    ]
+    again = await engine.ingestor.apply(batch(8, events[0], events[2]))
+    assert (again.accepted, again.duplicates) == (0, 2)
+    state = await state_of(redis, "P2")
+    assert state.status == T.TRACKING_STATUS_OUT_FOR_DELIVERY
+    assert [e.event.event_id for e in state.timeline] == ["a", "b"]
+
+
+async def test_unknown_parcel_merged_on_registration(redis: Redis, clock: ManualClock) -> None:
+    engine = engine_for(redis, clock)
+    await engine.ingestor.apply(batch(1, event("e1", "P3", T.TRACKING_STATUS_IN_TRANSIT, T0_MS, slot=SLOT)))
+    assert await due_members(redis, "P3") == {}  # nobody to tell yet
+    response = await register(engine, registration("P3"))
+    assert response.registered == 1
+    assert not response.rejected
+    assert set(await due_members(redis, "P3")) == {"P3:SHIPPED", "P3:SLOT_ANNOUNCED"}
+    state = await state_of(redis, "P3")
+    assert state.registered
+    assert state.recipient_id == "acme/r1"
+    assert len(state.timeline) == 1
+    members = await smembers(
+        redis, keys.recipient_parcels(keys.shard_of("acme/r1", SETTINGS.shards), "acme/r1")
+    )
+    assert members == {b"P3"}
+
+
+async def test_registration_rejects_bad_entries_by_index(redis: Redis, clock: ManualClock) -> None:
+    engine = engine_for(redis, clock)
+    bad = registration("P4")
+    bad.recipient_id = ""
+    other = registration("P5", merchant_id="globex")
+    await register(engine, registration("P5"))
+    response = await register(engine, registration("P4b"), bad, other)
+    assert response.registered == 1
+    assert [(r.index, r.field) for r in response.rejected] == [(1, "recipient_id"), (2, "parcel_id")]
+
+
+async def test_pickup_reminder_cancelled_by_pickup(redis: Redis, clock: ManualClock) -> None:
+    engine = engine_for(redis, clock)
+    await register(engine, registration("P6"))
+    deadline_ms = T0_MS + 4 * DAY_MS
+    pickup = event("e1", "P6", T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, T0_MS, pickup=("PP9", deadline_ms))
+    await engine.ingestor.apply(batch(1, pickup))
+    due = await due_members(redis, "P6")
+    assert due["P6:PICKUP_REMINDER"] == deadline_ms - 24 * HOUR_MS
+    await engine.ingestor.apply(batch(2, event("e2", "P6", T.TRACKING_STATUS_DELIVERED, T0_MS + MIN_MS)))
+    assert "P6:PICKUP_REMINDER" not in await due_members(redis, "P6")
+
+
+async def test_unpaid_gets_no_actionable_notice_and_muted_kind_is_not_scheduled(
+    redis: Redis, clock: ManualClock
+) -> None:
+    engine = engine_for(redis, clock)
+    prefs = preferences_pb2.RecipientPreferences(recipient_id="acme/r2", muted_kinds=[T.NOTICE_KIND_SHIPPED])
+    await put_preferences(redis, prefs)
+    await register(engine, registration("P7", recipient_id="acme/r2", paid=False))
+    address = event("e1", "P7", T.TRACKING_STATUS_EXCEPTION, T0_MS, reason=T.EXCEPTION_REASON_ADDRESS_PROBLEM)
+    await engine.ingestor.apply(
+        batch(1, event("e0", "P7", T.TRACKING_STATUS_IN_TRANSIT, T0_MS - 1, slot=SLOT))
+    )
+    await engine.ingestor.apply(batch(2, address))
+    due = await due_members(redis, "P7")
+    assert set(due) == {"P7:SLOT_ANNOUNCED"}  # SHIPPED muted, EXCEPTION not for unpaid orders
+    body = await notice_body(redis, "P7", "SLOT_ANNOUNCED")
+    assert body is not None
+    assert not body.actionable
+    assert not body.paid
+
+
+async def test_finished_parcel_expires_after_retention(redis: Redis, clock: ManualClock) -> None:
+    engine = engine_for(redis, clock)
+    await engine.ingestor.apply(batch(1, event("e1", "P8", T.TRACKING_STATUS_IN_TRANSIT, T0_MS)))
+    shard = keys.shard_of("P8", SETTINGS.shards)
+    idle_ms = await redis.pttl(keys.parcel(shard, "P8"))
+    assert idle_ms > SETTINGS.retention_days * DAY_MS  # active parcels only expire when abandoned
+    await engine.ingestor.apply(batch(2, event("e2", "P8", T.TRACKING_STATUS_DELIVERED, T0_MS + 1)))
+    ttl_ms = await redis.pttl(keys.parcel(shard, "P8"))
+    assert SETTINGS.retention_days * DAY_MS - MIN_MS < ttl_ms <= SETTINGS.retention_days * DAY_MS
+    assert (await state_of(redis, "P8")).expires_ms == T0_MS + SETTINGS.retention_days * DAY_MS
+
+
+async def test_batch_costs_constant_round_trips(redis: Redis, clock: ManualClock) -> None:
+    engine = engine_for(redis, clock)
+    trips = []
+    for size in (1, 50, 400):
+        pids = [f"RT{size}-{i}" for i in range(size)]
+        await register(engine, *(registration(pid) for pid in pids))
+        before = engine.store.round_trips
+        info_before = await redis.info("commandstats")
+        events = [event(f"{pid}-e", pid, T.TRACKING_STATUS_IN_TRANSIT, T0_MS, slot=SLOT) for pid in pids]
+        ack = await engine.ingestor.apply(batch(size, *events))
+        assert ack.accepted == size
+        trips.append(engine.store.round_trips - before)
+        info_after = await redis.info("commandstats")
+        evalsha = info_after["cmdstat_evalsha"]["calls"] - info_before["cmdstat_evalsha"]["calls"]
+        # One read and one apply call per shard, plus the alert monitor's one call per shard; never per event.
+        assert evalsha <= 3 * SETTINGS.shards
+    assert trips == [3, 3, 3]  # read parcels, read preferences, write
+
+
+async def test_replan_and_erase_recipient(redis: Redis, clock: ManualClock) -> None:
+    engine = engine_for(redis, clock)
+    await register(
+        engine, registration("P9", recipient_id="acme/r3"), registration("P10", recipient_id="acme/r3")
+    )
+    for pid in ("P9", "P10"):
+        await engine.ingestor.apply(
+            batch(1, event(f"{pid}e", pid, T.TRACKING_STATUS_IN_TRANSIT, T0_MS, slot=SLOT))
+        )
+    muted = preferences_pb2.RecipientPreferences(recipient_id="acme/r3", muted_kinds=[T.NOTICE_KIND_SHIPPED])
+    await put_preferences(redis, muted)
+    assert await engine.replanner.replan_recipient("acme/r3") == 4  # two notices pending per parcel
+    assert set(await due_members(redis, "P9")) == {"P9:SLOT_ANNOUNCED"}
+    assert await engine.replanner.cancel_recipient_notices("acme/r3") == 2
+    assert await due_members(redis, "P9") == {}
+    assert await due_members(redis, "P10") == {}
+    state = await state_of(redis, "P10")
+    assert state.recipient_erased
+    # Nothing more is planned for them until they set preferences again.
+    await redis.delete(keys.preferences(keys.shard_of("acme/r3", SETTINGS.shards), "acme/r3"))
+    await engine.ingestor.apply(batch(2, event("P10f", "P10", T.TRACKING_STATUS_ATTEMPT_FAIL, T0_MS + 1)))
+    assert await due_members(redis, "P10") == {}
+
+
+async def test_settings_are_used(redis: Redis, clock: ManualClock) -> None:
+    engine_settings = replace(SETTINGS.engine, correction_debounce_s=600)
+    engine = engine_for(redis, clock, replace(SETTINGS, engine=engine_settings))
+    assert engine.store.rules.debounce_ms == 600_000

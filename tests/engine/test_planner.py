@@ -1,0 +1,309 @@
+"""The notice rules as pure functions: no Redis, a simulated due set and a simulated scheduler."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from relais.v1 import notice_pb2, preferences_pb2, state_pb2, tracking_pb2, types_pb2
+
+from engine.planner import (
+    REASON_MUTED,
+    REASON_UNPAID,
+    REASON_WITHIN,
+    Audience,
+    Plan,
+    PlanRules,
+    end_of_day_ms,
+    kind_name,
+    plan,
+    window_ms,
+    within_threshold,
+)
+from engine.state import apply_event
+from tests.conftest import T0_MS
+from tests.engine.core_support import HOUR_MS, MIN_MS, event, window
+
+T = types_pb2
+N = notice_pb2
+DAY_MS = 24 * HOUR_MS
+SLOT = (T0_MS + DAY_MS, T0_MS + DAY_MS + 2 * HOUR_MS)  # tomorrow 09:00-11:00 UTC
+
+
+DEFAULT_RULES = PlanRules()
+
+
+class Sim:
+    """A parcel, its due set and a scheduler that sends when told to."""
+
+    def __init__(
+        self, *, paid: bool = True, audience: Audience | None = None, rules: PlanRules = DEFAULT_RULES
+    ):
+        self.state = state_pb2.ParcelState(parcel_id="P1", merchant_id="acme", recipient_id="acme/r1")
+        self.state.registered = True
+        self.state.order.paid = paid
+        self.audience = audience
+        self.rules = rules
+        self.now_ms = T0_MS
+        self.pending: dict[str, notice_pb2.Notice] = {}
+        self.sent: list[notice_pb2.Notice] = []
+        self.seen: set[str] = set()
+        self.n = 0
+
+    def apply(self, *events: tracking_pb2.TrackingEvent, refresh: bool = False) -> Plan:
+        for e in events:
+            apply_event(self.state, e, self.now_ms, self.seen)
+        result = plan(
+            self.state, frozenset(self.pending), self.audience, self.now_ms, self.rules, refresh=refresh
+        )
+        for kind in result.withdrawn:
+            self.pending.pop(kind_name(kind), None)
+        for kind, notice in result.scheduled.items():
+            self.pending[kind_name(kind)] = notice
+        return result
+
+    def scan(self, status: T.TrackingStatus.ValueType = T.TRACKING_STATUS_IN_TRANSIT, **kw: object) -> Plan:
+        self.n += 1
+        return self.apply(event(f"e{self.n}", "P1", status, self.now_ms, **kw))  # type: ignore[arg-type]
+
+    def send_all(self) -> None:
+        for notice in sorted(self.pending.values(), key=lambda n: n.due_at.ToMilliseconds()):
+            self.sent.append(notice)
+        self.pending.clear()
+
+    def mark(self, kind: T.NoticeKind.ValueType) -> state_pb2.NoticeMark:
+        return next(m for m in self.state.notices if m.kind == kind)
+
+
+def test_first_scan_plans_shipped_once() -> None:
+    sim = Sim()
+    first = sim.scan()
+    assert list(first.scheduled) == [T.NOTICE_KIND_SHIPPED]
+    notice = first.scheduled[T.NOTICE_KIND_SHIPPED]
+    assert notice.notice_id == "P1:SHIPPED"
+    assert notice.version == 1
+    assert notice.due_at.ToMilliseconds() == T0_MS
+    assert notice.actionable
+    assert notice.recipient_id == "acme/r1"
+    assert not sim.scan().scheduled
+
+
+def test_nothing_is_planned_before_the_recipient_is_known() -> None:
+    sim = Sim()
+    sim.state.recipient_id = ""
+    assert not sim.scan(slot=SLOT).scheduled
+    assert not sim.state.notices
+
+
+def test_slot_moved_before_send_replaces_the_pending_notice() -> None:
+    sim = Sim()
+    sim.scan(slot=SLOT)
+    moved = (SLOT[0] + 3 * HOUR_MS, SLOT[1] + 3 * HOUR_MS)
+    result = sim.scan(slot=moved)
+    notice = result.scheduled[T.NOTICE_KIND_SLOT_ANNOUNCED]
+    assert notice.notice_id == "P1:SLOT_ANNOUNCED"
+    assert notice.version == 2
+    assert window_ms(notice.slot) == moved
+    assert notice.deadline.ToMilliseconds() == moved[0]
+    assert T.NOTICE_KIND_SLOT_ANNOUNCED in result.checked  # replaced only if still pending
+    assert T.NOTICE_KIND_SLOT_CORRECTED not in result.scheduled
+
+
+def test_slot_moved_after_send_plans_one_debounced_correction() -> None:
+    sim = Sim()
+    sim.scan(slot=SLOT)
+    sim.send_all()
+    moved = (SLOT[0] + 3 * HOUR_MS, SLOT[1] + 3 * HOUR_MS)
+    correction = sim.scan(slot=moved).scheduled[T.NOTICE_KIND_SLOT_CORRECTED]
+    assert window_ms(correction.slot) == moved
+    assert window_ms(correction.previous_slot) == SLOT
+    assert correction.version == 2
+    assert correction.due_at.ToMilliseconds() == T0_MS + PlanRules().debounce_ms
+    # A further change within the debounce replaces it: one correction, the latest slot, due later.
+    sim.now_ms += MIN_MS
+    again = (SLOT[0] + 5 * HOUR_MS, SLOT[1] + 5 * HOUR_MS)
+    replaced = sim.scan(slot=again).scheduled[T.NOTICE_KIND_SLOT_CORRECTED]
+    assert replaced.notice_id == correction.notice_id
+    assert replaced.version == 3
+    assert window_ms(replaced.previous_slot) == SLOT
+    assert window_ms(replaced.slot) == again
+    assert replaced.due_at.ToMilliseconds() == sim.now_ms + PlanRules().debounce_ms
+
+
+def test_small_shift_or_slot_inside_sends_nothing() -> None:
+    sim = Sim()
+    sim.scan(slot=SLOT)
+    sim.send_all()
+    assert not sim.scan(slot=(SLOT[0] + 15 * MIN_MS, SLOT[1] + 15 * MIN_MS)).scheduled
+    assert not sim.scan(slot=(SLOT[0] + 30 * MIN_MS, SLOT[1] - 30 * MIN_MS)).scheduled
+    assert sim.scan(slot=(SLOT[0] + 16 * MIN_MS, SLOT[1] + 16 * MIN_MS)).scheduled
+
+
+def test_pending_correction_withdrawn_when_slot_moves_back() -> None:
+    sim = Sim()
+    sim.scan(slot=SLOT)
+    sim.send_all()
+    sim.scan(slot=(SLOT[0] + 3 * HOUR_MS, SLOT[1] + 3 * HOUR_MS))
+    back = sim.scan(slot=(SLOT[0] + 5 * MIN_MS, SLOT[1] + 5 * MIN_MS))
+    assert back.withdrawn == {T.NOTICE_KIND_SLOT_CORRECTED: N.NOTICE_STATUS_SUPPRESSED}
+    assert sim.mark(T.NOTICE_KIND_SLOT_CORRECTED).status_reason == REASON_WITHIN
+
+
+def test_delivered_cancels_every_pending_notice() -> None:
+    sim = Sim()
+    sim.scan(slot=SLOT)
+    assert set(sim.pending) == {"SHIPPED", "SLOT_ANNOUNCED"}
+    result = sim.scan(T.TRACKING_STATUS_DELIVERED)
+    assert result.withdrawn == {
+        T.NOTICE_KIND_SHIPPED: N.NOTICE_STATUS_CANCELLED,
+        T.NOTICE_KIND_SLOT_ANNOUNCED: N.NOTICE_STATUS_CANCELLED,
+    }
+    assert set(sim.pending) == {"DELIVERED"}
+    # A window arriving late (it happened before the delivery) plans nothing about a slot.
+    moved = (SLOT[0] + 5 * HOUR_MS, SLOT[1] + 5 * HOUR_MS)
+    late = event("late", "P1", T.TRACKING_STATUS_OUT_FOR_DELIVERY, T0_MS - HOUR_MS, slot=moved)
+    assert not sim.apply(late).scheduled
+
+
+def test_out_of_order_events_follow_occurred_at() -> None:
+    sim = Sim()
+    sim.apply(event("late", "P1", T.TRACKING_STATUS_OUT_FOR_DELIVERY, T0_MS, slot=SLOT))
+    older = (SLOT[0] - 5 * HOUR_MS, SLOT[0] - 3 * HOUR_MS)
+    sim.apply(event("early", "P1", T.TRACKING_STATUS_IN_TRANSIT, T0_MS - HOUR_MS, slot=older))
+    assert sim.state.status == T.TRACKING_STATUS_OUT_FOR_DELIVERY
+    assert window_ms(sim.state.slot.window) == SLOT
+    assert sim.state.slot.version == 1
+    assert [e.event.event_id for e in sim.state.timeline] == ["early", "late"]
+
+
+def test_pickup_reminder_before_deadline_cancelled_by_pickup() -> None:
+    sim = Sim()
+    deadline_ms = T0_MS + 5 * DAY_MS
+    result = sim.scan(T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, pickup=("PP1", deadline_ms))
+    reminder = result.scheduled[T.NOTICE_KIND_PICKUP_REMINDER]
+    assert reminder.due_at.ToMilliseconds() == deadline_ms - PlanRules().reminder_lead_ms
+    assert reminder.deadline.ToMilliseconds() == deadline_ms
+    assert reminder.pickup_point.id == "PP1"
+    assert result.scheduled[T.NOTICE_KIND_AVAILABLE_FOR_PICKUP].pickup_point.id == "PP1"
+    sim.send_all()  # the pickup notice went out; the reminder is pending again below
+    sim.pending["PICKUP_REMINDER"] = reminder
+    picked = sim.scan(T.TRACKING_STATUS_DELIVERED)
+    assert picked.withdrawn == {T.NOTICE_KIND_PICKUP_REMINDER: N.NOTICE_STATUS_CANCELLED}
+
+
+def test_no_reminder_when_deadline_is_near() -> None:
+    sim = Sim()
+    result = sim.scan(T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, pickup=("PP1", T0_MS + 3 * HOUR_MS))
+    assert T.NOTICE_KIND_PICKUP_REMINDER not in result.scheduled
+    assert T.NOTICE_KIND_AVAILABLE_FOR_PICKUP in result.scheduled
+
+
+def test_unpaid_order_gets_informational_notices_only() -> None:
+    sim = Sim(paid=False)
+    sim.scan()
+    assert not sim.pending["SHIPPED"].actionable
+    result = sim.scan(T.TRACKING_STATUS_EXCEPTION, reason=T.EXCEPTION_REASON_ADDRESS_PROBLEM)
+    assert T.NOTICE_KIND_EXCEPTION not in result.scheduled
+    assert sim.mark(T.NOTICE_KIND_EXCEPTION).status == N.NOTICE_STATUS_SUPPRESSED
+    assert sim.mark(T.NOTICE_KIND_EXCEPTION).status_reason == REASON_UNPAID
+
+
+def test_paid_order_is_asked_to_check_the_address() -> None:
+    sim = Sim()
+    result = sim.scan(T.TRACKING_STATUS_EXCEPTION, reason=T.EXCEPTION_REASON_ADDRESS_PROBLEM)
+    notice = result.scheduled[T.NOTICE_KIND_EXCEPTION]
+    assert notice.actionable
+    assert notice.exception_reason == T.EXCEPTION_REASON_ADDRESS_PROBLEM
+
+
+def test_each_failed_attempt_is_a_new_version() -> None:
+    sim = Sim()
+    assert sim.scan(T.TRACKING_STATUS_ATTEMPT_FAIL).scheduled[T.NOTICE_KIND_ATTEMPT_FAILED].version == 1
+    sim.send_all()
+    sim.now_ms += HOUR_MS
+    assert sim.scan(T.TRACKING_STATUS_ATTEMPT_FAIL).scheduled[T.NOTICE_KIND_ATTEMPT_FAILED].version == 2
+
+
+def test_muted_kind_is_not_scheduled() -> None:
+    sim = Sim(audience=Audience(muted=frozenset({T.NOTICE_KIND_SHIPPED})))
+    result = sim.scan(slot=SLOT)
+    assert set(result.scheduled) == {T.NOTICE_KIND_SLOT_ANNOUNCED}
+    assert sim.mark(T.NOTICE_KIND_SHIPPED).status_reason == REASON_MUTED
+
+
+def test_refresh_with_new_preferences_withdraws_newly_muted_and_moves_quiet() -> None:
+    sim = Sim()
+    sim.scan(slot=SLOT)
+    # 22:00-10:00 UTC quiet: T0 is 09:00, so what was due now waits to 10:00, still before the slot.
+    sim.audience = Audience(quiet=(22 * 60, 10 * 60), muted=frozenset({T.NOTICE_KIND_SHIPPED}))
+    result = sim.apply(refresh=True)
+    assert result.withdrawn == {T.NOTICE_KIND_SHIPPED: N.NOTICE_STATUS_SUPPRESSED}
+    assert result.scheduled[T.NOTICE_KIND_SLOT_ANNOUNCED].due_at.ToMilliseconds() == T0_MS + HOUR_MS
+    assert result.checked == {T.NOTICE_KIND_SHIPPED, T.NOTICE_KIND_SLOT_ANNOUNCED}
+
+
+def test_quiet_hours_never_hold_a_slot_notice_past_the_slot_start() -> None:
+    sim = Sim(audience=Audience(quiet=(8 * 60, 12 * 60)))  # 08:00-12:00 UTC; T0 is 09:00
+    slot = (T0_MS + 2 * HOUR_MS, T0_MS + 4 * HOUR_MS)  # 11:00-13:00: quiet ends after it starts
+    due_ms = sim.scan(slot=slot).scheduled[T.NOTICE_KIND_SLOT_ANNOUNCED].due_at.ToMilliseconds()
+    assert due_ms < slot[0]
+
+
+def test_delayed_is_due_when_the_promised_date_has_passed() -> None:
+    sim = Sim(audience=Audience(time_zone="Europe/Zurich"))
+    sim.state.order.promised_date.CopyFrom(T.LocalDate(year=2026, month=3, day=11))
+    notice = sim.scan().scheduled[T.NOTICE_KIND_DELAYED]
+    # Midnight after 11 March in Zurich (UTC+1) is 23:00 UTC on the 11th.
+    assert notice.due_at.ToMilliseconds() == end_of_day_ms(notice.promised_date, "Europe/Zurich")
+    assert notice.due_at.ToMilliseconds() == T0_MS + DAY_MS + 14 * HOUR_MS
+    assert sim.scan(T.TRACKING_STATUS_DELIVERED).withdrawn[T.NOTICE_KIND_DELAYED] == N.NOTICE_STATUS_CANCELLED
+
+
+def test_erase_withdraws_and_plans_nothing_until_preferences_return() -> None:
+    sim = Sim()
+    sim.scan(slot=SLOT)
+    erased = plan(sim.state, frozenset(sim.pending), None, sim.now_ms, sim.rules, erase=True)
+    assert set(erased.withdrawn) == {T.NOTICE_KIND_SHIPPED, T.NOTICE_KIND_SLOT_ANNOUNCED}
+    sim.pending.clear()
+    assert not sim.scan(T.TRACKING_STATUS_ATTEMPT_FAIL).scheduled
+    sim.audience = Audience.from_preferences(preferences_pb2.RecipientPreferences(recipient_id="acme/r1"))
+    assert T.NOTICE_KIND_SLOT_ANNOUNCED in sim.scan().scheduled
+
+
+# --- the slot promise, for any sequence of windows and sends ---------------------------------------
+
+_starts = st.lists(st.integers(min_value=0, max_value=48 * 12), min_size=1, max_size=12, unique=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(starts=_starts, lengths=st.lists(st.integers(1, 16), min_size=12, max_size=12), sends=st.data())
+def test_recipient_sees_each_slot_at_most_once_and_ends_on_the_final_one(
+    starts: list[int], lengths: list[int], sends: st.DataObject
+) -> None:
+    rules = PlanRules()
+    sim = Sim(rules=rules)
+    windows = [
+        (SLOT[0] + start * 5 * MIN_MS, SLOT[0] + start * 5 * MIN_MS + length * 15 * MIN_MS)
+        for start, length in zip(starts, lengths, strict=False)
+    ]
+    for w in windows:
+        sim.now_ms += MIN_MS
+        sim.scan(slot=w)
+        if sends.draw(st.booleans()):
+            sim.send_all()
+    sim.now_ms += MIN_MS
+    sim.scan()  # the engine notices what went out, as on any later event
+    sim.send_all()
+    seen = [n for n in sim.sent if n.kind in (T.NOTICE_KIND_SLOT_ANNOUNCED, T.NOTICE_KIND_SLOT_CORRECTED)]
+    seen_windows = [window_ms(n.slot) for n in seen]
+    assert len(seen_windows) == len(set(seen_windows)), "a slot was told twice"
+    assert seen
+    assert seen[0].kind == T.NOTICE_KIND_SLOT_ANNOUNCED
+    for before, correction in itertools.pairwise(seen):
+        assert correction.kind == T.NOTICE_KIND_SLOT_CORRECTED
+        assert window_ms(correction.previous_slot) == window_ms(before.slot), (
+            "a correction names the told slot"
+        )
+    final = window(*windows[-1])
+    assert seen_windows[-1] == windows[-1] or within_threshold(seen[-1].slot, final, rules.shift_threshold_ms)

@@ -163,7 +163,9 @@ class _Language:
 def clean_line(value: str, max_chars: int) -> str:
     """One line of display text from untrusted data: NFC, no control or format characters (CR, LF,
     NUL, bidi marks), runs of whitespace as one space, at most ``max_chars`` characters."""
-    if not (value.isascii() and value.isprintable()):
+    # isprintable() is False for every "Other" and "Separator" character but the ASCII space: the
+    # common case (clean NFC text) skips the per-character walk.
+    if not (value.isprintable() and unicodedata.is_normalized("NFC", value)):
         kept: list[str] = []
         for char in unicodedata.normalize("NFC", value):
             category = unicodedata.category(char)
@@ -202,26 +204,31 @@ _UCS2_SEGMENT_UNITS: Final = (70, 67)
 SMS_MAX_SEGMENTS: Final = 2
 
 
+_NOT_GSM7_RE: Final = re.compile("[^" + re.escape("".join(sorted(GSM7_BASIC | GSM7_EXTENSION))) + "]")
+_GSM7_EXTENSION_RE: Final = re.compile("[" + re.escape("".join(sorted(GSM7_EXTENSION))) + "]")
+
+
+def _gsm7_substitute(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _GSM_SUBSTITUTES:
+        return _GSM_SUBSTITUTES[char]
+    if unicodedata.category(char) == "Zs":
+        return " "
+    base = unicodedata.normalize("NFKD", char)[:1]
+    return base if base in GSM7_BASIC else char
+
+
 def to_gsm7(text: str) -> str:
     """Replace what has a GSM-7 spelling, so an SMS costs one segment where the language allows."""
-    out: list[str] = []
-    for char in text:
-        if char in GSM7_BASIC or char in GSM7_EXTENSION:
-            out.append(char)
-        elif char in _GSM_SUBSTITUTES:
-            out.append(_GSM_SUBSTITUTES[char])
-        elif unicodedata.category(char) == "Zs":
-            out.append(" ")
-        else:
-            base = unicodedata.normalize("NFKD", char)[:1]
-            out.append(base if base in GSM7_BASIC else char)
-    return "".join(out)
+    if _NOT_GSM7_RE.search(text) is None:
+        return text
+    return _NOT_GSM7_RE.sub(_gsm7_substitute, text)
 
 
 def sms_units(text: str) -> tuple[bool, int]:
-    """(is GSM-7, length in septets) or (False, length in UTF-16 code units) for UCS-2."""
-    if all(char in GSM7_BASIC or char in GSM7_EXTENSION for char in text):
-        return True, sum(2 if char in GSM7_EXTENSION else 1 for char in text)
+    """(True, length in septets) for GSM-7 text, else (False, length in UTF-16 code units): UCS-2."""
+    if _NOT_GSM7_RE.search(text) is None:
+        return True, len(text) + len(_GSM7_EXTENSION_RE.findall(text))
     return False, len(text.encode("utf-16-le")) // 2
 
 
@@ -249,12 +256,15 @@ def fit_sms(text: str, max_segments: int = SMS_MAX_SEGMENTS) -> str:
 
 
 class _Formats:
-    """Babel formatting behind caches: a local date per locale, a minute of the day per locale."""
+    """Babel formatting behind caches: windows and instants per zone and locale, and below them a
+    local date per locale and a minute of the day per locale."""
 
     def __init__(self) -> None:
         self.date = lru_cache(maxsize=_CACHE_MAX_ENTRIES)(self._date)
         self.time = lru_cache(maxsize=_CACHE_MAX_ENTRIES)(self._time)
         self.zone = lru_cache(maxsize=256)(self._zone)
+        self._when_cached = lru_cache(maxsize=_CACHE_MAX_ENTRIES)(self._when)
+        self._window_cached = lru_cache(maxsize=_CACHE_MAX_ENTRIES)(self._window)
 
     @staticmethod
     def _date(day: date, pattern: str, locale_id: str) -> str:
@@ -271,18 +281,24 @@ class _Formats:
         except (ZoneInfoNotFoundError, ValueError):
             raise RenderError(f"time_zone: unknown time zone {name[:64]!r}") from None
 
-    def local(self, stamp: Timestamp, zone: ZoneInfo) -> datetime:
-        return datetime.fromtimestamp(stamp.seconds, tz=UTC).astimezone(zone)
+    def when(self, stamp: Timestamp, zone: ZoneInfo, lang: _Language) -> When:
+        return self._when_cached(stamp.seconds, zone, lang)
 
-    def when(self, moment: datetime, lang: _Language) -> When:
+    def window(self, span: types_pb2.TimeWindow, zone: ZoneInfo, lang: _Language) -> Window:
+        # Slots sit on a grid (carriers plan in quarter and half hours): one cached Window serves
+        # every parcel of a tour.
+        return self._window_cached(span.start.seconds, span.end.seconds, zone, lang)
+
+    def _when(self, seconds: int, zone: ZoneInfo, lang: _Language) -> When:
+        moment = datetime.fromtimestamp(seconds, tz=UTC).astimezone(zone)
         return When(
             date=self.date(moment.date(), lang.date_pattern, lang.locale_id),
             time=self.time(moment.hour, moment.minute, lang.locale_id),
         )
 
-    def window(self, span: types_pb2.TimeWindow, zone: ZoneInfo, lang: _Language) -> Window:
-        start = self.local(span.start, zone)
-        end = self.local(span.end, zone)
+    def _window(self, start_s: int, end_s: int, zone: ZoneInfo, lang: _Language) -> Window:
+        start = datetime.fromtimestamp(start_s, tz=UTC).astimezone(zone)
+        end = datetime.fromtimestamp(end_s, tz=UTC).astimezone(zone)
         start_day = start.date()
         # A slot ending at midnight reads "between 22:00 and 00:00", not as a two-day slot.
         same_day = end.date() == start_day or (
@@ -395,8 +411,9 @@ class Renderer:
         catalogue = self._catalogue(notice.merchant_id)
         template = catalogue.message(kind, lang.code)
         link = self._link(notice)
-        # Running the entry's module only defines its macros; each part renders when asked for.
-        entry = template.make_module(self._facts(notice, lang, time_zone, link, catalogue))
+        # Running the entry's module only defines its macros; each part renders when asked for. The
+        # facts dict, fresh per call, is the whole context (shared): no copy of Jinja's globals.
+        entry = template.make_module(self._facts(notice, lang, time_zone, link, catalogue), shared=True)
         data = {"parcel_id": notice.parcel_id, "kind": kind, "version": str(notice.version)}
         if link:
             data["deep_link"] = DEEP_LINK_PREFIX + quote(notice.parcel_id, safe="")
@@ -498,9 +515,7 @@ class Renderer:
             name=clean_line(point.name, _NAME_MAX_CHARS),
             address=clean_line(", ".join(part for part in (*lines, town) if part), _ADDRESS_MAX_CHARS),
             opening_hours=clean_line(point.opening_hours, _HOURS_MAX_CHARS),
-            deadline=None
-            if deadline is None
-            else self._formats.when(self._formats.local(deadline, zone), lang),
+            deadline=None if deadline is None else self._formats.when(deadline, zone, lang),
         )
 
     def _email_parts(

@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from common import logs
+from common.clock import SystemClock
 from common.errors import RelaisError
 from common.redis_client import connect
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 from common.telemetry import setup_telemetry
+from engine.app import build_engine
 from engine.auth import Principal, add_key, describe_listener
 from engine.server import install_signal_handlers, start_server
 
@@ -45,7 +47,8 @@ async def serve(settings: Settings, *, with_gateway: bool) -> None:
         redis = connect(url)
         telemetry = setup_telemetry(settings)
         try:
-            running = await start_server(settings, redis, telemetry=telemetry)
+            engine = build_engine(settings, redis, SystemClock(), telemetry.metrics)
+            running = await start_server(settings, redis, register=engine.register, telemetry=telemetry)
             stopped = asyncio.Event()
             install_signal_handlers(running, stopped)
             where = "REDIS_URL" if settings.redis_url else f"embedded Redis at {url}"

@@ -92,7 +92,7 @@ def team_name(team: Team) -> str:
 @dataclass(frozen=True)
 class ParcelFacts:
     """What the rules need to know of a parcel. Times are unix ms of the carrier's ``occurred_at``
-    (``created_ms`` and ``registered_ms`` are relais' own)."""
+    (``created_ms`` is relais' own). ``engine.alert_monitor.facts_from_state`` maps the engine's state."""
 
     parcel_id: str
     merchant_id: str
@@ -101,7 +101,6 @@ class ParcelFacts:
     exception_reason: types_pb2.ExceptionReason.ValueType = types_pb2.EXCEPTION_REASON_UNSPECIFIED
     # When relais first heard of the parcel (registration or first event): the never-scanned clock.
     created_ms: int = 0
-    registered_ms: int | None = None
     # The first carrier scan (any event past INFO_RECEIVED); None while never scanned.
     first_scan_ms: int | None = None
     last_event_ms: int | None = None
@@ -111,6 +110,18 @@ class ParcelFacts:
     pickup_since_ms: int | None = None
     pickup_deadline_ms: int | None = None
     promised_date: date | None = None
+    # For the daily counters: the first carrier event, the delivery, and every exception or failed
+    # attempt (event id, reason, occurred ms).
+    shipped_ms: int | None = None
+    delivered_ms: int | None = None
+    trouble_events: tuple[TroubleEvent, ...] = ()
+
+
+@dataclass(frozen=True)
+class TroubleEvent:
+    event_id: str
+    reason: types_pb2.ExceptionReason.ValueType
+    occurred_ms: int
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,8 @@ class ParcelAlerts:
     alerts: Mapping[str, Alert] = field(default_factory=dict)
     current: Mapping[AlertKind, int] = field(default_factory=dict)
     check_ms: int = 0
+    # What the daily counters already counted for this parcel: "ship", "dlv", "x:<event id>".
+    counted: frozenset[str] = frozenset()
 
     def latest(self, parcel_id: str, kind: AlertKind) -> Alert | None:
         n = self.current.get(kind)
@@ -124,19 +126,22 @@ def parse_parcel_alerts(raw: Mapping[bytes, bytes]) -> ParcelAlerts:
     alerts: dict[str, Alert] = {}
     current: dict[AlertKind, int] = {}
     version, check_ms = "0", 0
+    counted: set[str] = set()
     for name_b, value in raw.items():
         name = name_b.decode()
         if name == "v":
             version = value.decode()
         elif name == "t":
             check_ms = int(value)
+        elif name.startswith("c:"):
+            counted.add(name[2:])
         elif name.startswith("cur:"):
             kind = kind_from_name(name[4:])
             if kind is not None:
                 current[kind] = int(value)
         else:
             alerts[name] = Alert.FromString(value)
-    return ParcelAlerts(version, alerts, current, check_ms)
+    return ParcelAlerts(version, alerts, current, check_ms, frozenset(counted))
 
 
 @dataclass
@@ -148,22 +153,21 @@ class Changes:
 
 
 class _Writes:
-    """The ops of one ``alerts_apply.lua`` call, with its KEYS deduplicated."""
+    """One parcel's ops for ``alerts_apply.lua``, naming keys; ``_ShardCall`` numbers them."""
 
-    def __init__(self, alerts_key: str) -> None:
-        self.keys: list[str] = [alerts_key]
-        self.ops: list[str | int | bytes] = []
-
-    def _k(self, key: str) -> int:
-        if key not in self.keys:
-            self.keys.append(key)
-        return self.keys.index(key) + 1
+    def __init__(self, shard: int, alerts_key: str) -> None:
+        self.shard = shard
+        self.alerts_key = alerts_key
+        self.ops: list[tuple[str, str, str | int | bytes, str | int | bytes]] = []
 
     def __bool__(self) -> bool:
         return bool(self.ops)
 
     def op(self, op: str, key: str, a: str | int | bytes, b: str | int | bytes = "-") -> None:
-        self.ops += [op, self._k(key), a, b]
+        self.ops.append((op, key, a, b))
+
+    def hset(self, field: str, value: str | int | bytes) -> None:
+        self.op("H", self.alerts_key, field, value)
 
     def increments(self, incs: Iterable[stats.Increment]) -> None:
         expiring: dict[str, int] = {}
@@ -173,6 +177,28 @@ class _Writes:
                 expiring[inc.key] = inc.ttl_ms
         for key, ttl_ms in expiring.items():
             self.op("EX", key, ttl_ms)
+
+
+class _ShardCall:
+    """The KEYS and ARGV of one ``alerts_apply.lua`` call: every parcel of one shard."""
+
+    def __init__(self, ttl_ms: int) -> None:
+        self.keys: list[str] = []
+        self._index: dict[str, int] = {}
+        self.args: list[str | int | bytes] = [ttl_ms]
+        self.parcels: list[str] = []
+
+    def _k(self, key: str) -> int:
+        if key not in self._index:
+            self.keys.append(key)
+            self._index[key] = len(self.keys)
+        return self._index[key]
+
+    def add(self, parcel_id: str, version: str, writes: _Writes) -> None:
+        self.parcels.append(parcel_id)
+        self.args += [self._k(writes.alerts_key), version, len(writes.ops)]
+        for op, key, a, b in writes.ops:
+            self.args += [op, self._k(key), a, b]
 
 
 class AlertStore:
@@ -243,7 +269,7 @@ class AlertStore:
         self, facts: ParcelFacts, ev: Evaluation, current: ParcelAlerts, now_ms: int, timer_fired: bool
     ) -> tuple[_Writes, Changes]:
         shard = self.shard(facts.parcel_id)
-        writes = _Writes(keys.alerts(shard, facts.parcel_id))
+        writes = _Writes(shard, keys.alerts(shard, facts.parcel_id))
         changes = Changes()
         for finding in ev.firing:
             latest = current.latest(facts.parcel_id, finding.kind)
@@ -262,7 +288,7 @@ class AlertStore:
             )
             alert.opened_at.FromMilliseconds(now_ms)
             self._put(writes, shard, alert, None)
-            writes.op("H", writes.keys[0], f"cur:{kind_name(finding.kind)}", n)
+            writes.hset(f"cur:{kind_name(finding.kind)}", n)
             writes.op("X", keys.alert_feed(shard), FEED_MAXLEN, alert.SerializeToString())
             writes.increments(stats.alert(shard, alert.merchant_id, now_ms, alert.kind))
             changes.opened.append(alert)
@@ -277,9 +303,27 @@ class AlertStore:
             self._put(writes, shard, resolved, latest.state)
             writes.increments(stats.alert(shard, resolved.merchant_id, now_ms, kind, resolved=True))
             changes.resolved.append(resolved)
+        self._plan_counts(writes, shard, facts, current.counted)
         recorded_ms = -1 if timer_fired else current.check_ms
         self._plan_timer(writes, shard, facts.parcel_id, ev.next_check_ms or 0, recorded_ms)
         return writes, changes
+
+    def _plan_counts(self, writes: _Writes, shard: int, facts: ParcelFacts, counted: frozenset[str]) -> None:
+        """The parcel's daily counters, each counted once (a marker in the alert hash, set by the same
+        script), on the day it happened, under the merchant known by then."""
+        marks: list[tuple[str, list[stats.Increment]]] = []
+        if facts.shipped_ms is not None and "ship" not in counted:
+            marks.append(("ship", stats.shipped(shard, facts.merchant_id, facts.shipped_ms)))
+        if facts.delivered_ms is not None and "dlv" not in counted:
+            incs = stats.delivered(shard, facts.merchant_id, facts.delivered_ms, facts.promised_date)
+            marks.append(("dlv", incs))
+        for event in facts.trouble_events:
+            if "x:" + event.event_id not in counted:
+                incs = stats.exception(shard, facts.merchant_id, event.occurred_ms, event.reason)
+                marks.append(("x:" + event.event_id, incs))
+        for mark, incs in marks:
+            writes.hset("c:" + mark, 1)
+            writes.increments(incs)
 
     def _plan_timer(self, writes: _Writes, shard: int, parcel_id: str, next_ms: int, current_ms: int) -> None:
         if next_ms == current_ms:
@@ -288,11 +332,11 @@ class AlertStore:
             writes.op("ZA", keys.due(shard), next_ms, check_member(parcel_id))
         else:
             writes.op("ZR", keys.due(shard), check_member(parcel_id))
-        writes.op("H", writes.keys[0], "t", next_ms)
+        writes.hset("t", next_ms)
 
     def _put(self, writes: _Writes, shard: int, alert: Alert, old_state: AlertState | None) -> None:
         """Store an alert and move its index entries from ``old_state`` to its state."""
-        writes.op("H", writes.keys[0], alert.alert_id, alert.SerializeToString())
+        writes.hset(alert.alert_id, alert.SerializeToString())
         member = index_member(alert)
         kind = kind_name(alert.kind)
         for merchant_id in (alert.merchant_id, ALL_MERCHANTS):
@@ -308,15 +352,21 @@ class AlertStore:
     async def _write(
         self, current: Mapping[str, ParcelAlerts], writes: Mapping[str, _Writes]
     ) -> dict[str, bool]:
+        """One script call per shard, all pipelined: one round trip. Per parcel: written or conflicted."""
         if not writes:
             return {}
+        calls: dict[int, _ShardCall] = {}
+        for pid, w in writes.items():
+            calls.setdefault(w.shard, _ShardCall(self._retention_ms)).add(pid, current[pid].version, w)
         async with self._redis.pipeline(transaction=False) as pipe:
-            for pid, w in writes.items():
-                await self._apply(
-                    keys=w.keys, args=[current[pid].version, self._retention_ms, *w.ops], client=pipe
-                )
-            replies: list[int] = await pipe.execute()
-        return {pid: reply >= 0 for pid, reply in zip(writes, replies, strict=True)}
+            for call in calls.values():
+                await self._apply(keys=call.keys, args=call.args, client=pipe)
+            replies: list[list[int]] = await pipe.execute()
+        written = dict.fromkeys(writes, True)
+        for call, conflicts in zip(calls.values(), replies, strict=True):
+            for position in conflicts:
+                written[call.parcels[int(position) - 1]] = False
+        return written
 
     # --- acknowledging -----------------------------------------------------------------------------
 
@@ -338,7 +388,7 @@ class AlertStore:
             acked.state = ACKNOWLEDGED
             acked.acknowledged_at.FromMilliseconds(now_ms)
             acked.acknowledged_by = by
-            writes = _Writes(keys.alerts(shard, parcel_id))
+            writes = _Writes(shard, keys.alerts(shard, parcel_id))
             self._put(writes, shard, acked, OPEN)
             if (await self._write({parcel_id: current}, {parcel_id: writes}))[parcel_id]:
                 return acked

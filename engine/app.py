@@ -6,7 +6,7 @@ other helpers write take what they need from ``Engine`` (the parcel store, the r
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -15,10 +15,15 @@ from redis.asyncio import Redis
 from common.clock import Clock
 from common.settings import Settings
 from common.telemetry import Metrics
+from engine.alert_monitor import AlertMonitor, facts_from_state
+from engine.alert_rules import DAY_MS, ParcelFacts, load_alert_config
+from engine.alert_service import AlertServicer, add_alert_service
+from engine.alert_store import CHECK_TIMER, AlertStore
 from engine.ingest import Ingestor
 from engine.parcel_service import ParcelServicer, add_parcel_service
 from engine.replan import Replanner
 from engine.state import ParcelStore
+from engine.stats import StatsReader
 from engine.tracking_service import TrackingServicer, add_tracking_service
 
 # ``(recipient_id) -> count``: what the preference service calls after a change and on erasure.
@@ -30,6 +35,10 @@ class Engine:
     store: ParcelStore
     ingestor: Ingestor
     replanner: Replanner
+    # Opens and resolves alerts after every parcel update and on its check timers.
+    alerts: AlertMonitor
+    # Timer handlers ``(shard, parcel_id, name)`` by name, for ``Dispatcher.register_timer``.
+    timers: Mapping[str, Callable[[int, str, str], Awaitable[None]]]
     # ``start_server(register=...)``: one callable per relais service.
     register: tuple[Callable[[grpc.aio.Server], None], ...]
 
@@ -43,11 +52,27 @@ class Engine:
 
 
 def build_engine(settings: Settings, redis: Redis, clock: Clock, metrics: Metrics | None = None) -> Engine:
-    store = ParcelStore(redis, settings, clock)
+    alert_store = AlertStore(redis, shards=settings.shards, retention_ms=settings.retention_days * DAY_MS)
+    alert_config = load_alert_config(settings.alerts.config_path)
+
+    async def load_facts(shard: int, parcel_ids: Sequence[str]) -> dict[str, ParcelFacts]:
+        records = await store.read(parcel_ids)
+        return {pid: facts_from_state(r.state) for pid, r in records.items() if r.exists}
+
+    alerts = AlertMonitor(alert_store, alert_config, clock, load_facts)
+    store = ParcelStore(redis, settings, clock, after_update=alerts.on_states)
     ingestor = Ingestor(store, clock, metrics)
     replanner = Replanner(store)
     register = (
         add_tracking_service(TrackingServicer(ingestor, window=settings.engine.stream_window)),
         add_parcel_service(ParcelServicer(store, clock)),
+        add_alert_service(AlertServicer(alert_store, StatsReader(redis, settings.shards), clock)),
     )
-    return Engine(store=store, ingestor=ingestor, replanner=replanner, register=register)
+    return Engine(
+        store=store,
+        ingestor=ingestor,
+        replanner=replanner,
+        alerts=alerts,
+        timers={CHECK_TIMER: alerts.on_timer},
+        register=register,
+    )

@@ -43,6 +43,7 @@ from jinja2 import (
     FileSystemLoader,
     StrictUndefined,
     Template,
+    TemplateError,
     select_autoescape,
 )
 from relais.v1 import notice_pb2, types_pb2
@@ -80,6 +81,7 @@ _KIND_NAMES: Final = {
 _REASON_NAMES: Final = {
     value: name.removeprefix("EXCEPTION_REASON_").lower() for name, value in types_pb2.ExceptionReason.items()
 }
+_CHANNELS: Final = frozenset({types_pb2.CHANNEL_EMAIL, types_pb2.CHANNEL_SMS, types_pb2.CHANNEL_PUSH})
 _NEEDS_SLOT: Final = {types_pb2.NOTICE_KIND_SLOT_ANNOUNCED, types_pb2.NOTICE_KIND_SLOT_CORRECTED}
 _NEEDS_PICKUP: Final = {types_pb2.NOTICE_KIND_AVAILABLE_FOR_PICKUP, types_pb2.NOTICE_KIND_PICKUP_REMINDER}
 _MERCHANT_DIR_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -403,12 +405,38 @@ class Renderer:
         locale: str,
         time_zone: str,
     ) -> Rendered:
+        """The notice's message for one channel, in the language of ``locale`` (a BCP 47 or Babel
+        tag such as "fr-CH"; English when it names no language relais writes) with dates and times in
+        ``time_zone`` (an IANA name; "" means UTC).
+
+        Raises ``RenderError`` naming the field when the notice lacks what its kind needs, the zone is
+        unknown, the channel unspecified, or a merchant's template is broken.
+        """
         kind = _KIND_NAMES.get(notice.kind)
         if kind is None:
             raise RenderError(f"kind: cannot render a notice of kind {notice.kind}")
+        if channel not in _CHANNELS:
+            raise RenderError(f"channel: cannot render for channel {channel}")
         _check_required(notice)
-        lang = self._language(locale)
-        catalogue = self._catalogue(notice.merchant_id)
+        try:
+            catalogue = self._catalogue(notice.merchant_id)
+            return self._render(notice, kind, channel, self._language(locale), time_zone, catalogue)
+        except TemplateError as error:
+            # A broken template (most likely a merchant's override) names itself, never the data.
+            where = getattr(error, "name", None) or f"messages/*/{kind}.txt"
+            raise RenderError(f"template: {where} ({type(error).__name__}: {error.message})") from None
+
+    # Pieces ------------------------------------------------------------------------------------------
+
+    def _render(
+        self,
+        notice: notice_pb2.Notice,
+        kind: str,
+        channel: types_pb2.Channel.ValueType,
+        lang: _Language,
+        time_zone: str,
+        catalogue: _Catalogue,
+    ) -> Rendered:
         template = catalogue.message(kind, lang.code)
         link = self._link(notice)
         # Running the entry's module only defines its macros; each part renders when asked for. The
@@ -425,16 +453,14 @@ class Renderer:
             return Rendered(
                 subject=clean_line(title, _SUBJECT_MAX_CHARS), text=" ".join(body.split()), html="", data=data
             )
-        if channel == types_pb2.CHANNEL_EMAIL:
-            parts = self._email_parts(entry, notice.parcel_id, lang, link, catalogue)
-            variables = {"m": parts}
-            return Rendered(
-                subject=parts.subject,
-                text=catalogue.email_text.render(variables).strip() + "\n",
-                html=catalogue.email_html.render(variables),
-                data=data,
-            )
-        raise RenderError(f"channel: cannot render for channel {channel}")
+        parts = self._email_parts(entry, notice.parcel_id, lang, link, catalogue)
+        variables = {"m": parts}
+        return Rendered(
+            subject=parts.subject,
+            text=catalogue.email_text.render(variables).strip() + "\n",
+            html=catalogue.email_html.render(variables),
+            data=data,
+        )
 
     # Pieces ------------------------------------------------------------------------------------------
 

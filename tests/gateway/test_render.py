@@ -426,3 +426,15 @@ def test_returned_says_whether_the_parcel_is_on_its_way_back_or_back(renderer: R
     back = renderer.render(notice, channel=types_pb2.CHANNEL_PUSH, locale="en", time_zone=ZURICH)
     assert "on its way back to the sender" in on_the_way.text
     assert "has been returned to the sender" in back.text
+
+
+def test_a_broken_merchant_template_names_itself(tmp_path: Path) -> None:
+    shipped = Path("messages", "en", "shipped.txt")
+    write(tmp_path / "shop-1" / shipped, "{% macro subject() %}{{ oops }{% endmacro %}")  # syntax error
+    write(tmp_path / "shop-2" / shipped, "{% macro subject() %}{{ nope }}{% endmacro %}")  # undefined name
+    renderer = Renderer(override_dir=tmp_path)
+    for merchant_id, expected in (("shop-1", "messages/en/shipped.txt"), ("shop-2", "nope")):
+        notice = make_notice(types_pb2.NOTICE_KIND_SHIPPED, merchant_id=merchant_id)
+        with pytest.raises(RenderError, match=r"^template: ") as raised:
+            renderer.render(notice, channel=types_pb2.CHANNEL_EMAIL, locale="en", time_zone=ZURICH)
+        assert expected in str(raised.value)

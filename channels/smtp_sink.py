@@ -8,11 +8,15 @@ Use inside a running event loop::
     host, port = await sink.start()   # point the email channel at it with tls=none
     ...
     await sink.stop()
+
+Or on its own: ``python -m channels.smtp_sink --port 2525 --outbox var/sink/smtp``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -78,3 +82,23 @@ class SmtpSink:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+async def serve(outbox: Path, port: int) -> None:
+    """Run the sink until cancelled (Ctrl-C)."""
+    async with SmtpSink(outbox, port=port) as sink:
+        print(f"SMTP sink on {sink.host}:{sink.port}, writing to {outbox}/", flush=True)
+        await asyncio.Event().wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Keep every message sent to a loopback SMTP port.")
+    parser.add_argument("--outbox", type=Path, default=DEFAULT_OUTBOX)
+    parser.add_argument("--port", type=int, default=2525)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args.outbox, args.port))
+
+
+if __name__ == "__main__":
+    main()

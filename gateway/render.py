@@ -16,7 +16,8 @@ catalogue entry per language and notice kind; its macros hold every channel's se
   variable can inject markup, and no sentence needs writing twice.
 
 A merchant's file ``<override_dir>/<merchant_id>/<same relative path>`` wins over the built-in one
-(one Jinja environment per merchant with overrides, a ``ChoiceLoader`` over both). Templates are
+(one Jinja environment per merchant with overrides, a ``ChoiceLoader`` over both; whether a merchant
+has a directory is looked up once, so new override directories need a restart). Templates are
 compiled once per environment; dates and times are formatted with Babel, cached by local date and by
 minute of the day, so a burst of notices costs a few dictionary look-ups, not a Babel call each.
 """

@@ -172,6 +172,9 @@ class EmailChannel:
                 await self._deliver(mail)
             except (SMTPException, OSError) as exc:
                 return smtp_failure(exc)
+            except ValueError:
+                # aiosmtplib refuses an address it cannot encode; resending will not change that.
+                return PermanentFailure("email: address not sendable", destination_invalid=True)
         return Accepted(provider_message_id=str(mail["Message-ID"]))
 
     async def _deliver(self, mail: EmailMessage) -> None:

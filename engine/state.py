@@ -17,6 +17,7 @@ A batch therefore costs a constant number of round trips whatever its size.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ DAY_MS = 86_400_000
 # Re-reads after version conflicts before a call gives up (the caller may retry: it is idempotent).
 MAX_ATTEMPTS = 8
 
+_LENGTH = struct.Struct(">I")
 F_VERSION = b"v"
 F_STATE = b"s"
 F_SCHEDULED = b"q"
@@ -236,6 +238,15 @@ def parse_read(
     return records
 
 
+def pack_items(items: Iterable[bytes | str | int]) -> bytes:
+    """The apply script's one argument: each item as a 4-byte big-endian length and its bytes."""
+    parts: list[bytes] = []
+    for item in items:
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        parts += (_LENGTH.pack(len(raw)), raw)
+    return b"".join(parts)
+
+
 # Changes a parcel's state in place; False when nothing changed (nothing is written then).
 Mutator = Callable[[ParcelRecord], bool]
 # ``async hook(states)`` after an update wrote its parcels.
@@ -334,12 +345,10 @@ class ParcelStore:
         pipe = self.redis.pipeline(transaction=False)
         order = list(by_shard.items())
         for shard, entries in order:
-            args: list[bytes | str | int] = []
-            for _pid, change in entries:
-                args += change.argv()
+            blob = pack_items(item for _pid, change in entries for item in change.argv())
             await self._apply(
                 keys=[keys.due(shard), *(keys.parcel(shard, pid) for pid, _ in entries)],
-                args=args,
+                args=[blob],
                 client=pipe,
             )
         replies = await pipe.execute()

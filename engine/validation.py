@@ -11,6 +11,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 
+from google.protobuf import timestamp_pb2
 from relais.v1 import parcel_pb2, tracking_pb2, types_pb2
 
 MAX_BATCH_EVENTS = 5000
@@ -23,6 +24,14 @@ MAX_WINDOW_MS = 7 * 86_400_000
 # Printable ASCII without spaces: ids end up in Redis keys and notice ids.
 _ID = re.compile(r"[\x21-\x7e]+")
 _CURRENCY = re.compile(r"[A-Z]{3}")
+# Computed once: ``Enum.values()`` builds a list on every call, and this runs per event.
+_STATUSES = frozenset(types_pb2.TrackingStatus.values()) - {types_pb2.TRACKING_STATUS_UNSPECIFIED}
+_REASONS = frozenset(types_pb2.ExceptionReason.values())
+
+
+def _ms(stamp: timestamp_pb2.Timestamp) -> int:
+    # ``ToMilliseconds`` validates the range on every call; this runs per event.
+    return int(stamp.seconds) * 1000 + stamp.nanos // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +64,7 @@ def _window(event: tracking_pb2.TrackingEvent) -> Problem | None:
         return Problem("delivery_window.start", "delivery_window.start is required")
     if not window.HasField("end"):
         return Problem("delivery_window.end", "delivery_window.end is required")
-    start_ms, end_ms = window.start.ToMilliseconds(), window.end.ToMilliseconds()
+    start_ms, end_ms = _ms(window.start), _ms(window.end)
     if end_ms <= start_ms:
         return Problem("delivery_window.end", "delivery_window.end must be after its start")
     if end_ms - start_ms > MAX_WINDOW_MS:
@@ -77,7 +86,7 @@ def _pickup(event: tracking_pb2.TrackingEvent) -> Problem | None:
 def _occurred(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
     if not event.HasField("occurred_at"):
         return Problem("occurred_at", "occurred_at is required")
-    occurred_ms = event.occurred_at.ToMilliseconds()
+    occurred_ms = _ms(event.occurred_at)
     if occurred_ms < MIN_OCCURRED_MS:
         return Problem("occurred_at", "occurred_at is before 2000-01-01")
     if occurred_ms > now_ms + MAX_FUTURE_MS:
@@ -87,9 +96,9 @@ def _occurred(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
 
 def check_event(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
     """The first problem of ``event``, or None when it can be applied."""
-    if event.status not in types_pb2.TrackingStatus.values() or not event.status:
+    if event.status not in _STATUSES:
         return Problem("status", "status is required (a TRACKING_STATUS_* value)")
-    if event.exception_reason not in types_pb2.ExceptionReason.values():
+    if event.exception_reason not in _REASONS:
         return Problem("exception_reason", "exception_reason is not an EXCEPTION_REASON_* value")
     return (
         _ident(event.event_id, "event_id", 128)

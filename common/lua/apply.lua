@@ -1,6 +1,8 @@
 -- Apply the planned changes of one shard's parcels atomically, each under an optimistic check.
 -- KEYS[1] = the shard's due set; KEYS[2..] = parcel hashes.
--- ARGV, per parcel in KEYS order, a header of 7 numbers then its lists:
+-- ARGV[1] = one blob of length-prefixed items (4-byte big-endian length, then the bytes): one
+-- argument instead of dozens per parcel, because packing each argument costs the client more than the
+-- whole script costs Redis. Per parcel in KEYS order, a header of 7 numbers then its lists:
 --   expected version, ttl_ms (> 0: PEXPIRE), nchk, nset, ndel, nadd, nrem,
 --   nchk due members that must still be pending (the engine replaces or withdraws them),
 --   nset field/value pairs for HSET (the new `v` among them),
@@ -9,39 +11,44 @@
 --   nrem members for ZREM from the due set.
 -- A parcel whose version moved, or one of whose checked notices was claimed meanwhile, is left
 -- untouched and its position (1-based) returned: the caller re-reads and re-plans only those.
+local blob = ARGV[1]
+local pos = 1
+local function take(count)
+  local items = {}
+  for j = 1, count do
+    local size, start = struct.unpack('>I4', blob, pos)
+    items[j] = string.sub(blob, start, start + size - 1)
+    pos = start + size
+  end
+  return items
+end
+
 local due = KEYS[1]
 local conflicts = {}
-local a = 1
 for i = 2, #KEYS do
   local key = KEYS[i]
-  local expected = ARGV[a]
-  local ttl = tonumber(ARGV[a + 1])
-  local nchk = tonumber(ARGV[a + 2])
-  local nset = tonumber(ARGV[a + 3])
-  local ndel = tonumber(ARGV[a + 4])
-  local nadd = tonumber(ARGV[a + 5])
-  local nrem = tonumber(ARGV[a + 6])
-  a = a + 7
-  local chk = a
-  local set = chk + nchk
-  local del = set + 2 * nset
-  local add = del + ndel
-  local rem = add + 2 * nadd
-  a = rem + nrem
+  local head = take(7)
+  local expected = head[1]
+  local ttl = tonumber(head[2])
+  local chk = take(tonumber(head[3]))
+  local set = take(2 * tonumber(head[4]))
+  local del = take(tonumber(head[5]))
+  local add = take(2 * tonumber(head[6]))
+  local rem = take(tonumber(head[7]))
   local ok = (redis.call('HGET', key, 'v') or '0') == expected
   if ok then
-    for j = chk, chk + nchk - 1 do
-      if not redis.call('ZSCORE', due, ARGV[j]) then
+    for j = 1, #chk do
+      if not redis.call('ZSCORE', due, chk[j]) then
         ok = false
         break
       end
     end
   end
   if ok then
-    if nset > 0 then redis.call('HSET', key, unpack(ARGV, set, set + 2 * nset - 1)) end
-    if ndel > 0 then redis.call('HDEL', key, unpack(ARGV, del, del + ndel - 1)) end
-    if nadd > 0 then redis.call('ZADD', due, unpack(ARGV, add, add + 2 * nadd - 1)) end
-    if nrem > 0 then redis.call('ZREM', due, unpack(ARGV, rem, rem + nrem - 1)) end
+    if #set > 0 then redis.call('HSET', key, unpack(set)) end
+    if #del > 0 then redis.call('HDEL', key, unpack(del)) end
+    if #add > 0 then redis.call('ZADD', due, unpack(add)) end
+    if #rem > 0 then redis.call('ZREM', due, unpack(rem)) end
     if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
   else
     conflicts[#conflicts + 1] = i - 1

@@ -21,10 +21,12 @@ import inspect
 import logging
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -66,10 +68,49 @@ def service_of(method: str) -> str:
 # --- wrapping handlers --------------------------------------------------------------------------------
 
 
-def _unary_response(behavior: Callable[..., Any], guard: Guard) -> Callable[..., Any]:
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """Stands in for a request body that does not parse, so grpc does not answer UNKNOWN with the
+    parser's message: the handler turns it into INVALID_ARGUMENT."""
+
+    type_name: str
+
+
+class UndecodableRequestError(Exception):
+    def __init__(self, type_name: str) -> None:
+        super().__init__(f"the request body is not a valid {type_name}")
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+    owner = getattr(deserialize, "__self__", None)
+    type_name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request message")
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError:
+            return Undecodable(type_name)
+
+    return decode
+
+
+def _check(request: Any) -> Any:
+    if isinstance(request, Undecodable):
+        raise UndecodableRequestError(request.type_name)
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _check(request)
+
+
+def _unary_response(behavior: Callable[..., Any], guard: Guard, streamed: bool) -> Callable[..., Any]:
     async def handle(request: Any, context: Context) -> Any:
         async with guard(context):
-            result = behavior(request, context)
+            result = behavior(_checked_stream(request) if streamed else _check(request), context)
             if inspect.isawaitable(result):
                 result = await result
             return result
@@ -77,10 +118,10 @@ def _unary_response(behavior: Callable[..., Any], guard: Guard) -> Callable[...,
     return handle
 
 
-def _stream_response(behavior: Callable[..., Any], guard: Guard) -> Callable[..., Any]:
+def _stream_response(behavior: Callable[..., Any], guard: Guard, streamed: bool) -> Callable[..., Any]:
     async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
         async with guard(context):
-            result = behavior(request, context)
+            result = behavior(_checked_stream(request) if streamed else _check(request), context)
             if hasattr(result, "__aiter__"):
                 async for item in result:
                     yield item
@@ -94,31 +135,30 @@ def _stream_response(behavior: Callable[..., Any], guard: Guard) -> Callable[...
     return handle
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler[Any, Any], guard: Guard) -> grpc.RpcMethodHandler[Any, Any]:
-    """The same handler, each call run inside ``guard(context)``."""
+def wrap_handler(
+    handler: grpc.RpcMethodHandler[Any, Any], guard: Guard, *, safe_decoding: bool = False
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler, each call run inside ``guard(context)``. With ``safe_decoding`` a body that
+    does not parse reaches the handler as ``Undecodable`` (raised as ``UndecodableRequestError``)."""
+    decode = handler.request_deserializer
+    if safe_decoding:
+        decode = _safe_deserializer(decode)
+    encode = handler.response_serializer
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _unary_response(handler.unary_unary, guard),
-            handler.request_deserializer,
-            handler.response_serializer,
+            _unary_response(handler.unary_unary, guard, False), decode, encode
         )
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _unary_response(handler.stream_unary, guard),
-            handler.request_deserializer,
-            handler.response_serializer,
+            _unary_response(handler.stream_unary, guard, True), decode, encode
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _stream_response(handler.unary_stream, guard),
-            handler.request_deserializer,
-            handler.response_serializer,
+            _stream_response(handler.unary_stream, guard, False), decode, encode
         )
     assert handler.stream_stream is not None
     return grpc.stream_stream_rpc_method_handler(
-        _stream_response(handler.stream_stream, guard),
-        handler.request_deserializer,
-        handler.response_serializer,
+        _stream_response(handler.stream_stream, guard, True), decode, encode
     )
 
 
@@ -160,6 +200,9 @@ class ErrorInterceptor(ServerInterceptor):
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     _record_status(span, context)
                     raise
+                except UndecodableRequestError as exc:
+                    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.INVALID_ARGUMENT.value[0])
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 except Exception as exc:
                     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                     span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.INTERNAL.value[0])
@@ -167,7 +210,7 @@ class ErrorInterceptor(ServerInterceptor):
                 else:
                     _record_status(span, context)
 
-        return wrap_handler(handler, guard)
+        return wrap_handler(handler, guard, safe_decoding=True)
 
 
 # Server-side statuses that mean a fault of the server, not of the request.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -71,3 +72,28 @@ async def test_a_call_past_its_deadline_is_cancelled_on_the_server(
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             await asyncio.wait_for(parcels.cancelled.wait(), timeout=5)
             assert parcels.hanging.is_set()
+
+
+async def test_a_body_that_does_not_parse_is_invalid_argument_not_the_parsers_message(
+    redis: Redis, clock: ManualClock
+) -> None:
+    async with serving(settings_with(SecuritySettings()), redis, clock, [add_probes]) as running:  # noqa: SIM117
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            # No serializers: the bodies go on the wire as they are.
+            unary = channel.unary_unary("/relais.v1.TrackingService/RecordEvents", None, None)
+            stream = channel.stream_stream("/relais.v1.TrackingService/StreamEvents", None, None)
+            # Corrupt wire format, and a string field that is not UTF-8.
+            for body in (b"\xff\xff\xff", b"\x12\x03\x0a\x01\xff"):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await unary(body, timeout=5)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert info.value.details() == "the request body is not a valid relais.v1.EventBatch"
+
+            async def bodies() -> AsyncIterator[bytes]:
+                yield tracking_pb2.EventBatch(seq=1).SerializeToString()
+                yield b"\xff\xff"
+
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ack in stream(bodies(), timeout=5):
+                    pass
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -25,6 +25,7 @@ from common.telemetry import setup_telemetry
 from engine.app import build_engine
 from engine.auth import Principal, add_key, describe_listener
 from engine.server import install_signal_handlers, start_server
+from gateway import commands as gateway_commands
 
 log = logging.getLogger("relais")
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.add_argument("--principal", required=True, help="carrier:<code>, merchant:<id> or operator")
     add.add_argument("--file", type=Path, help="the keys file (default: RELAIS_KEYS_FILE)")
+    gateway_commands.add_commands(sub)
     return parser
 
 
@@ -107,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relais: bad setting: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
+    if args.command in gateway_commands.COMMANDS:
+        return gateway_commands.main(settings, args)
     try:
         import uvloop
 

@@ -605,6 +605,8 @@ async def run_gateway(
     stop: asyncio.Event,
     *,
     renderer: Renderer | None = None,
+    consumer: str | None = None,
 ) -> None:
-    """Run a gateway until ``stop`` is set; any number may run at once against the same Redis."""
-    await Gateway(settings, redis, clock, channels, renderer=renderer).run(stop)
+    """Run a gateway until ``stop`` is set; any number may run at once against the same Redis, each
+    under its own consumer name (default: host and process id)."""
+    await Gateway(settings, redis, clock, channels, renderer=renderer, consumer=consumer).run(stop)

@@ -48,7 +48,7 @@ async def serve(settings: Settings, *, with_gateway: bool) -> None:
         redis = connect(url)
         telemetry = setup_telemetry(settings)
         try:
-            engine = build_engine(settings, redis, SystemClock(), telemetry.metrics)
+            engine = build_engine(settings, redis, SystemClock(), telemetry.metrics, telemetry.tracer)
             running = await start_server(settings, redis, register=engine.register, telemetry=telemetry)
             stopped = asyncio.Event()
             install_signal_handlers(running, stopped)

@@ -14,7 +14,7 @@ personal data. The ``Metrics`` methods take enum values, not strings, so nothing
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,9 +29,9 @@ from opentelemetry.metrics import (
     ObservableGauge,
     Observation,
 )
-from opentelemetry.trace import NoOpTracerProvider, Tracer
+from opentelemetry.trace import NoOpTracerProvider, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from relais.v1 import types_pb2
+from relais.v1 import notice_pb2, types_pb2
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -63,6 +63,8 @@ class LimitScope(enum.StrEnum):
     MERCHANT = "merchant"
     SMS_BUDGET = "sms_budget"
     QUOTA = "quota"
+    # The gateway's send limits (provider, recipient, merchant) checked together in one call.
+    SEND = "send"
 
 
 def _kind(kind: types_pb2.NoticeKind.ValueType) -> str:
@@ -261,3 +263,66 @@ def current_trace_ids() -> tuple[str, str] | None:
     if not span_context.is_valid:
         return None
     return format(span_context.trace_id, "032x"), format(span_context.span_id, "016x")
+
+
+# --- the gateway's sends --------------------------------------------------------------------------------
+
+_OUTCOMES: dict[int, SendOutcome] = {
+    notice_pb2.NOTICE_STATUS_SENT: SendOutcome.SENT,
+    notice_pb2.NOTICE_STATUS_RETRYING: SendOutcome.RETRYING,
+    notice_pb2.NOTICE_STATUS_FAILED: SendOutcome.FAILED,
+    notice_pb2.NOTICE_STATUS_DEAD_LETTER: SendOutcome.DEAD_LETTER,
+    notice_pb2.NOTICE_STATUS_SUPPRESSED: SendOutcome.SUPPRESSED,
+}
+
+
+def send_spans(
+    telemetry: Telemetry,
+    provider: str,
+    notices: Sequence[tuple[notice_pb2.Notice, types_pb2.Channel.ValueType]],
+) -> list[Span]:
+    """One span per message handed to a provider, each a child of the trace its notice carries (the
+    carrier's batch that caused it). Nothing when tracing is off: not even the context parsing."""
+    if telemetry.tracer_provider is None:
+        return []
+    return [
+        telemetry.tracer.start_span(
+            "gateway.send",
+            context=extract_trace_context(notice.trace_context),
+            kind=SpanKind.CLIENT,
+            attributes={
+                "relais.notice.kind": _kind(notice.kind),
+                "relais.channel": _channel(channel),
+                "relais.provider": provider,
+                "relais.attempt": notice.attempt,
+            },
+        )
+        for notice, channel in notices
+    ]
+
+
+def end_send_spans(spans: Sequence[Span], results: Sequence[object]) -> None:
+    """End the spans with the result's type (Accepted, TransientFailure...), never its text."""
+    for span, result in zip(spans, results, strict=False):
+        span.set_attribute("relais.result", type(result).__name__ if result is not None else "none")
+        span.end()
+
+
+def record_send(
+    metrics: Metrics,
+    notice: notice_pb2.Notice,
+    channel: types_pb2.Channel.ValueType,
+    status: notice_pb2.NoticeStatus.ValueType,
+    now_ms: int,
+) -> None:
+    """Count one recorded attempt; the first sent attempt also measures the lag behind its due time."""
+    outcome = _OUTCOMES.get(status)
+    if outcome is None:
+        return
+    metrics.send(channel, outcome)
+    if outcome is SendOutcome.SENT and notice.HasField("due_at"):
+        metrics.schedule_lag(now_ms - notice.due_at.ToMilliseconds(), notice.kind)
+    elif outcome is SendOutcome.RETRYING:
+        metrics.retried(channel)
+    elif outcome is SendOutcome.DEAD_LETTER:
+        metrics.dead_lettered(notice.kind)

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
 from common.clock import Clock
@@ -51,7 +52,13 @@ class Engine:
         return self.replanner.cancel_recipient_notices
 
 
-def build_engine(settings: Settings, redis: Redis, clock: Clock, metrics: Metrics | None = None) -> Engine:
+def build_engine(
+    settings: Settings,
+    redis: Redis,
+    clock: Clock,
+    metrics: Metrics | None = None,
+    tracer: Tracer | None = None,
+) -> Engine:
     alert_store = AlertStore(redis, shards=settings.shards, retention_ms=settings.retention_days * DAY_MS)
     alert_config = load_alert_config(settings.alerts.config_path)
 
@@ -61,7 +68,7 @@ def build_engine(settings: Settings, redis: Redis, clock: Clock, metrics: Metric
 
     alerts = AlertMonitor(alert_store, alert_config, clock, load_facts)
     store = ParcelStore(redis, settings, clock, after_update=alerts.on_states)
-    ingestor = Ingestor(store, clock, metrics)
+    ingestor = Ingestor(store, clock, metrics, tracer)
     replanner = Replanner(store)
     register = (
         add_tracking_service(TrackingServicer(ingestor, window=settings.engine.stream_window)),

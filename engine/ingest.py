@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from opentelemetry.trace import NoOpTracer, Tracer
 from relais.v1 import tracking_pb2
 
 from common.clock import Clock
@@ -30,10 +31,13 @@ class _Tally:
 class Ingestor:
     """Applies batches of events; safe to call concurrently (parcels are guarded by their version)."""
 
-    def __init__(self, store: ParcelStore, clock: Clock, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, store: ParcelStore, clock: Clock, metrics: Metrics | None = None, tracer: Tracer | None = None
+    ) -> None:
         self.store = store
         self.clock = clock
         self.metrics = metrics
+        self.tracer = tracer or NoOpTracer()
 
     def _screen(
         self, events: Sequence[tracking_pb2.TrackingEvent], principal: Principal | None
@@ -69,6 +73,15 @@ class Ingestor:
 
     async def apply(self, batch: tracking_pb2.EventBatch) -> tracking_pb2.BatchAck:
         """Apply one batch and say what became of each event."""
+        # One span per batch, counts only: events carry ids, never worth a span attribute.
+        with self.tracer.start_as_current_span("ingest.batch") as span:
+            ack = await self._apply(batch)
+            span.set_attribute("relais.events", len(batch.events))
+            span.set_attribute("relais.events.accepted", ack.accepted)
+            span.set_attribute("relais.events.rejected", len(ack.rejected))
+            return ack
+
+    async def _apply(self, batch: tracking_pb2.EventBatch) -> tracking_pb2.BatchAck:
         by_parcel, rejected = self._screen(batch.events, current_principal())
         tallies: dict[str, _Tally] = {}
 

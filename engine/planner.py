@@ -33,6 +33,7 @@ from relais.v1 import notice_pb2, preferences_pb2, state_pb2, types_pb2
 
 from common.quiet_hours import allowed_send_ms, zone
 from common.settings import EngineSettings
+from common.telemetry import inject_trace_context
 
 Kind: TypeAlias = types_pb2.NoticeKind.ValueType
 Status: TypeAlias = notice_pb2.NoticeStatus.ValueType
@@ -428,6 +429,8 @@ class _Planner:
         if mark.deadline_ms:
             notice.deadline.FromMilliseconds(mark.deadline_ms)
         notice.planned_at.FromMilliseconds(self.now_ms)
+        # The current span (the carrier's batch) goes with the notice: one trace to the message.
+        inject_trace_context(notice.trace_context)
         return notice
 
 

@@ -78,6 +78,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
 async def serve_gateway(settings: Settings, redis: Any) -> None:
     """The gateway with the configured channels until SIGTERM or SIGINT."""
     from channels.registry import load_channels
+    from common.telemetry import setup_telemetry
     from gateway.worker import run_gateway
 
     channels = load_channels(settings.channels, settings.channel_options)
@@ -87,11 +88,13 @@ async def serve_gateway(settings: Settings, redis: Any) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     log.info("relais gateway started with channels %s", ", ".join(channels))
+    telemetry = setup_telemetry(settings)
     try:
-        await run_gateway(settings, redis, SystemClock(), channels, stop)
+        await run_gateway(settings, redis, SystemClock(), channels, stop, telemetry=telemetry)
     finally:
         for channel in channels.values():
             await channel.aclose()
+        telemetry.shutdown()
     log.info("relais gateway stopped")
 
 

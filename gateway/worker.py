@@ -43,6 +43,14 @@ from common import keys
 from common.clock import Clock
 from common.quiet_hours import allowed_send_ms, is_quiet
 from common.settings import GatewaySettings, Settings
+from common.telemetry import (
+    LimitScope,
+    Telemetry,
+    end_send_spans,
+    noop_telemetry,
+    record_send,
+    send_spans,
+)
 from gateway import idempotency, recipients
 from gateway.consumer import Entry, Outbox, default_consumer_name
 from gateway.idempotency import Claim
@@ -128,7 +136,9 @@ class Gateway:
         renderer: Renderer | None = None,
         consumer: str | None = None,
         rng: random.Random | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self._telemetry = telemetry or noop_telemetry()
         if renderer is None:
             from gateway.render import Renderer as DefaultRenderer
 
@@ -424,6 +434,13 @@ class Gateway:
             return None
 
     async def _send_provider(self, provider: str, batch: list[tuple[_Job, int, Message]]) -> None:
+        spans = send_spans(self._telemetry, provider, [(j.item.notice, j.route.channel) for j, _, _ in batch])
+        try:
+            await self._send_batch(provider, batch)
+        finally:
+            end_send_spans(spans, [job.results[index] for job, index, _ in batch])
+
+    async def _send_batch(self, provider: str, batch: list[tuple[_Job, int, Message]]) -> None:
         channel = self._channels[provider]
         results: Sequence[SendResult]
         try:
@@ -459,6 +476,7 @@ class Gateway:
                     settlement.free(shard, key)
                 settlement.reschedule(shard, notice, now_ms + job.wait_ms)
                 stats.limited += 1
+                self._telemetry.metrics.limited(LimitScope.SEND)
                 continue
             outcome = self._outcome(job)
             if outcome.dead:
@@ -564,6 +582,7 @@ class Gateway:
             version=notice.version,
         )
         settlement.record(job.item.entry.shard, notice, attempt)
+        record_send(self._telemetry.metrics, notice, job.route.channel, status, now_ms)
 
     def _give_up(
         self,
@@ -606,7 +625,10 @@ async def run_gateway(
     *,
     renderer: Renderer | None = None,
     consumer: str | None = None,
+    telemetry: Telemetry | None = None,
 ) -> None:
     """Run a gateway until ``stop`` is set; any number may run at once against the same Redis, each
     under its own consumer name (default: host and process id)."""
-    await Gateway(settings, redis, clock, channels, renderer=renderer, consumer=consumer).run(stop)
+    await Gateway(
+        settings, redis, clock, channels, renderer=renderer, consumer=consumer, telemetry=telemetry
+    ).run(stop)

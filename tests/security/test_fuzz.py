@@ -25,9 +25,9 @@ from relais.v1 import alerts_pb2, parcel_pb2, preferences_pb2, tracking_pb2
 
 from common.clock import ManualClock
 from common.settings import SecuritySettings
+from engine.app import build_engine
 from engine.services import SERVICE_NAMES
 from tests.security.conftest import KEYS, serving, settings_with
-from tests.security.stack import relais_services
 
 FILES = (tracking_pb2, parcel_pb2, preferences_pb2, alerts_pb2)
 MAX_DEPTH = 3
@@ -226,6 +226,6 @@ async def test_random_and_malformed_requests_never_fault_the_server(
 ) -> None:
     security = SecuritySettings(keys_file=keys_file, quota_carrier_rps=0, quota_merchant_rps=0)
     settings = settings_with(security)
-    _engine, register = relais_services(settings, redis, clock)
+    register = build_engine(settings, redis, clock).register
     async with serving(settings, redis, clock, register) as running:
         await asyncio.to_thread(fuzz_everything, running.port)

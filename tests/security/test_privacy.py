@@ -28,11 +28,11 @@ from common.clock import ManualClock
 from common.logs import JsonFormatter, TraceContextFilter
 from common.settings import SecuritySettings, Settings
 from common.telemetry import Telemetry, setup_telemetry
+from engine.app import build_engine
 from engine.scheduler import Dispatcher
 from gateway.worker import Gateway
 from tests.conftest import T0_MS
 from tests.security.conftest import bearer, serving, settings_with
-from tests.security.stack import relais_services
 
 HOUR_MS = 3_600_000
 RECIPIENT = "acme/r-canary"
@@ -149,11 +149,11 @@ async def journey(
     )
     assert ack.accepted == 2, ack
     clock.advance_ms(10 * 60_000)
-    dispatcher = Dispatcher(redis, clock, settings.shards)
+    dispatcher = Dispatcher(redis, clock, settings.shards, tracer=telemetry.tracer)
     claimed = await dispatcher.claim_once()
     assert claimed.claimed >= 1, claimed
     files = {"file": FileChannel.from_options({"dir": str(sink)})}
-    gateway = Gateway(settings, redis, clock, files, consumer="privacy")
+    gateway = Gateway(settings, redis, clock, files, consumer="privacy", telemetry=telemetry)
     await gateway.start()
     stats = await gateway.run_once()
     assert stats.sent >= 1, stats
@@ -165,8 +165,8 @@ async def test_personal_data_reaches_no_log_span_or_metric(
     settings = settings_with(SecuritySettings(keys_file=keys_file))
     shard = keys.shard_of(RECIPIENT, settings.shards)
     await redis.set(keys.preferences(shard, RECIPIENT), canary_preferences().SerializeToString())
-    _engine, register = relais_services(settings, redis, clock, exported.telemetry.metrics)
     telemetry = exported.telemetry
+    register = build_engine(settings, redis, clock, telemetry.metrics, telemetry.tracer).register
     async with serving(settings, redis, clock, register, telemetry=telemetry) as running:  # noqa: SIM117
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             await journey(channel, redis, clock, settings, tmp_path / "sink", telemetry)
@@ -185,6 +185,21 @@ async def test_personal_data_reaches_no_log_span_or_metric(
     assert kinds == {"span", "metrics", "log"}, kinds
     leaks = [(kind, canary) for kind, text in texts for canary in CANARY_SHAPES if canary in text]
     assert leaks == []
-    # What is exported is about the journey: server spans of the calls and the event counters.
-    span_names = {json.loads(text)["name"] for kind, text in texts if kind == "span"}
-    assert {"relais.v1.ParcelService/RegisterParcels", "relais.v1.TrackingService/RecordEvents"} <= span_names
+    # What is exported is about the journey: a span per call, batch, claim and send; one trace from
+    # the carrier's batch to the message.
+    spans = {span.name: span for span in exported.spans.get_finished_spans()}
+    assert {
+        "relais.v1.ParcelService/RegisterParcels",
+        "relais.v1.TrackingService/RecordEvents",
+        "ingest.batch",
+        "scheduler.claim",
+        "gateway.send",
+    } <= set(spans)
+    batch_trace = spans["relais.v1.TrackingService/RecordEvents"].context.trace_id
+    assert spans["ingest.batch"].context.trace_id == batch_trace
+    assert spans["gateway.send"].context.trace_id == batch_trace
+    metrics = json.loads(next(text for kind, text in texts if kind == "metrics"))
+    names = {
+        m["name"] for rm in metrics["resource_metrics"] for sm in rm["scope_metrics"] for m in sm["metrics"]
+    }
+    assert {"relais.events", "relais.sends", "relais.schedule.lag"} <= names

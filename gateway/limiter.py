@@ -70,11 +70,17 @@ class Limiter:
     def _keys_and_args(
         now_ms: int, entries: Sequence[Sequence[Limit]], amount: int
     ) -> tuple[list[str], list[Any]]:
-        index: dict[str, int] = {}
-        args: list[Any] = [now_ms, len(entries)]
+        # Each distinct limit is sent once (key, interval, burst); entries name theirs by index, so
+        # a batch sharing a provider and a merchant costs a few arguments per entry.
+        index: dict[Limit, int] = {}
+        shapes: list[Any] = []
+        refs: list[Any] = []
         for limits in entries:
-            args += (amount, len(limits))
+            refs.append(len(limits))
             for limit in limits:
-                position = index.setdefault(limit.key, len(index) + 1)
-                args += (position, repr(limit.interval_ms), limit.burst)
-        return list(index), args
+                position = index.get(limit)
+                if position is None:
+                    position = index[limit] = len(index) + 1
+                    shapes += (repr(limit.interval_ms), limit.burst)
+                refs.append(position)
+        return [limit.key for limit in index], [now_ms, amount, *shapes, *refs]

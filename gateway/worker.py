@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections import defaultdict
@@ -66,6 +67,8 @@ log = logging.getLogger(__name__)
 # Push, then email, then SMS: at most one fallback round per channel.
 MAX_ROUNDS = 3
 SUPPRESSED = notice_pb2.NOTICE_STATUS_SUPPRESSED
+# Bound of the per-process caches of derived keys and limits (merchants, providers).
+CACHE_MAX_ENTRIES = 100_000
 DEAD_LETTER = notice_pb2.NOTICE_STATUS_DEAD_LETTER
 
 
@@ -115,8 +118,13 @@ class _Job:
     results: list[SendResult | None] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=64)
+def _month_of_day(day: int) -> str:
+    return datetime.fromtimestamp(day * 86_400, UTC).strftime("%Y-%m")
+
+
 def _month(now_ms: int) -> str:
-    return datetime.fromtimestamp(now_ms / 1000, UTC).strftime("%Y-%m")
+    return _month_of_day(now_ms // 86_400_000)
 
 
 def _quiet_window(prefs: preferences_pb2.RecipientPreferences) -> tuple[int, int] | None:
@@ -165,6 +173,8 @@ class Gateway:
             min_idle_ms=self._lease_ms,
         )
         self._limiter = Limiter(redis)
+        self._shared_limits: dict[tuple[str, str], Limit] = {}
+        self._budget_keys: dict[tuple[str, str], str] = {}
         self._settle = LuaScript(redis, "settle")
 
     async def start(self) -> None:
@@ -263,7 +273,13 @@ class Gateway:
         return items
 
     def _sms_budget_key(self, merchant_id: str, now_ms: int) -> str:
-        return keys.sms_budget(merchant_id, _month(now_ms), self._shards)
+        month = _month(now_ms)
+        key = self._budget_keys.get((merchant_id, month))
+        if key is None:
+            if len(self._budget_keys) > CACHE_MAX_ENTRIES:
+                self._budget_keys.clear()
+            key = self._budget_keys[(merchant_id, month)] = keys.sms_budget(merchant_id, month, self._shards)
+        return key
 
     async def _load(self, items: list[_Item], now_ms: int) -> dict[str, int]:
         """Preferences and SMS budgets of the batch, one round trip. Returns segments spent per key."""
@@ -344,14 +360,28 @@ class Gateway:
 
     # --- limits and claims: one round trip ------------------------------------------------------
 
+    def _shared_limit(self, scope: str, ident: str) -> Limit:
+        """Provider and merchant limits, built once per name: every batch names the same few."""
+        limit = self._shared_limits.get((scope, ident))
+        if limit is None:
+            s = self._settings
+            if len(self._shared_limits) > CACHE_MAX_ENTRIES:
+                self._shared_limits.clear()
+            if scope == "provider":
+                rate = s.provider_rate(ident)
+                limit = Limit(scope, ident, rate, max(1, int(rate)))  # a second's worth at once
+            else:
+                limit = Limit(scope, ident, s.merchant_rate_per_s, s.merchant_burst)
+            self._shared_limits[(scope, ident)] = limit
+        return limit
+
     def _limits(self, job: _Job) -> list[Limit]:
         s = self._settings
         notice = job.item.notice
-        limits = [
-            Limit("provider", provider, s.provider_rate(provider), max(1, int(s.provider_rate(provider))))
-            for provider in dict.fromkeys(t.provider for t in job.route.targets)
-        ]
-        limits.append(Limit("merchant", notice.merchant_id, s.merchant_rate_per_s, s.merchant_burst))
+        limits = [self._shared_limit("provider", t.provider) for t in job.route.targets]
+        if len(limits) > 1:
+            limits = list(dict.fromkeys(limits))
+        limits.append(self._shared_limit("merchant", notice.merchant_id))
         # A slot notice or a correction is the point of relais: never held back by the frequency cap.
         if notice.kind not in SLOT_KINDS:
             limits.append(

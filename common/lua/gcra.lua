@@ -1,66 +1,56 @@
 -- GCRA (generic cell rate algorithm) for a whole batch in one call.
 --
 -- KEYS: the distinct limiter keys of the batch (each holds its theoretical arrival time, TAT, in ms).
--- ARGV[1] = now (unix ms, from the caller's clock so tests control time), ARGV[2] = number of entries,
--- then per entry: amount, number of limits k, and k triples (key index, emission interval ms, burst).
+-- ARGV[1] = now (unix ms, from the caller's clock so tests control time), ARGV[2] = amount each entry
+-- costs, then per key (in KEYS order) its emission interval (ms) and burst, then per entry the number
+-- of its limits k followed by k key indexes.
 -- An entry is allowed only if every one of its limits allows it; only then are its limits charged, so
 -- a notice delayed by one limit does not use up another.
 -- Returns per entry 0 (allowed) or the milliseconds after which it would be allowed.
 local now = tonumber(ARGV[1])
-local entries = tonumber(ARGV[2])
+local amount = tonumber(ARGV[2])
+local nkeys = #KEYS
+local interval = {}
+local tolerance = {}
 local tats = {}
-local touched = {}
-
-local function tat_of(index)
-  local tat = tats[index]
-  if tat == nil then
-    tat = tonumber(redis.call('GET', KEYS[index]) or '0') or 0
-    tats[index] = tat
-  end
+for i = 1, nkeys do
+  interval[i] = tonumber(ARGV[1 + 2 * i]) * amount
+  tolerance[i] = tonumber(ARGV[2 + 2 * i]) * tonumber(ARGV[1 + 2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
   if tat < now then
-    return now
+    tat = now
   end
-  return tat
+  tats[i] = tat
 end
 
 local result = {}
-local pos = 3
-for e = 1, entries do
-  local amount = tonumber(ARGV[pos])
-  local k = tonumber(ARGV[pos + 1])
-  pos = pos + 2
+local touched = {}
+local pos = 3 + 2 * nkeys
+local e = 0
+while pos <= #ARGV do
+  local k = tonumber(ARGV[pos])
   local wait = 0
-  local planned = {}
-  for j = 1, k do
-    local index = tonumber(ARGV[pos])
-    local interval = tonumber(ARGV[pos + 1])
-    local burst = tonumber(ARGV[pos + 2])
-    pos = pos + 3
-    local new_tat = tat_of(index) + amount * interval
-    local allow_at = new_tat - burst * interval
-    if allow_at > now then
-      local w = allow_at - now
-      if w > wait then
-        wait = w
-      end
+  for j = pos + 1, pos + k do
+    local i = tonumber(ARGV[j])
+    local w = tats[i] + interval[i] - tolerance[i] - now
+    if w > wait then
+      wait = w
     end
-    planned[j] = {index, new_tat}
   end
   if wait == 0 then
-    for j = 1, k do
-      local p = planned[j]
-      tats[p[1]] = p[2]
-      touched[p[1]] = true
+    for j = pos + 1, pos + k do
+      local i = tonumber(ARGV[j])
+      tats[i] = tats[i] + interval[i]
+      touched[i] = true
     end
-    result[e] = 0
-  else
-    result[e] = math.ceil(wait)
   end
+  e = e + 1
+  result[e] = math.ceil(wait)
+  pos = pos + k + 1
 end
 
-for index, _ in pairs(touched) do
-  local tat = tats[index]
+for i, _ in pairs(touched) do
   -- Once now passes the TAT the bucket is full again, the same as no state: let it expire then.
-  redis.call('SET', KEYS[index], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
+  redis.call('SET', KEYS[i], string.format('%.3f', tats[i]), 'PX', math.ceil(tats[i] - now) + 1000)
 end
 return result

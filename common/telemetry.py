@@ -13,6 +13,8 @@ personal data. The ``Metrics`` methods take enum values, not strings, so nothing
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +33,11 @@ from opentelemetry.metrics import (
 )
 from opentelemetry.trace import NoOpTracerProvider, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from relais.v1 import notice_pb2, types_pb2
+
+from common import keys
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -326,3 +332,27 @@ def record_send(
         metrics.retried(channel)
     elif outcome is SendOutcome.DEAD_LETTER:
         metrics.dead_lettered(notice.kind)
+
+
+async def watch_outbox_depth(
+    redis: Redis, shards: int, metrics: Metrics, stop: asyncio.Event, *, interval_s: float = 10.0
+) -> None:
+    """Keep the outbox-depth gauge current: every shard's XLEN in one pipelined round trip per
+    interval (the gauge's callback runs at export time and cannot await Redis)."""
+    while True:
+        await sample_outbox_depth(redis, shards, metrics)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+            return
+
+
+async def sample_outbox_depth(redis: Redis, shards: int, metrics: Metrics) -> None:
+    pipe = redis.pipeline(transaction=False)
+    for shard in range(shards):
+        pipe.xlen(keys.outbox(shard))
+    try:
+        depths = await pipe.execute()
+    except RedisError:
+        return  # a gauge may lag; the next round tries again
+    for shard, depth in enumerate(depths):
+        metrics.set_outbox_depth(shard, int(depth))

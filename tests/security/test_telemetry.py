@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from redis.asyncio import Redis
 from relais.v1 import notice_pb2, parcel_pb2, parcel_pb2_grpc, types_pb2
 
+from common import keys
 from common.clock import ManualClock
 from common.logs import JsonFormatter, TraceContextFilter
 from common.settings import SecuritySettings, Settings
@@ -29,6 +30,7 @@ from common.telemetry import (
     extract_trace_context,
     inject_trace_context,
     setup_telemetry,
+    watch_outbox_depth,
 )
 from tests.security.conftest import bearer, serving, settings_with
 from tests.security.probe import add_probes
@@ -233,3 +235,16 @@ def test_json_logs_carry_the_trace_id_of_the_current_span() -> None:
     assert entry["msg"] == "claimed 5"
     assert entry["trace_id"] == format(span.get_span_context().trace_id, "032x")
     assert entry["span_id"] == format(span.get_span_context().span_id, "016x")
+
+
+async def test_the_outbox_depth_gauge_follows_the_streams(redis: Redis) -> None:
+    reader = InMemoryMetricReader()
+    telemetry = setup_telemetry(Settings(), metric_reader=reader)
+    for _ in range(3):
+        await redis.xadd(keys.outbox(2), {"n": b"x"})
+    await redis.xadd(keys.outbox(5), {"n": b"x"})
+    stop = asyncio.Event()
+    stop.set()  # one sample, then stop
+    await watch_outbox_depth(redis, 8, telemetry.metrics, stop)
+    depths = {attrs["shard"]: value for attrs, value in metric_points(reader)["relais.outbox.depth"]}
+    assert depths == {0: 0, 1: 0, 2: 3, 3: 0, 4: 0, 5: 1, 6: 0, 7: 0}

@@ -172,6 +172,7 @@ def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
 class ErrorInterceptor(ServerInterceptor):
     def __init__(self, telemetry: Telemetry) -> None:
         self._tracer = telemetry.tracer
+        self._tracing = telemetry.tracer_provider is not None
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -181,7 +182,8 @@ class ErrorInterceptor(ServerInterceptor):
             return None
         method = handler_call_details.method
         # Only the traceparent/tracestate headers are read; nothing else of the metadata reaches a span.
-        parent = extract_trace_context(_metadata(handler_call_details))
+        # With tracing off the no-op span needs no parent: skip reading the metadata.
+        parent = extract_trace_context(_metadata(handler_call_details)) if self._tracing else None
         service, _, name = method.lstrip("/").partition("/")
 
         @contextlib.asynccontextmanager

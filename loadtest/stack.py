@@ -51,6 +51,8 @@ class StackConfig:
     # "proc": python -m loadtest.engine_proc (the engine composition and scheduler); "cli": relais serve.
     engine: str = "proc"
     scheduler: bool = True
+    # Run the engine under pyinstrument; its text report is written here when the engine stops.
+    profile_to: Path | None = None
     # Extra RELAIS_* variables for the engine and the gateways (they win over the defaults here).
     env: Mapping[str, str] = field(default_factory=dict)
 
@@ -102,6 +104,9 @@ class Stack:
         if self.config.engine == "cli":
             return [str(Path(_python()).with_name("relais")), "serve"]
         args = [_python(), "-m", "loadtest.engine_proc"]
+        if self.config.profile_to is not None:
+            profiler = ["-m", "pyinstrument", "-r", "text", "-o", str(self.config.profile_to)]
+            args = [_python(), *profiler, "-m", "loadtest.engine_proc"]
         return args if self.config.scheduler else [*args, "--no-scheduler"]
 
     def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:

@@ -1,0 +1,45 @@
+-- Claim the due notices of one shard: move up to `limit` members due by `now_ms` from the due set to
+-- the outbox stream, atomically, so any number of dispatchers may claim the same shard at once and
+-- none hands a notice out twice.
+-- KEYS[1] = the shard's due set, KEYS[2] = the shard's outbox stream.
+-- ARGV[1] = now_ms, ARGV[2] = limit, ARGV[3] = parcel hash key prefix (the key without the parcel id),
+-- ARGV[4] = timer kind prefix ("CHECK_").
+-- A member is "<parcel_id>:<KIND>", split at the LAST ':'. Its body is field "n:<KIND>" of the parcel
+-- hash; it goes to the outbox as field "n", and "c:<KIND>" records when it was claimed (so the parcel
+-- view can show it queued). A member without a body was withdrawn: it is just removed. A timer member
+-- ("<parcel_id>:CHECK_<NAME>") is removed and handed back to the caller, which runs its handler.
+-- Returns {claimed, dropped, next due score or false, timer members...}.
+-- Cost: O(log n + limit) - ZRANGEBYSCORE from -inf returns ranks 0..k-1, removed by rank.
+local due, outbox = KEYS[1], KEYS[2]
+local now, limit, prefix, timer = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local members = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)
+local count = #members
+local claimed, dropped = 0, 0
+local reply = {0, 0, false}
+if count > 0 then
+  redis.call('ZREMRANGEBYRANK', due, 0, count - 1)
+  local timer_len = #timer
+  for i = 1, count do
+    local member = members[i]
+    local parcel_id, kind = string.match(member, '^(.*):([^:]*)$')
+    if kind == nil then
+      dropped = dropped + 1 -- not of our form: nothing to send
+    elseif string.sub(kind, 1, timer_len) == timer then
+      reply[#reply + 1] = member
+    else
+      local key = prefix .. parcel_id
+      local body = redis.call('HGET', key, 'n:' .. kind)
+      if body then
+        redis.call('XADD', outbox, '*', 'n', body)
+        redis.call('HSET', key, 'c:' .. kind, now)
+        claimed = claimed + 1
+      else
+        dropped = dropped + 1
+      end
+    end
+  end
+end
+reply[1], reply[2] = claimed, dropped
+local first = redis.call('ZRANGE', due, 0, 0, 'WITHSCORES')
+if first[2] then reply[3] = first[2] end
+return reply

@@ -1,0 +1,273 @@
+"""The scheduler: moves due notices from the shards' due sets to their outbox streams.
+
+Pending notices wait in ``due:{s}`` (score = due unix ms, member = ``"<parcel_id>:<KIND>"``) with their
+body in the parcel hash. A :class:`Dispatcher` claims them in batches with ``common/lua/claim.lua``: one
+script call per shard, all shards' calls pipelined in one round trip. The script is atomic, so several
+dispatchers (tasks or processes) may claim the same shards at once without handing a notice out twice.
+
+Internal timers share the due sets: a member ``"<parcel_id>:CHECK_<NAME>"`` (see :func:`timer_member`)
+is not a notice; when due, the claim removes it and the dispatcher calls the handler registered for
+``NAME`` with ``(shard, parcel_id, NAME)``. A handler that fails is retried later (its member is put back
+unless the handler already rescheduled it), so handlers must be idempotent.
+
+The loop sleeps until the earliest due time (the claim script reports it, at no extra round trip),
+at most ``max_idle_s`` so other processes' inserts are seen, and :meth:`Dispatcher.wake` cuts the sleep
+short when something earlier was scheduled. Cost per claim is O(log n + batch), whatever is pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from opentelemetry.trace import NoOpTracer, Tracer
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from common import keys
+from common.clock import Clock
+from common.redis_client import register
+
+log = logging.getLogger(__name__)
+
+TIMER_PREFIX = "CHECK_"
+
+TimerHandler = Callable[[int, str, str], Awaitable[None]]
+"""``async handler(shard, parcel_id, name) -> None`` for a due timer ``<parcel_id>:CHECK_<name>``."""
+
+
+def timer_member(parcel_id: str, name: str) -> str:
+    """The due-set member of timer ``name`` of a parcel: ZADD it to ``keys.due(shard)`` to schedule."""
+    if not name or ":" in name:
+        raise ValueError("timer name must be non-empty and without ':'")
+    return keys.notice_id(parcel_id, TIMER_PREFIX + name)
+
+
+def parse_timer(member: str) -> tuple[str, str]:
+    """``(parcel_id, name)`` of a timer member (the inverse of :func:`timer_member`)."""
+    parcel_id, _, kind = member.rpartition(":")
+    if not kind.startswith(TIMER_PREFIX):
+        raise ValueError("not a timer member")
+    return parcel_id, kind[len(TIMER_PREFIX) :]
+
+
+@dataclass(frozen=True)
+class ClaimStats:
+    """What one claim round did, over all shards."""
+
+    # Notices moved to an outbox.
+    claimed: int = 0
+    # Due members without a body (withdrawn notices), removed.
+    dropped: int = 0
+    # Timers whose handler ran (or was retried later: see ``timer_failures``).
+    timers: int = 0
+    timer_failures: int = 0
+    # The earliest due time still pending on any shard, None if nothing is pending.
+    next_due_ms: int | None = None
+    # Some shard had a full batch due: more may be due right now.
+    saturated: bool = False
+    # Redis round trips spent claiming (timer handlers' own calls are not counted).
+    round_trips: int = 0
+
+
+@dataclass(frozen=True)
+class _ShardReply:
+    shard: int
+    claimed: int
+    dropped: int
+    next_due_ms: int | None
+    timers: tuple[str, ...]
+
+
+class Dispatcher:
+    """Claims due notices of ``shards`` (a count, or the shard numbers this dispatcher serves).
+
+    ``batch_size`` is the most a shard hands out per script call: a claim round moves up to
+    ``batch_size * len(shards)`` notices in one round trip.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        clock: Clock,
+        shards: int | Sequence[int],
+        *,
+        batch_size: int = 1000,
+        max_idle_s: float = 1.0,
+        timer_retry_ms: int = 30_000,
+        timer_concurrency: int = 32,
+        tracer: Tracer | None = None,
+    ) -> None:
+        # Lua's unpack-free claim has no stack limit, but a batch this size already blocks Redis
+        # for a few milliseconds: beyond it, latency for everyone else suffers.
+        if not 1 <= batch_size <= 10_000:
+            raise ValueError("batch_size must be 1 to 10000")
+        if max_idle_s <= 0:
+            raise ValueError("max_idle_s must be positive")
+        if timer_retry_ms <= 0 or timer_concurrency <= 0:
+            raise ValueError("timer_retry_ms and timer_concurrency must be positive")
+        self._redis = redis
+        self._clock = clock
+        self._tracer = tracer or NoOpTracer()
+        self._shards: tuple[int, ...] = tuple(range(shards)) if isinstance(shards, int) else tuple(shards)
+        if not self._shards:
+            raise ValueError("a dispatcher needs at least one shard")
+        self._batch_size = batch_size
+        self._batch_arg = str(batch_size)
+        self._max_idle_s = max_idle_s
+        self._timer_retry_ms = timer_retry_ms
+        self._timer_slots = asyncio.Semaphore(timer_concurrency)
+        self._script = register(redis, "claim")
+        self._keys = {s: (keys.due(s), keys.outbox(s), keys.parcel(s, "")) for s in self._shards}
+        self._handlers: dict[str, TimerHandler] = {}
+        self._wakeup = asyncio.Event()
+
+    @property
+    def shards(self) -> tuple[int, ...]:
+        return self._shards
+
+    def register_timer(self, name: str, handler: TimerHandler) -> None:
+        """Call ``handler(shard, parcel_id, name)`` when a ``timer_member(parcel_id, name)`` is due."""
+        timer_member("x", name)  # validates the name
+        if name in self._handlers:
+            raise ValueError(f"timer {name!r} already has a handler")
+        self._handlers[name] = handler
+
+    def wake(self) -> None:
+        """Claim again now: something was scheduled earlier than the loop is sleeping for."""
+        self._wakeup.set()
+
+    async def claim_once(self) -> ClaimStats:
+        """One claim round over every shard (one round trip), then the due timers' handlers."""
+        with self._tracer.start_as_current_span("scheduler.claim") as span:
+            stats = await self._claim_round()
+            span.set_attribute("relais.claimed", stats.claimed)
+            span.set_attribute("relais.timers", stats.timers)
+            return stats
+
+    async def _claim_round(self) -> ClaimStats:
+        now_ms = self._clock.now_ms()
+        replies, round_trips = await self._claim(now_ms)
+        failures = await self._run_timers(replies, now_ms)
+        pending = [r.next_due_ms for r in replies if r.next_due_ms is not None]
+        return ClaimStats(
+            claimed=sum(r.claimed for r in replies),
+            dropped=sum(r.dropped for r in replies),
+            timers=sum(len(r.timers) for r in replies),
+            timer_failures=failures,
+            next_due_ms=min(pending) if pending else None,
+            saturated=any(r.claimed + r.dropped + len(r.timers) >= self._batch_size for r in replies),
+            round_trips=round_trips,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim until ``stop`` is set; a claim round in progress finishes first."""
+        relay = asyncio.create_task(self._relay(stop))
+        try:
+            while not stop.is_set():
+                # Cleared before claiming, so a wake() during the claim is not lost.
+                self._wakeup.clear()
+                delay_s = await self._round()
+                if delay_s > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), delay_s)
+                else:
+                    await asyncio.sleep(0)  # let the rest of the process run between full batches
+        finally:
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
+
+    async def _relay(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wakeup.set()
+
+    async def _round(self) -> float:
+        """One claim round; how long to sleep before the next."""
+        try:
+            stats = await self.claim_once()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("claim failed, retrying in %.1fs: %s", self._max_idle_s, type(exc).__name__)
+            return self._max_idle_s
+        if stats.saturated:
+            return 0.0
+        if stats.next_due_ms is None:
+            return self._max_idle_s
+        wait_s = (stats.next_due_ms - self._clock.now_ms()) / 1000
+        return min(max(wait_s, 0.0), self._max_idle_s)
+
+    async def _claim(self, now_ms: int) -> tuple[list[_ShardReply], int]:
+        round_trips = 0
+        for _attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for shard in self._shards:
+                due, outbox, parcel_prefix = self._keys[shard]
+                # evalsha directly: a Script in a pipeline costs a SCRIPT EXISTS round trip each time.
+                pipe.evalsha(
+                    self._script.sha,
+                    2,
+                    due,
+                    outbox,
+                    str(now_ms),
+                    self._batch_arg,
+                    parcel_prefix,
+                    TIMER_PREFIX,
+                )
+            results = await pipe.execute(raise_on_error=False)
+            round_trips += 1
+            if not any(isinstance(r, NoScriptError) for r in results):
+                break
+            # Redis restarted or flushed its scripts: load once and claim again.
+            await self._redis.script_load(self._script.script)
+            round_trips += 1
+        replies = []
+        for shard, result in zip(self._shards, results, strict=True):
+            if isinstance(result, Exception):
+                raise result
+            replies.append(_parse_reply(shard, result))
+        return replies, round_trips
+
+    async def _run_timers(self, replies: Iterable[_ShardReply], now_ms: int) -> int:
+        calls = [self._run_timer(r.shard, member, now_ms) for r in replies for member in r.timers]
+        if not calls:
+            return 0
+        outcomes = await asyncio.gather(*calls)
+        return outcomes.count(False)
+
+    async def _run_timer(self, shard: int, member: str, now_ms: int) -> bool:
+        parcel_id, name = parse_timer(member)
+        handler = self._handlers.get(name)
+        if handler is None:
+            log.warning("no handler for timer %s of parcel %s: dropped", name, parcel_id)
+            return True
+        async with self._timer_slots:
+            try:
+                await handler(shard, parcel_id, name)
+            except Exception:
+                log.exception("timer %s of parcel %s failed: retrying later", name, parcel_id)
+            else:
+                return True
+        # NX: a handler that rescheduled its timer before failing keeps its own time.
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+            await self._redis.zadd(keys.due(shard), {member: now_ms + self._timer_retry_ms}, nx=True)
+        return False
+
+
+def _parse_reply(shard: int, result: list[object]) -> _ShardReply:
+    claimed, dropped, next_due, *timers = result
+    assert isinstance(claimed, int)
+    assert isinstance(dropped, int)
+    # Scores come back as strings ("1773133200000"); a pending count of zero as nil.
+    next_due_ms = int(float(next_due)) if isinstance(next_due, bytes | str) else None
+    return _ShardReply(
+        shard=shard,
+        claimed=claimed,
+        dropped=dropped,
+        next_due_ms=next_due_ms,
+        timers=tuple(t.decode() if isinstance(t, bytes) else str(t) for t in timers),
+    )

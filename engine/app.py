@@ -22,6 +22,7 @@ from engine.alert_service import AlertServicer, add_alert_service
 from engine.alert_store import CHECK_TIMER, AlertStore
 from engine.ingest import Ingestor
 from engine.parcel_service import ParcelServicer, add_parcel_service
+from engine.preference_service import PreferenceServicer, add_preference_service
 from engine.replan import Replanner
 from engine.state import ParcelStore
 from engine.stats import StatsReader
@@ -74,6 +75,14 @@ def build_engine(
         add_tracking_service(TrackingServicer(ingestor, window=settings.engine.stream_window)),
         add_parcel_service(ParcelServicer(store, clock)),
         add_alert_service(AlertServicer(alert_store, StatsReader(redis, settings.shards), clock)),
+        add_preference_service(
+            PreferenceServicer(
+                redis,
+                settings.shards,
+                replan_recipient=replanner.replan_recipient,
+                cancel_recipient_notices=replanner.cancel_recipient_notices,
+            )
+        ),
     )
     return Engine(
         store=store,

@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 from redis.asyncio import Redis
 from relais.v1 import preferences_pb2, preferences_pb2_grpc
 
+from engine import auth
 from engine.preferences import InvalidPreferencesError, PreferenceStore, check_recipient_id
 from engine.validation import Problem
 
@@ -67,6 +68,7 @@ class PreferenceServicer(preferences_pb2_grpc.PreferenceServiceServicer):
     ) -> preferences_pb2.RecipientPreferences:
         if not request.HasField("preferences"):
             await abort_invalid(context, [Problem("preferences", "preferences is required")])
+        await _authorize(request.preferences.recipient_id, context)
         try:
             stored, changed = await self._store.update(request.preferences, request.update_mask)
         except InvalidPreferencesError as exc:
@@ -100,6 +102,16 @@ class PreferenceServicer(preferences_pb2_grpc.PreferenceServiceServicer):
         problem = check_recipient_id(recipient_id)
         if problem is not None:
             await abort_invalid(context, [problem])
+        await _authorize(recipient_id, context)
+
+
+async def _authorize(recipient_id: str, context: Context) -> None:
+    """Merchants touch only their own recipients (``<merchant_id>/...``, see ``engine.auth``)."""
+    if not auth.can_access_recipient(recipient_id):
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "recipient_id: outside the caller's recipients (<merchant_id>/...)",
+        )
 
 
 def add_preference_service(servicer: PreferenceServicer) -> Callable[[grpc.aio.Server], None]:

@@ -22,6 +22,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 MINUTES_PER_DAY = 24 * 60
 _MS_PER_S = 1000
+_MS_PER_MINUTE = 60 * _MS_PER_S
+_MS_PER_DAY = MINUTES_PER_DAY * _MS_PER_MINUTE
 # The longest quiet stretch is a window of 1439 minutes lengthened by a DST change; looking this far
 # either side of an instant always finds the change points that bound it.
 _HORIZON_DAYS = 2
@@ -124,8 +126,34 @@ def _change_points(at_ms: int, window: tuple[int, int], tz: ZoneInfo) -> list[in
     return sorted(points)
 
 
+def _steady_offset_ms(at_ms: int, tz: ZoneInfo) -> int | None:
+    """The UTC offset around ``at_ms`` when it does not change within the horizon either side.
+
+    Then local time is UTC plus a constant and the window's edges are plain arithmetic: the fast
+    path, taken everywhere but in the days around a DST change (planning calls this per notice).
+    """
+    offset = _offset_s(at_ms, tz)
+    if _offset_s(at_ms - _HORIZON_MS, tz) != offset or _offset_s(at_ms + _HORIZON_MS, tz) != offset:
+        return None
+    return int(offset) * _MS_PER_S
+
+
+def _wall_edge_ms(at_ms: int, offset_ms: int, minute: int, *, after: bool) -> int:
+    """The instant ``minute`` is next shown after ``at_ms`` (or last shown at or before it)."""
+    local_ms = at_ms + offset_ms
+    edge_ms = local_ms - local_ms % _MS_PER_DAY + minute * _MS_PER_MINUTE
+    if after and edge_ms <= local_ms:
+        edge_ms += _MS_PER_DAY
+    elif not after and edge_ms > local_ms:
+        edge_ms -= _MS_PER_DAY
+    return edge_ms - offset_ms
+
+
 def _quiet_end_ms(at_ms: int, window: tuple[int, int], tz: ZoneInfo) -> int:
     """The first instant after quiet ``at_ms`` that is not quiet."""
+    offset_ms = _steady_offset_ms(at_ms, tz)
+    if offset_ms is not None:
+        return _wall_edge_ms(at_ms, offset_ms, window[1], after=True)
     for point in _change_points(at_ms, window, tz):
         if point > at_ms and not _quiet(point, window, tz):
             return point
@@ -134,6 +162,9 @@ def _quiet_end_ms(at_ms: int, window: tuple[int, int], tz: ZoneInfo) -> int:
 
 def _quiet_start_ms(at_ms: int, window: tuple[int, int], tz: ZoneInfo) -> int:
     """The instant the quiet stretch holding quiet ``at_ms`` began."""
+    offset_ms = _steady_offset_ms(at_ms, tz)
+    if offset_ms is not None:
+        return _wall_edge_ms(at_ms, offset_ms, window[0], after=False)
     for point in reversed(_change_points(at_ms, window, tz)):
         if point <= at_ms and _quiet(point, window, tz) and not _quiet(point - 1, window, tz):
             return point

@@ -7,8 +7,9 @@ dispatchers (tasks or processes) may claim the same shards at once without handi
 
 Internal timers share the due sets: a member ``"<parcel_id>:CHECK_<NAME>"`` (see :func:`timer_member`)
 is not a notice; when due, the claim removes it and the dispatcher calls the handler registered for
-``NAME`` with ``(shard, parcel_id, NAME)``. A handler that fails is retried later (its member is put back
-unless the handler already rescheduled it), so handlers must be idempotent.
+``NAME`` with ``(shard, parcel_id, NAME)``. A timer whose handler fails, or that has no handler here, is
+put back ``timer_retry_ms`` later (unless the handler already rescheduled it), so handlers must be
+idempotent.
 
 The loop sleeps until the earliest due time (the claim script reports it, at no extra round trip),
 at most ``max_idle_s`` so other processes' inserts are seen, and :meth:`Dispatcher.wake` cuts the sleep
@@ -64,7 +65,7 @@ class ClaimStats:
     claimed: int = 0
     # Due members without a body (withdrawn notices), removed.
     dropped: int = 0
-    # Timers whose handler ran (or was retried later: see ``timer_failures``).
+    # Due timers taken; of those, ``timer_failures`` failed or had no handler and were put back.
     timers: int = 0
     timer_failures: int = 0
     # The earliest due time still pending on any shard, None if nothing is pending.
@@ -233,29 +234,40 @@ class Dispatcher:
         return replies, round_trips
 
     async def _run_timers(self, replies: Iterable[_ShardReply], now_ms: int) -> int:
-        calls = [self._run_timer(r.shard, member, now_ms) for r in replies for member in r.timers]
-        if not calls:
+        """Run the due timers' handlers; put back, in one round trip, those that did not succeed."""
+        due = [(r.shard, member) for r in replies for member in r.timers]
+        if not due:
             return 0
-        outcomes = await asyncio.gather(*calls)
-        return outcomes.count(False)
+        outcomes = await asyncio.gather(*(self._run_timer(shard, member) for shard, member in due))
+        failed = [timer for timer, ok in zip(due, outcomes, strict=True) if not ok]
+        if failed:
+            retry_ms = now_ms + self._timer_retry_ms
+            pipe = self._redis.pipeline(transaction=False)
+            for shard, member in failed:
+                # NX: a handler that rescheduled its timer before failing keeps its own time.
+                pipe.zadd(keys.due(shard), {member: retry_ms}, nx=True)
+            try:
+                await pipe.execute()
+            except (RedisConnectionError, RedisTimeoutError):
+                log.warning("could not put back %d timers", len(failed))
+        return len(failed)
 
-    async def _run_timer(self, shard: int, member: str, now_ms: int) -> bool:
+    async def _run_timer(self, shard: int, member: str) -> bool:
+        """Whether the timer's handler ran to completion."""
         parcel_id, name = parse_timer(member)
         handler = self._handlers.get(name)
         if handler is None:
-            log.warning("no handler for timer %s of parcel %s: dropped", name, parcel_id)
-            return True
+            # Handed back rather than lost: a dispatcher with the handler (or this one, once it is
+            # registered) takes it later.
+            log.warning("no handler for timer %s of parcel %s: handed back", name, parcel_id)
+            return False
         async with self._timer_slots:
             try:
                 await handler(shard, parcel_id, name)
             except Exception:
                 log.exception("timer %s of parcel %s failed: retrying later", name, parcel_id)
-            else:
-                return True
-        # NX: a handler that rescheduled its timer before failing keeps its own time.
-        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-            await self._redis.zadd(keys.due(shard), {member: now_ms + self._timer_retry_ms}, nx=True)
-        return False
+                return False
+        return True
 
 
 def _parse_reply(shard: int, result: list[object]) -> _ShardReply:

@@ -160,9 +160,12 @@ async def test_timers_call_their_handler(redis: Redis, clock: ManualClock) -> No
     stats = await dispatcher.claim_once()
 
     assert calls == [(shard, "p:1", "DELAYED")]
-    assert (stats.claimed, stats.timers, stats.timer_failures) == (1, 2, 0)
-    assert await redis.zcard(keys.due(shard)) == 0  # the unknown timer is dropped, not kept forever
+    assert (stats.claimed, stats.timers, stats.timer_failures) == (1, 2, 1)
     assert await outbox_ids(redis) == ["p:1:SHIPPED"]  # timers never reach the outbox
+    # A timer nobody here handles is handed back for later, not lost.
+    assert await redis.zrange(keys.due(shard), 0, -1, withscores=True) == [
+        (b"p:1:CHECK_UNKNOWN", float(T0_MS + 30_000))
+    ]
 
 
 async def test_failing_timer_is_retried_later(redis: Redis, clock: ManualClock) -> None:

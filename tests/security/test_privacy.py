@@ -9,21 +9,30 @@ nothing exported may.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
-from relais.v1 import parcel_pb2, parcel_pb2_grpc, preferences_pb2, tracking_pb2, tracking_pb2_grpc, types_pb2
+from relais.v1 import (
+    parcel_pb2,
+    parcel_pb2_grpc,
+    preferences_pb2,
+    preferences_pb2_grpc,
+    tracking_pb2,
+    tracking_pb2_grpc,
+    types_pb2,
+)
 
 from channels.file_sink import FileChannel
-from common import keys
 from common.clock import ManualClock
 from common.logs import JsonFormatter, TraceContextFilter
 from common.settings import SecuritySettings, Settings
@@ -41,8 +50,9 @@ CANARY_EMAIL = "canary.7731@mailbox.example"
 CANARY_PHONE = "+41795557731"
 CANARY_FCM = "fcm-canary-token-7731-abcdef"
 CANARY_PUSH_ENDPOINT = "https://push.example/canary-endpoint-7731"
-CANARY_P256DH = "BCanaryP256dhKey7731xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
-CANARY_AUTH = "canaryAuth7731"
+# A well-formed subscription (65-byte P-256 point, 16-byte secret) whose encodings are recognisable.
+CANARY_P256DH = base64.urlsafe_b64encode(b"\x04" + b"canary-7731-p256dh".ljust(64, b"k")).decode().rstrip("=")
+CANARY_AUTH = base64.urlsafe_b64encode(b"canary-7731-auth").decode().rstrip("=")
 CANARIES = (CANARY_EMAIL, CANARY_PHONE, CANARY_FCM, CANARY_PUSH_ENDPOINT, CANARY_P256DH, CANARY_AUTH)
 # The phone number as it might be logged in other shapes.
 CANARY_SHAPES = (*CANARIES, "795557731", "canary.7731", "7731@mailbox")
@@ -120,6 +130,17 @@ def event(
     return e
 
 
+async def set_preferences(channel: grpc.aio.Channel) -> None:
+    """The merchant stores the recipient's preferences through PreferenceService."""
+    stored = await preferences_pb2_grpc.PreferenceServiceStub(channel).UpdatePreferences(
+        preferences_pb2.UpdatePreferencesRequest(preferences=canary_preferences()),
+        metadata=bearer("merchant:acme"),
+        timeout=5,
+    )
+    assert stored.email == CANARY_EMAIL
+    assert stored.phone == CANARY_PHONE
+
+
 async def journey(
     channel: grpc.aio.Channel,
     redis: Redis,
@@ -163,12 +184,11 @@ async def test_personal_data_reaches_no_log_span_or_metric(
     redis: Redis, clock: ManualClock, keys_file: Path, tmp_path: Path, exported: Exported
 ) -> None:
     settings = settings_with(SecuritySettings(keys_file=keys_file))
-    shard = keys.shard_of(RECIPIENT, settings.shards)
-    await redis.set(keys.preferences(shard, RECIPIENT), canary_preferences().SerializeToString())
     telemetry = exported.telemetry
     register = build_engine(settings, redis, clock, telemetry.metrics, telemetry.tracer).register
     async with serving(settings, redis, clock, register, telemetry=telemetry) as running:  # noqa: SIM117
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            await set_preferences(channel)
             await journey(channel, redis, clock, settings, tmp_path / "sink", telemetry)
             # A failing call too: errors are where data leaks most easily.
             with pytest.raises(grpc.aio.AioRpcError):
@@ -203,3 +223,89 @@ async def test_personal_data_reaches_no_log_span_or_metric(
         m["name"] for rm in metrics["resource_metrics"] for sm in rm["scope_metrics"] for m in sm["metrics"]
     }
     assert {"relais.events", "relais.sends", "relais.schedule.lag"} <= names
+
+
+async def one(redis: Redis, command: str, *args: object) -> Any:
+    """One command through a pipeline: redis-py types hash, list and set commands for its sync and
+    async clients at once, which strict mypy cannot await."""
+    pipe = redis.pipeline(transaction=False)
+    getattr(pipe, command)(*args)
+    (reply,) = await pipe.execute()
+    return reply
+
+
+async def everything_in(redis: Redis) -> list[bytes]:
+    """Every key name and every value in the database, each read according to its type."""
+    found: list[bytes] = []
+    async for key in redis.scan_iter(count=1000):
+        found.append(key)
+        kind = (await redis.type(key)).decode()
+        if kind == "string":
+            found.append(await redis.get(key) or b"")
+        elif kind == "hash":
+            found.extend(b for pair in (await one(redis, "hgetall", key)).items() for b in pair)
+        elif kind == "list":
+            found.extend(await one(redis, "lrange", key, 0, -1))
+        elif kind == "set":
+            found.extend(await one(redis, "smembers", key))
+        elif kind == "zset":
+            found.extend(member for member, _score in await redis.zrange(key, 0, -1, withscores=True))
+        elif kind == "stream":
+            for _id, fields in await redis.xrange(key):
+                found.extend(b for pair in fields.items() for b in pair)
+        else:
+            raise AssertionError(f"{key!r} has a type this scan does not read: {kind}")
+    return found
+
+
+def canaries_in(values: list[bytes]) -> set[str]:
+    return {canary for canary in CANARY_SHAPES for value in values if canary.encode() in value}
+
+
+async def test_erasure_leaves_no_personal_data_in_redis(
+    redis: Redis, clock: ManualClock, keys_file: Path, tmp_path: Path
+) -> None:
+    settings = settings_with(SecuritySettings(keys_file=keys_file))
+    telemetry = setup_telemetry(Settings())
+    register = build_engine(settings, redis, clock).register
+    async with serving(settings, redis, clock, register) as running:  # noqa: SIM117
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            await set_preferences(channel)
+            await journey(channel, redis, clock, settings, tmp_path / "sink", telemetry)
+            # The slot moves: a correction waits (debounced) in the due set when erasure comes.
+            moved = event("ev-3", types_pb2.TRACKING_STATUS_OUT_FOR_DELIVERY, clock.now_ms() - 1000)
+            moved.delivery_window.start.FromMilliseconds(T0_MS + 6 * HOUR_MS)
+            moved.delivery_window.end.FromMilliseconds(T0_MS + 8 * HOUR_MS)
+            ack = await tracking_pb2_grpc.TrackingServiceStub(channel).RecordEvents(
+                tracking_pb2.EventBatch(seq=2, events=[moved]),
+                metadata=bearer("carrier:swisspost"),
+                timeout=5,
+            )
+            assert ack.accepted == 1, ack
+            # The scan does see personal data while there is some.
+            assert CANARY_EMAIL in canaries_in(await everything_in(redis))
+
+            preferences = preferences_pb2_grpc.PreferenceServiceStub(channel)
+            erased = await preferences.EraseRecipient(
+                preferences_pb2.EraseRecipientRequest(recipient_id=RECIPIENT),
+                metadata=bearer("merchant:acme"),
+                timeout=5,
+            )
+            assert erased.preferences_erased
+            assert erased.notices_cancelled >= 1
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await preferences.GetPreferences(
+                    preferences_pb2.GetPreferencesRequest(recipient_id=RECIPIENT),
+                    metadata=bearer("merchant:acme"),
+                    timeout=5,
+                )
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            # Another merchant may not erase (or read) this merchant's recipients.
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await preferences.EraseRecipient(
+                    preferences_pb2.EraseRecipientRequest(recipient_id=RECIPIENT),
+                    metadata=bearer("merchant:globex"),
+                    timeout=5,
+                )
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert canaries_in(await everything_in(redis)) == set()

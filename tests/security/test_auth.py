@@ -13,7 +13,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
-from relais.v1 import parcel_pb2, parcel_pb2_grpc, tracking_pb2, tracking_pb2_grpc
+from relais.v1 import parcel_pb2, parcel_pb2_grpc, tracking_pb2, tracking_pb2_grpc, types_pb2
 
 from common import keys
 from common.clock import ManualClock
@@ -333,3 +333,71 @@ def test_relais_keys_add_prints_a_key_once_and_stores_only_its_hash(
     assert KeyStore.load(path).authenticate(key) == Principal.parse("carrier:swisspost")
     assert main(["keys", "add", "--principal", "admin", "--file", str(path)]) == 2
     assert "admin" in capsys.readouterr().err
+
+
+async def check_parcel_rules(channel: grpc.aio.Channel) -> None:
+    parcels = parcel_pb2_grpc.ParcelServiceStub(channel)
+    entries = [
+        parcel_pb2.ParcelRegistration(parcel_id=p, merchant_id=m, carrier="swisspost", recipient_id=r)
+        for p, m, r in (("P-A", "acme", "acme/r1"), ("P-B", "acme", "globex/r1"), ("P-C", "globex", "x/r"))
+    ]
+    reply = await parcels.RegisterParcels(
+        parcel_pb2.RegisterParcelsRequest(parcels=entries), metadata=bearer("merchant:acme"), timeout=5
+    )
+    assert reply.registered == 1
+    assert [(r.index, r.field) for r in reply.rejected] == [(1, "recipient_id"), (2, "merchant_id")]
+    request = parcel_pb2.GetParcelRequest(parcel_id="P-A")
+    assert (await parcels.GetParcel(request, metadata=bearer("merchant:acme"), timeout=5)).registered
+    assert (await parcels.GetParcel(request, metadata=bearer("operator"), timeout=5)).registered
+    foreign = parcels.GetParcel(request, metadata=bearer("merchant:globex"), timeout=5)
+    assert await code_of(foreign) == grpc.StatusCode.NOT_FOUND
+
+
+async def check_tracking_rules(channel: grpc.aio.Channel, now_ms: int) -> None:
+    events = []
+    for i, carrier in enumerate(("swisspost", "dhl-de", "swisspost")):
+        event = tracking_pb2.TrackingEvent(
+            event_id=f"e{i}", parcel_id="P-A", carrier=carrier, status=types_pb2.TRACKING_STATUS_IN_TRANSIT
+        )
+        event.occurred_at.FromMilliseconds(now_ms - 60_000)
+        events.append(event)
+    ack = await tracking_pb2_grpc.TrackingServiceStub(channel).RecordEvents(
+        tracking_pb2.EventBatch(seq=3, events=events), metadata=bearer("carrier:swisspost"), timeout=5
+    )
+    assert ack.accepted == 2
+    denied = tracking_pb2.REJECT_CODE_PERMISSION_DENIED
+    assert [(r.index, r.code) for r in ack.rejected] == [(1, denied)]
+
+
+async def check_alert_and_preference_rules(channel: grpc.aio.Channel) -> None:
+    from relais.v1 import alerts_pb2, alerts_pb2_grpc, preferences_pb2, preferences_pb2_grpc
+
+    alerts = alerts_pb2_grpc.AlertServiceStub(channel)
+    listing = alerts_pb2.ListAlertsRequest(merchant_id="acme")
+    others = alerts.ListAlerts(listing, metadata=bearer("merchant:globex"), timeout=5)
+    assert await code_of(others) == grpc.StatusCode.PERMISSION_DENIED
+    own = await alerts.ListAlerts(listing, metadata=bearer("merchant:acme"), timeout=5)
+    assert list(own.alerts) == []
+    preferences = preferences_pb2_grpc.PreferenceServiceStub(channel)
+    update = preferences_pb2.UpdatePreferencesRequest(
+        preferences=preferences_pb2.RecipientPreferences(recipient_id="globex/r1", locale="fr")
+    )
+    foreign = preferences.UpdatePreferences(update, metadata=bearer("merchant:acme"), timeout=5)
+    assert await code_of(foreign) == grpc.StatusCode.PERMISSION_DENIED
+    update.preferences.recipient_id = "acme/r1"
+    stored = await preferences.UpdatePreferences(update, metadata=bearer("merchant:acme"), timeout=5)
+    assert stored.locale == "fr"
+
+
+async def test_the_real_services_apply_the_fine_rules(
+    redis: Redis, clock: ManualClock, keys_file: Path
+) -> None:
+    from engine.app import build_engine
+
+    settings = settings_with(SecuritySettings(keys_file=keys_file))
+    register = build_engine(settings, redis, clock).register
+    async with serving(settings, redis, clock, register) as running:  # noqa: SIM117
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            await check_parcel_rules(channel)
+            await check_tracking_rules(channel, clock.now_ms())
+            await check_alert_and_preference_rules(channel)

@@ -31,6 +31,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[i
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.clock import Clock
 from common.settings import Settings
@@ -205,6 +207,12 @@ class ErrorInterceptor(ServerInterceptor):
                 except UndecodableRequestError as exc:
                     span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.INVALID_ARGUMENT.value[0])
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    # Redis away is an outage, not a bug: the caller should retry, with backoff.
+                    log.warning("%s in %s: storage unavailable", type(exc).__name__, method)
+                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.UNAVAILABLE.value[0])
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable; retry later")
                 except Exception as exc:
                     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                     span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.INTERNAL.value[0])

@@ -97,3 +97,22 @@ async def test_a_body_that_does_not_parse_is_invalid_argument_not_the_parsers_me
                 async for _ack in stream(bodies(), timeout=5):
                     pass
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_redis_away_is_unavailable_not_internal(clock: ManualClock) -> None:
+    from common.redis_client import connect
+    from common.redis_server import free_port
+    from engine.app import build_engine
+
+    dead = connect(f"redis://127.0.0.1:{free_port()}/0")
+    settings = settings_with(SecuritySettings())
+    try:
+        async with serving(settings, dead, clock, build_engine(settings, dead, clock).register) as running:  # noqa: SIM117
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                stub = parcel_pb2_grpc.ParcelServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.GetParcel(parcel_pb2.GetParcelRequest(parcel_id="p1"), timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert info.value.details() == "storage unavailable; retry later"
+    finally:
+        await dead.aclose()

@@ -33,9 +33,8 @@ def parcel(shard: int, parcel_id: str) -> str:
     ``v`` version (integer string, bumped by every engine write), ``s`` the ``ParcelState`` protobuf,
     ``q`` the notice kinds the engine scheduled (comma-separated, to check the due set in one read),
     ``n:<KIND>`` the ``Notice`` body that should go out, ``nv:<KIND>`` its version, ``ns:<KIND>`` set
-    to ``CANCELLED`` / ``SUPPRESSED`` when the notice was withdrawn (its body is then removed),
-    ``a:<KIND>`` the gateway's delivery attempts, ``c:<KIND>`` when the scheduler last moved it to
-    the outbox (unix ms, ``common/lua/claim.lua``). Finished parcels carry a TTL of the retention.
+    to ``CANCELLED`` / ``SUPPRESSED`` when the notice was withdrawn (its body is then removed), and
+    ``a:<KIND>`` the gateway's delivery attempts. Finished parcels carry a TTL of the retention.
     """
     return f"{PREFIX}p:{tag(shard)}:{parcel_id}"
 

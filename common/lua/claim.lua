@@ -5,9 +5,9 @@
 -- ARGV[1] = now_ms, ARGV[2] = limit, ARGV[3] = parcel hash key prefix (the key without the parcel id),
 -- ARGV[4] = timer kind prefix ("CHECK_").
 -- A member is "<parcel_id>:<KIND>", split at the LAST ':'. Its body is field "n:<KIND>" of the parcel
--- hash; it goes to the outbox as field "n", and "c:<KIND>" records when it was claimed (so the parcel
--- view can show it queued). A member without a body was withdrawn: it is just removed. A timer member
--- ("<parcel_id>:CHECK_<NAME>") is removed and handed back to the caller, which runs its handler.
+-- hash; it goes to the outbox as field "n". Nothing else is written: the parcel view reads "no longer
+-- in the due set" as queued. A member without a body was withdrawn: it is just removed. A timer
+-- member ("<parcel_id>:CHECK_<NAME>") is removed and handed back to the caller, which runs its handler.
 -- Returns {claimed, dropped, next due score or false, timer members...}.
 -- Cost: O(log n + limit) - ZRANGEBYSCORE from -inf returns ranks 0..k-1, removed by rank.
 local due, outbox = KEYS[1], KEYS[2]
@@ -27,11 +27,9 @@ if count > 0 then
     elseif string.sub(kind, 1, timer_len) == timer then
       reply[#reply + 1] = member
     else
-      local key = prefix .. parcel_id
-      local body = redis.call('HGET', key, 'n:' .. kind)
+      local body = redis.call('HGET', prefix .. parcel_id, 'n:' .. kind)
       if body then
         redis.call('XADD', outbox, '*', 'n', body)
-        redis.call('HSET', key, 'c:' .. kind, now)
         claimed = claimed + 1
       else
         dropped = dropped + 1

@@ -15,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+from cli.stack import engine_loops
 from common import logs
 from common.clock import SystemClock
 from common.errors import RelaisError
@@ -49,7 +50,8 @@ async def serve(settings: Settings, *, with_gateway: bool) -> None:
         telemetry = setup_telemetry(settings)
         gauges: set[asyncio.Task[None]] = set()
         try:
-            engine = build_engine(settings, redis, SystemClock(), telemetry.metrics, telemetry.tracer)
+            clock = SystemClock()
+            engine = build_engine(settings, redis, clock, telemetry.metrics, telemetry.tracer)
             running = await start_server(settings, redis, register=engine.register, telemetry=telemetry)
             stopped = asyncio.Event()
             install_signal_handlers(running, stopped)
@@ -69,7 +71,8 @@ async def serve(settings: Settings, *, with_gateway: bool) -> None:
                 "on" if with_gateway else "off",
                 describe_listener(sec.tls_cert, sec.tls_client_ca, sec.keys_file),
             )
-            await running.wait()
+            async with engine_loops(settings, redis, clock, engine, telemetry, with_gateway=with_gateway):
+                await running.wait()
         finally:
             for task in gauges:
                 task.cancel()

@@ -9,10 +9,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import time
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from relais.v1 import (
+    parcel_pb2,
+    parcel_pb2_grpc,
+    preferences_pb2,
+    preferences_pb2_grpc,
+    tracking_pb2,
+    tracking_pb2_grpc,
+    types_pb2,
+)
 
 from common.redis_server import free_port
+from tests.engine.core_support import HOUR_MS, event, registration
 from tests.foundation.test_server import list_services
 
 RELAIS = Path(sys.executable).parent / "relais"
@@ -44,6 +56,11 @@ async def test_relais_run_serves_with_embedded_redis(tmp_path: Path) -> None:
     try:
         assert await wait_serving(port, timeout_s=30) == health_pb2.HealthCheckResponse.SERVING
         assert {"relais.v1.TrackingService", "relais.v1.AlertService"} <= await list_services(port)
+        await journey(port)
+        # The SLOT_ANNOUNCED email reaches the SMTP sink, in French; SHIPPED too.
+        mails = await wait_for_files(tmp_path / "sink" / "smtp", count=2, timeout_s=30)
+        texts = [m.read_text(errors="replace") for m in mails]
+        assert any("lea@example.org" in t and "Content-Language: fr" in t for t in texts)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
@@ -56,3 +73,39 @@ def test_bad_setting_stops_relais_with_a_clear_message() -> None:
     done = subprocess.run([str(RELAIS), "serve"], env=env, capture_output=True, timeout=30, check=False)
     assert done.returncode == 2
     assert b"RELAIS_SHARDS" in done.stderr
+
+
+async def journey(port: int) -> None:
+    """A merchant registers a parcel and its recipient; the carrier announces a slot tomorrow."""
+    now_ms = int(time.time() * 1000)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        prefs = preferences_pb2.RecipientPreferences(
+            recipient_id="acme/r1", locale="fr", time_zone="Europe/Paris", email="lea@example.org"
+        )
+        await preferences_pb2_grpc.PreferenceServiceStub(channel).UpdatePreferences(
+            preferences_pb2.UpdatePreferencesRequest(preferences=prefs), timeout=5
+        )
+        registered = await parcel_pb2_grpc.ParcelServiceStub(channel).RegisterParcels(
+            parcel_pb2.RegisterParcelsRequest(parcels=[registration("RUN-1")]), timeout=5
+        )
+        assert registered.registered == 1
+        slot = (now_ms + 24 * HOUR_MS, now_ms + 26 * HOUR_MS)
+        batch = tracking_pb2.EventBatch(
+            seq=1,
+            events=[
+                event("e1", "RUN-1", types_pb2.TRACKING_STATUS_IN_TRANSIT, now_ms - HOUR_MS),
+                event("e2", "RUN-1", types_pb2.TRACKING_STATUS_OUT_FOR_DELIVERY, now_ms, slot=slot),
+            ],
+        )
+        ack = await tracking_pb2_grpc.TrackingServiceStub(channel).RecordEvents(batch, timeout=5)
+        assert (ack.accepted, list(ack.rejected)) == (2, [])
+
+
+async def wait_for_files(folder: Path, *, count: int, timeout_s: float) -> list[Path]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = sorted(folder.glob("*.eml")) if folder.exists() else []
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"fewer than {count} messages in {folder} after {timeout_s}s")

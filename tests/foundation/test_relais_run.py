@@ -7,9 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -104,7 +103,7 @@ async def journey(port: int) -> None:
 async def wait_for_files(folder: Path, *, count: int, timeout_s: float) -> list[Path]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        found = sorted(folder.glob("*.eml")) if folder.exists() else []
+        found = await asyncio.to_thread(lambda: sorted(folder.glob("*.eml")) if folder.exists() else [])
         if len(found) >= count:
             return found
         await asyncio.sleep(0.1)

@@ -95,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Profile, argparse.Namespa
     parser = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the smoke profile (5,000 events)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: a new one)")
+    parser.add_argument(
+        "--engine",
+        choices=("proc", "cli"),
+        default=os.environ.get("LOADTEST_ENGINE", "proc"),
+        help="proc: python -m loadtest.engine_proc (default); cli: relais serve",
+    )
     for name in Profile.__dataclass_fields__:
         parser.add_argument(
             f"--{name.replace('_', '-')}", default=None, help=f"default: LOADTEST_{name.upper()}"
@@ -270,9 +276,9 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.0f} ms"
 
 
-def run(profile: Profile, out: Path) -> dict[str, Any]:
+def run(profile: Profile, out: Path, *, engine: str = "proc") -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    config = StackConfig(run_dir=out, shards=profile.shards, gateways=profile.gateways)
+    config = StackConfig(run_dir=out, shards=profile.shards, gateways=profile.gateways, engine=engine)
     started = time.monotonic()
     with Stack(config) as stack:
         recipients_via = asyncio.run(_prepare(stack, profile))
@@ -302,7 +308,7 @@ def run(profile: Profile, out: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     profile, args = parse_args(argv)
     out = args.out or RESULTS / f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = run(profile, out)
+    summary = run(profile, out, engine=args.engine)
     (RESULTS / "loadtest-summary.json").write_text(json.dumps(summary, indent=2))
     print(report(summary))
     print(f"  results              {out} (locust.html, locust_*.csv, summary.json)")

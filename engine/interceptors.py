@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     Guard = Callable[[Context], contextlib.AbstractAsyncContextManager[None]]
     Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]]
     ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+    RequestFilter = Callable[[AsyncIterator[Any]], AsyncIterator[Any]]
 else:
     ServerInterceptor = grpc.aio.ServerInterceptor
 
@@ -109,10 +110,19 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield _check(request)
 
 
-def _unary_response(behavior: Callable[..., Any], guard: Guard, streamed: bool) -> Callable[..., Any]:
+def _requests(request: Any, streamed: bool, each: RequestFilter | None) -> Any:
+    if not streamed:
+        return _check(request)
+    requests = _checked_stream(request)
+    return requests if each is None else each(requests)
+
+
+def _unary_response(
+    behavior: Callable[..., Any], guard: Guard, streamed: bool, each: RequestFilter | None
+) -> Callable[..., Any]:
     async def handle(request: Any, context: Context) -> Any:
         async with guard(context):
-            result = behavior(_checked_stream(request) if streamed else _check(request), context)
+            result = behavior(_requests(request, streamed, each), context)
             if inspect.isawaitable(result):
                 result = await result
             return result
@@ -120,10 +130,12 @@ def _unary_response(behavior: Callable[..., Any], guard: Guard, streamed: bool) 
     return handle
 
 
-def _stream_response(behavior: Callable[..., Any], guard: Guard, streamed: bool) -> Callable[..., Any]:
+def _stream_response(
+    behavior: Callable[..., Any], guard: Guard, streamed: bool, each: RequestFilter | None
+) -> Callable[..., Any]:
     async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
         async with guard(context):
-            result = behavior(_checked_stream(request) if streamed else _check(request), context)
+            result = behavior(_requests(request, streamed, each), context)
             if hasattr(result, "__aiter__"):
                 async for item in result:
                     yield item
@@ -138,29 +150,34 @@ def _stream_response(behavior: Callable[..., Any], guard: Guard, streamed: bool)
 
 
 def wrap_handler(
-    handler: grpc.RpcMethodHandler[Any, Any], guard: Guard, *, safe_decoding: bool = False
+    handler: grpc.RpcMethodHandler[Any, Any],
+    guard: Guard,
+    *,
+    safe_decoding: bool = False,
+    each_request: RequestFilter | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler, each call run inside ``guard(context)``. With ``safe_decoding`` a body that
-    does not parse reaches the handler as ``Undecodable`` (raised as ``UndecodableRequestError``)."""
+    does not parse reaches the handler as ``Undecodable`` (raised as ``UndecodableRequestError``);
+    ``each_request`` wraps the request stream of client-streaming calls."""
     decode = handler.request_deserializer
     if safe_decoding:
         decode = _safe_deserializer(decode)
     encode = handler.response_serializer
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _unary_response(handler.unary_unary, guard, False), decode, encode
+            _unary_response(handler.unary_unary, guard, False, None), decode, encode
         )
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _unary_response(handler.stream_unary, guard, True), decode, encode
+            _unary_response(handler.stream_unary, guard, True, each_request), decode, encode
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _stream_response(handler.unary_stream, guard, False), decode, encode
+            _stream_response(handler.unary_stream, guard, False, None), decode, encode
         )
     assert handler.stream_stream is not None
     return grpc.stream_stream_rpc_method_handler(
-        _stream_response(handler.stream_stream, guard, True), decode, encode
+        _stream_response(handler.stream_stream, guard, True, each_request), decode, encode
     )
 
 
@@ -265,6 +282,8 @@ class AuthInterceptor(ServerInterceptor):
             return handler
         key = bearer_key(handler_call_details.invocation_metadata)
         principal = self._keys.authenticate(key) if key else None
+        # A stream is charged per message (a carrier's batches), a unary call once.
+        streaming = handler.stream_unary is not None or handler.stream_stream is not None
 
         @contextlib.asynccontextmanager
         async def guard(context: Context) -> AsyncIterator[None]:
@@ -276,29 +295,52 @@ class AuthInterceptor(ServerInterceptor):
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"{principal.kind.value} callers may not call {service}",
                 )
-            await self._charge(principal, context)
+            if not streaming:
+                wait_ms = await self._charge(principal)
+                if wait_ms:
+                    await _refuse(principal, wait_ms, context)
             token = bind_principal(principal)
             try:
                 yield
+            except QuotaExceededError as exc:
+                await _refuse(principal, exc.retry_after_ms, context)
             finally:
                 # A generator closed from another context cannot reset; the call's context dies anyway.
                 with contextlib.suppress(ValueError):
                     unbind_principal(token)
 
-        return wrap_handler(handler, guard)
+        async def charged(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for request in requests:
+                assert principal is not None
+                wait_ms = await self._charge(principal)
+                if wait_ms:
+                    raise QuotaExceededError(wait_ms)
+                yield request
 
-    async def _charge(self, principal: Principal, context: Context) -> None:
+        return wrap_handler(handler, guard, each_request=charged if self._quota else None)
+
+    async def _charge(self, principal: Principal) -> int:
+        """Charge one request: 0 when allowed, else the milliseconds to wait."""
         if self._quota is None:
-            return
-        decision = await self._quota.check(principal)
-        if decision.allowed:
-            return
-        message = f"request quota of {principal} exceeded; retry in {decision.retry_after_ms} ms"
-        await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            message,
-            trailing_metadata=_retry_metadata(message, decision.retry_after_ms),
-        )
+            return 0
+        return (await self._quota.check(principal)).retry_after_ms
+
+
+class QuotaExceededError(Exception):
+    """Raised from a request stream over quota; the call ends RESOURCE_EXHAUSTED."""
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__(f"retry in {retry_after_ms} ms")
+        self.retry_after_ms = retry_after_ms
+
+
+async def _refuse(principal: Principal, retry_after_ms: int, context: Context) -> None:
+    message = f"request quota of {principal} exceeded; retry in {retry_after_ms} ms"
+    await context.abort(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        message,
+        trailing_metadata=_retry_metadata(message, retry_after_ms),
+    )
 
 
 def _retry_metadata(message: str, retry_after_ms: int) -> tuple[tuple[str, str | bytes], ...]:

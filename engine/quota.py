@@ -2,8 +2,9 @@
 
 Each principal (``carrier:swisspost``, ``merchant:acme``, ``operator``) has its own key, so a tenant
 over its quota is slowed down alone. Rate and burst are configured per principal kind; a rate of 0
-turns the quota off for that kind. A stream (StreamEvents) is charged once when it opens: its batches
-are paced by the ingest window, not by the quota.
+turns the quota off for that kind. A client stream (StreamEvents) is charged per message, so a
+carrier's batches count the same whether it streams them or calls RecordEvents; over quota the stream
+ends RESOURCE_EXHAUSTED after the acks of the batches that were let in.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ per-service rules, the fine rules' helpers and per-caller quotas."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -401,3 +401,41 @@ async def test_the_real_services_apply_the_fine_rules(
             await check_parcel_rules(channel)
             await check_tracking_rules(channel, clock.now_ms())
             await check_alert_and_preference_rules(channel)
+
+
+async def drain(stream: AsyncIterable[tracking_pb2.BatchAck], seqs: list[int]) -> None:
+    async for ack in stream:
+        seqs.append(ack.seq)
+
+
+@pytest.mark.parametrize("services", ["probe", "engine"])
+async def test_a_stream_is_charged_per_batch(
+    redis: Redis, clock: ManualClock, keys_file: Path, services: str
+) -> None:
+    from engine.app import build_engine
+
+    security = SecuritySettings(keys_file=keys_file, quota_carrier_rps=1.0, quota_carrier_burst=2)
+    settings = settings_with(security)
+    register = [add_probes] if services == "probe" else list(build_engine(settings, redis, clock).register)
+    async with serving(settings, redis, clock, register) as running:  # noqa: SIM117
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            tracking = tracking_pb2_grpc.TrackingServiceStub(channel)
+
+            async def batches(count: int) -> AsyncIterator[tracking_pb2.EventBatch]:
+                for seq in range(count):
+                    yield tracking_pb2.EventBatch(seq=seq)
+
+            acked: list[int] = []
+            stream = tracking.StreamEvents(batches(4), metadata=bearer("carrier:swisspost"), timeout=5)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await drain(stream, acked)
+            assert acked == [0, 1]
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            trailers: dict[str, Any] = dict(cast(Any, info.value.trailing_metadata()))
+            assert trailers["retry-after-ms"] == "1000"
+            # Another carrier streams on; a second later this one may send one more batch.
+            other = tracking.StreamEvents(batches(2), metadata=bearer("carrier:dhl-de"), timeout=5)
+            assert [ack.seq async for ack in other] == [0, 1]
+            clock.advance_ms(1000)
+            again = tracking.StreamEvents(batches(1), metadata=bearer("carrier:swisspost"), timeout=5)
+            assert [ack.seq async for ack in again] == [0]

@@ -26,6 +26,7 @@ from engine.alert_digest import DigestSender, default_sinks
 from engine.alert_rules import load_alert_config
 from engine.app import Engine
 from engine.scheduler import Dispatcher
+from engine.stats import StatsMetrics, StatsReader
 from gateway.worker import run_gateway
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,19 @@ async def _gateway(
                 await channel.aclose()
 
 
+async def _export_counters(
+    redis: Redis, settings: Settings, telemetry: Telemetry, stop: asyncio.Event, interval_s: float = 30.0
+) -> None:
+    """Keep the merchants' daily counters' OpenTelemetry snapshot current (callbacks cannot await)."""
+    if telemetry.meter_provider is None:
+        return
+    metrics = StatsMetrics(StatsReader(redis, settings.shards), telemetry.meter_provider.get_meter("relais"))
+    while not stop.is_set():
+        await metrics.refresh()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+
+
 @contextlib.asynccontextmanager
 async def engine_loops(
     settings: Settings,
@@ -90,6 +104,7 @@ async def engine_loops(
     tasks = [
         asyncio.create_task(dispatcher.run(stop), name="scheduler"),
         asyncio.create_task(digests.run(settings.alerts.digest_interval_s, stop), name="alert-digests"),
+        asyncio.create_task(_export_counters(redis, settings, telemetry, stop), name="counters"),
     ]
     if with_gateway:
         tasks.append(asyncio.create_task(_gateway(settings, redis, clock, telemetry, stop), name="gateway"))

@@ -147,8 +147,18 @@ class GatewaySettings:
     # Per merchant throughput.
     merchant_rate_per_s: float = 500.0
     merchant_burst: int = 1000
+    # Merchant template overrides: <dir>/<merchant_id>/<template path> wins over the built-in one.
+    templates_dir: Path | None = None
+    # Where actionable notices link to (the merchant's or carrier's tracking page).
+    link_base: str = "https://track.example"
 
     def __post_init__(self) -> None:
+        if not self.link_base.startswith("https://"):
+            raise SettingsError(f"RELAIS_GATEWAY_LINK_BASE={self.link_base!r} must be an https:// URL")
+        if self.templates_dir is not None and not self.templates_dir.is_dir():
+            raise SettingsError(
+                f"RELAIS_GATEWAY_TEMPLATES_DIR={str(self.templates_dir)!r} is not a directory"
+            )
         if self.backoff_max_s < self.backoff_base_s:
             raise SettingsError("RELAIS_GATEWAY_BACKOFF_MAX_S must be at least RELAIS_GATEWAY_BACKOFF_BASE_S")
 
@@ -191,6 +201,8 @@ class GatewaySettings:
                 env, p + "MERCHANT_RATE_PER_S", cls.merchant_rate_per_s, low=0.001, high=1e7
             ),
             merchant_burst=_int(env, p + "MERCHANT_BURST", cls.merchant_burst, low=1, high=10_000_000),
+            templates_dir=Path(env[p + "TEMPLATES_DIR"]) if env.get(p + "TEMPLATES_DIR") else None,
+            link_base=env.get(p + "LINK_BASE") or cls.link_base,
         )
 
 
@@ -365,7 +377,9 @@ class TelemetrySettings:
     def from_env(cls, env: Mapping[str, str]) -> TelemetrySettings:
         endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
         if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-            raise SettingsError(f"OTEL_EXPORTER_OTLP_ENDPOINT={endpoint!r} must start with http:// or https://")
+            raise SettingsError(
+                f"OTEL_EXPORTER_OTLP_ENDPOINT={endpoint!r} must start with http:// or https://"
+            )
         plain = endpoint is not None and endpoint.startswith("http://")
         return cls(
             otlp_endpoint=endpoint,
@@ -452,7 +466,7 @@ class Settings:
             log_level=(env.get("RELAIS_LOG_LEVEL") or cls.log_level).upper(),
             gateway=GatewaySettings.from_env(env),
             alerts=AlertSettings.from_env(env),
-            engine=EngineSettings.from_env(env),
             security=SecuritySettings.from_env(env),
             telemetry=TelemetrySettings.from_env(env),
+            engine=EngineSettings.from_env(env),
         )

@@ -150,7 +150,7 @@ class Gateway:
         if renderer is None:
             from gateway.render import Renderer as DefaultRenderer
 
-            renderer = DefaultRenderer()
+            renderer = DefaultRenderer(settings.gateway.templates_dir, link_base=settings.gateway.link_base)
         self._settings: GatewaySettings = settings.gateway
         self._shards = settings.shards
         self._redis = redis

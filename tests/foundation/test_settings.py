@@ -27,6 +27,8 @@ def test_defaults_listen_on_loopback() -> None:
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
         ({"RELAIS_LOG_LEVEL": "LOUD"}, "RELAIS_LOG_LEVEL"),
         ({"RELAIS_CHANNEL_EMAIL": "x"}, "RELAIS_CHANNEL_EMAIL"),
+        ({"RELAIS_GATEWAY_LINK_BASE": "http://track.example"}, "RELAIS_GATEWAY_LINK_BASE"),
+        ({"RELAIS_GATEWAY_TEMPLATES_DIR": "/nonexistent/templates"}, "RELAIS_GATEWAY_TEMPLATES_DIR"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], named: str) -> None:

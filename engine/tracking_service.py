@@ -60,10 +60,16 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         slots = asyncio.Semaphore(self._window)
 
         async def read() -> None:
+            batches = aiter(request_iterator)
             try:
-                async for batch in request_iterator:
-                    acks.put_nowait(asyncio.create_task(self._apply(batch, context)))
+                while True:
+                    # A free slot first, then the next batch: never more than `window` held.
                     await slots.acquire()
+                    try:
+                        batch = await anext(batches)
+                    except StopAsyncIteration:
+                        return
+                    acks.put_nowait(asyncio.create_task(self._apply(batch, context)))
             finally:
                 acks.put_nowait(None)
 

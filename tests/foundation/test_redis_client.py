@@ -1,0 +1,52 @@
+"""``connect`` packs commands with hiredis: every argument type the project sends arrives intact."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import DataError
+
+from common.redis_client import PackingConnection, connect, pack_command
+
+
+def test_pack_command_matches_the_protocol() -> None:
+    assert pack_command(("SET", b"k", 1, 2.5, "é")) == (
+        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n1\r\n$3\r\n2.5\r\n$2\r\n\xc3\xa9\r\n"
+    )
+    # A command name with a space is two words, as redis-py sends it.
+    assert pack_command(("CONFIG GET", "maxmemory")).startswith(b"*3\r\n$6\r\nCONFIG\r\n$3\r\nGET\r\n")
+
+
+@pytest.mark.parametrize("bad", [None, True])
+def test_pack_command_refuses_what_redis_py_refuses(bad: object) -> None:
+    with pytest.raises(DataError):
+        pack_command(("SET", "k", bad))
+
+
+async def test_values_round_trip_through_redis(redis: Redis) -> None:
+    assert redis.connection_pool.connection_class is PackingConnection
+    blob = bytes(range(256)) * 300  # binary, and larger than redis-py's buffer cutoff
+    pipe = redis.pipeline(transaction=False)
+    pipe.set("relais:test:{0}:blob", blob)
+    pipe.hset("relais:test:{0}:h", mapping={"i": 7, "f": 0.25, "s": "é", b"b": b"\x00\xff"})
+    pipe.zadd("relais:test:{0}:z", {"m": 1_773_133_200_000})
+    await pipe.execute()
+    assert await redis.get("relais:test:{0}:blob") == blob
+    fields = await redis.hgetall("relais:test:{0}:h")  # type: ignore[misc]
+    assert fields == {
+        b"i": b"7",
+        b"f": b"0.25",
+        b"s": "é".encode(),
+        b"b": b"\x00\xff",
+    }
+    assert await redis.zscore("relais:test:{0}:z", "m") == 1_773_133_200_000
+    script = redis.register_script("return {ARGV[1], #ARGV[2]}")
+    assert await script(keys=["relais:test:{0}:k"], args=[12, blob]) == [b"12", len(blob)]
+    assert await redis.config_get("maxmemory")  # a two-word command
+
+
+async def test_connect_closes_its_pool(redis_url: str) -> None:
+    client = connect(redis_url)
+    assert await client.ping()
+    await client.aclose()
+    assert client.auto_close_connection_pool

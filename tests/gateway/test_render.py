@@ -438,3 +438,60 @@ def test_a_broken_merchant_template_names_itself(tmp_path: Path) -> None:
         with pytest.raises(RenderError, match=r"^template: ") as raised:
             renderer.render(notice, channel=types_pb2.CHANNEL_EMAIL, locale="en", time_zone=ZURICH)
         assert expected in str(raised.value)
+
+
+# A message rendered once per set of facts and reused with each parcel's id must be the very message
+# the templates write for that parcel: every kind, channel and language, ids plain or not (those are
+# rendered in full), long ids (SMS cut, subject cap), links on and off.
+REUSE_IDS = [
+    "99.60.123456.12345678",
+    "BP-000000001",
+    "x",
+    "A" * 64,
+    "a" * 65,
+    "id with spaces",
+    '<b>&"quoted"</b>',
+    "colis/ü%20",
+]
+
+
+@pytest.mark.parametrize("lang", ["fr-CH", "de", "it", "en", "en-US", "xx"])
+def test_reused_messages_equal_fully_rendered_ones(lang: str) -> None:
+    reusing, full = Renderer(), Renderer(reuse_messages=False)
+    for kind in KINDS:
+        for actionable in (True, False):
+            for parcel_id in REUSE_IDS:
+                notice = make_notice(kind, actionable=actionable)
+                notice.parcel_id = parcel_id
+                for channel in CHANNELS:
+                    expected = full.render(notice, channel=channel, locale=lang, time_zone=ZURICH)
+                    got = reusing.render(notice, channel=channel, locale=lang, time_zone=ZURICH)
+                    assert got == expected, (kind, channel, parcel_id)
+    assert any(stencil is not None for stencil in reusing._stencils.values())
+
+
+def test_reused_messages_follow_every_fact() -> None:
+    """Two notices differing in one fact the templates read never share a message."""
+    reusing, full = Renderer(), Renderer(reuse_messages=False)
+    base = make_notice(types_pb2.NOTICE_KIND_AVAILABLE_FOR_PICKUP)
+    variants = [base]
+    for change in (
+        lambda n: setattr(n.slot.start, "seconds", WINTER_S + HOUR_S),
+        lambda n: setattr(n.previous_slot.end, "seconds", WINTER_S),
+        lambda n: setattr(n.pickup_point, "name", "Other kiosk"),
+        lambda n: n.pickup_point.ClearField("deadline"),
+        lambda n: setattr(n, "exception_reason", types_pb2.EXCEPTION_REASON_DAMAGED),
+        lambda n: setattr(n, "parcel_status", types_pb2.TRACKING_STATUS_RETURNED_TO_SENDER),
+        lambda n: setattr(n.promised_date, "day", 10),
+    ):
+        notice = notice_pb2.Notice()
+        notice.CopyFrom(base)
+        change(notice)
+        variants.append(notice)
+    for kind in KINDS:
+        for notice in variants:
+            notice.kind = kind
+            for zone in (ZURICH, "America/New_York"):
+                for channel in CHANNELS:
+                    expected = full.render(notice, channel=channel, locale="fr", time_zone=zone)
+                    assert reusing.render(notice, channel=channel, locale="fr", time_zone=zone) == expected

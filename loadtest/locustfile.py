@@ -90,6 +90,7 @@ class Shared:
     tally: Tally = field(default_factory=Tally)
     recent_parcels: deque[str] = field(default_factory=lambda: deque(maxlen=20_000))
     carriers_active: int = 0
+    stopping: bool = False
     next_carrier: int = 0
     run_id: str = ""
 
@@ -237,9 +238,15 @@ class CarrierUser(RelaisUser):
     def _carrier_done(self) -> None:
         shared = self.shared
         shared.carriers_active -= 1
-        if shared.carriers_active == 0 and shared.budget is not None and shared.budget.remaining == 0:
+        spent = shared.budget is not None and shared.budget.remaining == 0
+        if shared.carriers_active == 0 and spent and not shared.stopping:
+            shared.stopping = True
             log.info("every carrier has sent its events: stopping")
             runner = self.environment.runner
+            if isinstance(runner, WorkerRunner):
+                # A worker that quits by itself sends no final report (only one the master asked
+                # to quit does): send it, or the master misses the last seconds' counts.
+                runner._send_stats()
             if runner is not None:
                 gevent.spawn_later(0.1, runner.quit)
         raise StopUser()

@@ -1,25 +1,30 @@
 """At most one send per idempotency key (notice id + version + channel).
 
-Before a send the gateway claims the key: ``SET key sending NX GET PX <send timeout>``, pipelined with
-the batch's other commands. After the provider accepted, the settle script sets it to ``sent`` for the
-retention period. A gateway that dies mid-send leaves a ``sending`` claim that expires after the send
-timeout, when another gateway reclaims the outbox entry: that message is sent at most once more, and a
-key already ``sent`` is never sent again. The key also travels to the provider (``Message.
-idempotency_key``) so a provider that deduplicates makes the rare resend invisible.
+Before a send the gateway claims the key: ``SET key sending NX GET PX <send timeout>``, for a whole
+shard's keys in one ``idem_claim.lua`` call pipelined with the batch's other commands. After the
+provider accepted, the settle script sets it to ``sent`` for the retention period. A gateway that dies
+mid-send leaves a ``sending`` claim that expires after the send timeout, when another gateway
+reclaims the outbox entry: that message is sent at most once more, and a key already ``sent`` is
+never sent again. The key also travels to the provider (``Message.idempotency_key``) so a provider
+that deduplicates makes the rare resend invisible.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Sequence
 
+from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from channels.base import ApnsToken, Destination, EmailAddress, FcmToken, PhoneNumber, WebPushSubscription
 from common import keys
 from gateway.routing import ChannelKind, channel_name, single_address
+from gateway.scripts import LuaScript
 
-SENDING = b"sending"
+
+# The value of a key whose message went out (set by the settle script).
 SENT = b"sent"
 
 
@@ -52,12 +57,24 @@ def idempotency_key(notice_id: str, version: int, channel: ChannelKind, to: Dest
     return key if to is None or single_address(channel) else f"{key}:{_fingerprint(to)}"
 
 
-def queue_claim(pipe: Pipeline, shard: int, key: str, lease_ms: int) -> None:
-    """Queue the claim; its reply goes to ``parse_claim``."""
-    pipe.set(keys.idempotency(shard, key), SENDING, nx=True, px=lease_ms, get=True)
+# Replies of ``idem_claim.lua``, per key.
+_CLAIMS = (Claim.CLAIMED, Claim.SENT, Claim.IN_FLIGHT)
 
 
-def parse_claim(reply: bytes | None) -> Claim:
-    if reply is None:
-        return Claim.CLAIMED
-    return Claim.SENT if reply == SENT else Claim.IN_FLIGHT
+class Claims:
+    """Claims the keys of a batch: one ``idem_claim.lua`` call per shard, queued on a pipeline."""
+
+    def __init__(self, redis: Redis, lease_ms: int) -> None:
+        self._script = LuaScript(redis, "idem_claim")
+        self._lease_ms = lease_ms
+
+    async def load(self) -> None:
+        await self._script.load()
+
+    def queue(self, pipe: Pipeline, shard: int, idempotency_keys: Sequence[str]) -> None:
+        """Queue the claim of ``idempotency_keys`` (all of ``shard``); its reply goes to ``parse``."""
+        self._script.queue(pipe, [keys.idempotency(shard, key) for key in idempotency_keys], [self._lease_ms])
+
+    @staticmethod
+    def parse(reply: Sequence[int]) -> list[Claim]:
+        return [_CLAIMS[code] for code in reply]

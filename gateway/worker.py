@@ -176,11 +176,13 @@ class Gateway:
         self._shared_limits: dict[tuple[str, str], Limit] = {}
         self._budget_keys: dict[tuple[str, str], str] = {}
         self._settle = LuaScript(redis, "settle")
+        self._claims = idempotency.Claims(redis, self._lease_ms)
 
     async def start(self) -> None:
         await self.outbox.ensure_groups()
         await self._limiter.load()
         await self._settle.load()
+        await self._claims.load()
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -393,21 +395,26 @@ class Gateway:
         pipe = self._redis.pipeline(transaction=False)
         if self._settings.limits_enabled:
             self._limiter.queue(pipe, now_ms, [self._limits(job) for job in jobs])
+        by_shard: dict[int, list[str]] = defaultdict(list)
         for job in jobs:
             notice = job.item.notice
             job.keys = [
                 idempotency.idempotency_key(notice.notice_id, notice.version, job.route.channel, target.to)
                 for target in job.route.targets
             ]
-            for key in job.keys:
-                idempotency.queue_claim(pipe, job.item.entry.shard, key, self._lease_ms)
+            by_shard[job.item.entry.shard].extend(job.keys)
+        for shard, shard_keys in by_shard.items():
+            self._claims.queue(pipe, shard, shard_keys)
         replies = list(await pipe.execute())
         waits = [int(w) for w in replies.pop(0)] if self._settings.limits_enabled else [0] * len(jobs)
-        position = 0
+        # Each shard's claims come back in the order its jobs queued them.
+        claims = {
+            shard: iter(self._claims.parse(reply)) for shard, reply in zip(by_shard, replies, strict=True)
+        }
         for job, wait_ms in zip(jobs, waits, strict=True):
             job.wait_ms = wait_ms
-            job.claims = [idempotency.parse_claim(r) for r in replies[position : position + len(job.keys)]]
-            position += len(job.keys)
+            shard_claims = claims[job.item.entry.shard]
+            job.claims = [next(shard_claims) for _ in job.keys]
 
     # --- sending ------------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ from common import keys
 from gateway.routing import ChannelKind, channel_name, single_address
 from gateway.scripts import LuaScript
 
-
 # The value of a key whose message went out (set by the settle script).
 SENT = b"sent"
 

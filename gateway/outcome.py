@@ -36,6 +36,8 @@ class Outcome:
 
 def judge(results: Sequence[SendResult | None], destinations: Sequence[Destination]) -> Outcome:
     """``results[i]`` is the result for ``destinations[i]``, None where another gateway sends it."""
+    if len(results) == 1 and isinstance(results[0], Accepted):
+        return Outcome(Verdict.SENT, accepted=results[0], accepted_index=0)  # the common case
     dead = tuple(
         to
         for to, result in zip(destinations, results, strict=True)

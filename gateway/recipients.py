@@ -8,7 +8,7 @@ number), with an optimistic WATCH/MULTI so a concurrent update is never overwrit
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -27,8 +27,26 @@ def preferences_key(recipient_id: str, shards: int) -> str:
     return keys.preferences(keys.shard_of(recipient_id, shards), recipient_id)
 
 
-def queue_load(pipe: Pipeline, recipient_id: str, shards: int) -> None:
-    pipe.get(preferences_key(recipient_id, shards))
+def queue_load(pipe: Pipeline, recipient_ids: Sequence[str], shards: int) -> list[str]:
+    """Queue the reads of ``recipient_ids``: one MGET per shard (its keys share the shard's tag, so it
+    holds on a cluster too). Returns the ids in reply order, for ``parse_loaded``; one reply per
+    shard, the shards in the order they come first."""
+    by_shard: dict[int, list[str]] = {}
+    for recipient_id in recipient_ids:
+        by_shard.setdefault(keys.shard_of(recipient_id, shards), []).append(recipient_id)
+    ordered: list[str] = []
+    for shard, ids in by_shard.items():
+        pipe.mget([keys.preferences(shard, recipient_id) for recipient_id in ids])
+        ordered.extend(ids)
+    return ordered
+
+
+def parse_loaded(
+    ordered: Sequence[str], replies: Sequence[Sequence[bytes | None]]
+) -> dict[str, preferences_pb2.RecipientPreferences | None]:
+    """The preferences per recipient id from ``queue_load``'s order and its MGET replies."""
+    values = [value for reply in replies for value in reply]
+    return {recipient_id: parse(value) for recipient_id, value in zip(ordered, values, strict=True)}
 
 
 def parse(reply: bytes | None) -> preferences_pb2.RecipientPreferences | None:

@@ -40,9 +40,13 @@ CATCH_ALL = ("file", "null")
 PROVIDER_KINDS = ("email", "sms", "fcm", "webpush", "apns")
 
 
+_CHANNEL_NAMES = {value: name.removeprefix("CHANNEL_").lower() for name, value in types_pb2.Channel.items()}
+
+
 def channel_name(channel: ChannelKind) -> str:
     """``CHANNEL_EMAIL`` → ``email``: the name in idempotency keys and logs."""
-    return types_pb2.Channel.Name(channel).removeprefix("CHANNEL_").lower()
+    name = _CHANNEL_NAMES.get(channel)
+    return name if name is not None else types_pb2.Channel.Name(channel)  # unknown: ValueError
 
 
 def kind_name(kind: types_pb2.NoticeKind.ValueType) -> str:
@@ -90,7 +94,9 @@ class RoutingPolicy:
         return cls(providers, sms_value_threshold_minor, sms_monthly_budget_segments)
 
 
-def channel_order(prefs: preferences_pb2.RecipientPreferences, *, quiet: bool) -> list[ChannelKind]:
+def channel_order(prefs: preferences_pb2.RecipientPreferences, *, quiet: bool) -> Sequence[ChannelKind]:
+    if not quiet and not prefs.channel_order:
+        return DEFAULT_ORDER
     order: list[ChannelKind] = []
     for channel in prefs.channel_order or DEFAULT_ORDER:
         if channel in DEFAULT_ORDER and channel not in order:

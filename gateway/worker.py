@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from relais.v1 import notice_pb2, preferences_pb2, types_pb2
@@ -125,6 +126,12 @@ def _month_of_day(day: int) -> str:
 
 def _month(now_ms: int) -> str:
     return _month_of_day(now_ms // 86_400_000)
+
+
+@functools.lru_cache(maxsize=8)
+def _timestamp(ms: int) -> Timestamp:
+    """A batch records every attempt at the same instant; the message is copied where it is used."""
+    return timestamp(ms)
 
 
 def _quiet_window(prefs: preferences_pb2.RecipientPreferences) -> tuple[int, int] | None:
@@ -288,15 +295,15 @@ class Gateway:
         recipient_ids = list({item.notice.recipient_id for item in items})
         budget_keys = list({self._sms_budget_key(item.notice.merchant_id, now_ms) for item in items})
         pipe = self._redis.pipeline(transaction=False)
-        for recipient_id in recipient_ids:
-            recipients.queue_load(pipe, recipient_id, self._shards)
+        ordered = recipients.queue_load(pipe, recipient_ids, self._shards)
         for budget_key in budget_keys:
             pipe.get(budget_key)
         replies = await pipe.execute()
-        prefs = {rid: recipients.parse(reply) for rid, reply in zip(recipient_ids, replies, strict=False)}
+        loads = len(replies) - len(budget_keys)
+        prefs = recipients.parse_loaded(ordered, replies[:loads])
         for item in items:
             item.prefs = prefs[item.notice.recipient_id]
-        spent = replies[len(recipient_ids) :]
+        spent = replies[loads:]
         return {key: int(value or 0) for key, value in zip(budget_keys, spent, strict=True)}
 
     # --- routing ------------------------------------------------------------------------------
@@ -613,7 +620,7 @@ class Gateway:
             provider=provider,
             provider_message_id=provider_message_id,
             status=status,
-            attempted_at=timestamp(now_ms),
+            attempted_at=_timestamp(now_ms),
             error=error,
             idempotency_key=idempotency.idempotency_key(notice.notice_id, notice.version, job.route.channel),
             version=notice.version,

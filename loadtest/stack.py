@@ -2,9 +2,10 @@
 
 Each part is its own process, as in production and so the two cores are shared the way they would
 be: ``redis-server`` (``EmbeddedRedis``), the engine (``python -m loadtest.engine_proc``: the gRPC
-services and the scheduler; or ``relais serve`` with ``engine="cli"``) and one or more counting gateways (``python -m loadtest.sink_gateway``). Everything listens on
-127.0.0.1 on free ports, keeps nothing on disk but the run's folder, and stops with the ``Stack``
-(SIGTERM, then SIGKILL after a grace period) — also when the run fails.
+services and the scheduler; or ``relais serve`` with ``engine="cli"``) and one or more counting
+gateways (``python -m loadtest.sink_gateway``). Everything listens on 127.0.0.1 on free ports, keeps
+nothing on disk but the run's folder, and stops with the ``Stack`` (SIGTERM, then SIGKILL after a
+grace period) — also when the run fails.
 
 The rate limits stay ON but far above the load (a load test measures the engine, not a throttle;
 the benchmark measures the limiter's cost separately): each recipient here gets dozens of notices

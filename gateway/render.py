@@ -497,11 +497,13 @@ class Renderer:
             if self._reuse and catalogue is self._builtin and _PLAIN_ID_RE.fullmatch(parcel_id):
                 stencil = self._stencil(notice, kind, channel, locale, time_zone)
                 if stencil is not None:
-                    return stencil.fill(parcel_id, self._data(notice, kind), sms=channel == _SMS)
+                    # A plain id needs no quoting in the deep link.
+                    return stencil.fill(parcel_id, self._data(notice, kind, parcel_id), sms=channel == _SMS)
             texts = self._texts(
                 notice, parcel_id, kind, channel, self._language(locale), time_zone, catalogue
             )
-            return _finish(texts, self._data(notice, kind), sms=channel == _SMS)
+            quoted_id = quote(parcel_id, safe="")
+            return _finish(texts, self._data(notice, kind, quoted_id), sms=channel == _SMS)
         except TemplateError as error:
             # A broken template (most likely a merchant's override) names itself, never the data.
             where = getattr(error, "name", None) or f"messages/*/{kind}.txt"
@@ -535,10 +537,10 @@ class Renderer:
         return stencil
 
     @staticmethod
-    def _data(notice: notice_pb2.Notice, kind: str) -> dict[str, str]:
+    def _data(notice: notice_pb2.Notice, kind: str, quoted_id: str) -> dict[str, str]:
         data = {"parcel_id": notice.parcel_id, "kind": kind, "version": str(notice.version)}
         if notice.actionable:
-            data["deep_link"] = DEEP_LINK_PREFIX + quote(notice.parcel_id, safe="")
+            data["deep_link"] = DEEP_LINK_PREFIX + quoted_id
         return data
 
     def _texts(

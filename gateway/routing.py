@@ -49,9 +49,13 @@ def channel_name(channel: ChannelKind) -> str:
     return name if name is not None else types_pb2.Channel.Name(channel)  # unknown: ValueError
 
 
+_KIND_NAMES = {value: name.removeprefix("NOTICE_KIND_") for name, value in types_pb2.NoticeKind.items()}
+
+
 def kind_name(kind: types_pb2.NoticeKind.ValueType) -> str:
     """``NOTICE_KIND_SLOT_ANNOUNCED`` → ``SLOT_ANNOUNCED``: the suffix of the parcel hash fields."""
-    return types_pb2.NoticeKind.Name(kind).removeprefix("NOTICE_KIND_")
+    name = _KIND_NAMES.get(kind)
+    return name if name is not None else types_pb2.NoticeKind.Name(kind)  # unknown: ValueError
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,26 @@ class _ShardOps:
     args: list[Any] = field(default_factory=list)
 
 
+# NoticeView.attempts: field 1, wire type 2 (length-delimited).
+_ATTEMPTS_TAG = bytes([(notice_pb2.NoticeView.ATTEMPTS_FIELD_NUMBER << 3) | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def attempt_view(attempt: notice_pb2.DeliveryAttempt) -> bytes:
+    """``NoticeView(attempts=[attempt])`` serialised, written by hand (one message less per notice):
+    appended to the parcel's earlier ones, the bytes parse as one view with every attempt."""
+    raw = attempt.SerializeToString()
+    return _ATTEMPTS_TAG + _varint(len(raw)) + raw
+
+
 def timestamp(ms: int) -> Timestamp:
     ts = Timestamp()
     ts.FromMilliseconds(ms)
@@ -58,10 +78,8 @@ class Settlement:
         self._op(shard, "ack", entry_id)
 
     def record(self, shard: int, notice: notice_pb2.Notice, attempt: notice_pb2.DeliveryAttempt) -> None:
-        # A NoticeView holding just this attempt: appended bytes parse as one view with every attempt.
-        view = notice_pb2.NoticeView(attempts=[attempt])
         key = keys.parcel(shard, notice.parcel_id)
-        self._op(shard, "rec", kind_name(notice.kind), view.SerializeToString(), key=key)
+        self._op(shard, "rec", kind_name(notice.kind), attempt_view(attempt), key=key)
 
     def sent(self, shard: int, idempotency_key: str) -> None:
         self._op(shard, "sent", key=keys.idempotency(shard, idempotency_key))

@@ -30,24 +30,10 @@ class _ShardOps:
     args: list[Any] = field(default_factory=list)
 
 
-# NoticeView.attempts: field 1, wire type 2 (length-delimited).
-_ATTEMPTS_TAG = bytes([(notice_pb2.NoticeView.ATTEMPTS_FIELD_NUMBER << 3) | 2])
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def attempt_view(attempt: notice_pb2.DeliveryAttempt) -> bytes:
-    """``NoticeView(attempts=[attempt])`` serialised, written by hand (one message less per notice):
-    appended to the parcel's earlier ones, the bytes parse as one view with every attempt."""
-    raw = attempt.SerializeToString()
-    return _ATTEMPTS_TAG + _varint(len(raw)) + raw
+    """A NoticeView holding just this attempt: appended to the parcel's earlier ones, the bytes parse
+    as one view with every attempt."""
+    return notice_pb2.NoticeView(attempts=[attempt]).SerializeToString()
 
 
 def timestamp(ms: int) -> Timestamp:

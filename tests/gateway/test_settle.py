@@ -1,4 +1,4 @@
-"""The hand-written bytes of a recorded attempt are exactly what protobuf writes for the view."""
+"""A recorded attempt: its bytes appended to earlier ones parse as one view with every attempt."""
 
 from __future__ import annotations
 

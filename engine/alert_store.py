@@ -54,6 +54,8 @@ _MAX_RETRIES = 5
 _ALERT_ID = re.compile(r"^(?P<parcel>.+):(?P<kind>[A-Z_]+):(?P<n>[1-9][0-9]{0,8})$")
 _MEMBER = re.compile(r"^[0-9]{13}\|.+:[A-Z_]+:[0-9]+$")
 CURSOR_PREFIX = "a1|"
+# The parcel hash's field where the engine keeps its alert mark (see ``engine.alert_monitor.settled``).
+F_ALERT_MARK = "am"
 
 OPEN = alerts_pb2.ALERT_STATE_OPEN
 ACKNOWLEDGED = alerts_pb2.ALERT_STATE_ACKNOWLEDGED
@@ -238,12 +240,18 @@ class AlertStore:
     # --- the rules' verdicts -----------------------------------------------------------------------
 
     async def apply(
-        self, verdicts: Sequence[tuple[ParcelFacts, Evaluation]], now_ms: int, *, timer_fired: bool = False
+        self,
+        verdicts: Sequence[tuple[ParcelFacts, Evaluation]],
+        now_ms: int,
+        *,
+        timer_fired: bool = False,
+        marks: Mapping[str, str] | None = None,
     ) -> dict[str, Changes]:
         """Open what fires and is not open, resolve what is open and quiet, move the check timer.
 
         ``timer_fired``: the scheduler just claimed the parcels' check timers, so the one recorded in
-        the hash is gone and the next one is written whatever it is.
+        the hash is gone and the next one is written whatever it is. ``marks``: the alert mark to set
+        in each parcel's hash (if it still exists) by the same script, once its alerts are written.
         """
         by_parcel = {facts.parcel_id: (facts, ev) for facts, ev in verdicts}
         out: dict[str, Changes] = {}
@@ -253,6 +261,10 @@ class AlertStore:
                 break
             current = await self.read(pending)
             planned = {pid: self._plan(*by_parcel[pid], current[pid], now_ms, timer_fired) for pid in pending}
+            for pid, mark in (marks or {}).items():
+                if pid in planned:
+                    writes_of = planned[pid][0]
+                    writes_of.op("HX", keys.parcel(writes_of.shard, pid), F_ALERT_MARK, mark)
             writes = {pid: plan for pid, plan in planned.items() if plan[0]}
             results = await self._write(current, {pid: w for pid, (w, _) in writes.items()})
             pending = [pid for pid, ok in results.items() if not ok]

@@ -80,6 +80,8 @@ class ParcelRecord:
     version: int
     state: state_pb2.ParcelState
     pending: frozenset[str]
+    # The alert monitor's mark (field ``am``): what it last applied, so unchanged verdicts cost nothing.
+    alert_mark: str = ""
     # What planning decided, once the record was planned and written.
     plan: Plan | None = None
 
@@ -229,12 +231,13 @@ def parse_read(
 ) -> dict[str, ParcelRecord]:
     records: dict[str, ParcelRecord] = {}
     for i, pid in enumerate(parcel_ids):
-        raw_version, raw_state, raw_pending = reply[3 * i : 3 * i + 3]
+        raw_version, raw_state, raw_pending, raw_mark = reply[4 * i : 4 * i + 4]
         state = state_pb2.ParcelState.FromString(raw_state) if raw_state else None
         if state is None:
             state = state_pb2.ParcelState(parcel_id=pid)
         pending = frozenset(raw_pending.decode().split(",")) if raw_pending else frozenset()
-        records[pid] = ParcelRecord(pid, shard, int(raw_version or 0), state, pending)
+        mark = raw_mark.decode() if raw_mark else ""
+        records[pid] = ParcelRecord(pid, shard, int(raw_version or 0), state, pending, mark)
     return records
 
 
@@ -249,8 +252,8 @@ def pack_items(items: Iterable[bytes | str | int]) -> bytes:
 
 # Changes a parcel's state in place; False when nothing changed (nothing is written then).
 Mutator = Callable[[ParcelRecord], bool]
-# ``async hook(states)`` after an update wrote its parcels.
-StatesHook = Callable[[Sequence[state_pb2.ParcelState]], Awaitable[None]]
+# ``async hook(records)`` after an update wrote its parcels.
+StatesHook = Callable[[Sequence[ParcelRecord]], Awaitable[None]]
 
 
 class ParcelStore:
@@ -260,7 +263,7 @@ class ParcelStore:
         self, redis: Redis, settings: Settings, clock: Clock, *, after_update: StatesHook | None = None
     ) -> None:
         self.redis = redis
-        # Called with the states of every parcel an update read (written or not, so a batch retried
+        # Called with the records of every parcel an update read (written or not, so a batch retried
         # after a failure repairs what the hook missed), in turn with the writes: the alert monitor.
         self.after_update = after_update
         self.settings = settings
@@ -372,7 +375,7 @@ class ParcelStore:
         try:
             done = await self._update(todo, mutate, refresh=refresh, erase=erase)
             if self.after_update is not None:
-                await self.after_update([r.state for r in done.values() if r.exists or r.plan is not None])
+                await self.after_update([r for r in done.values() if r.exists or r.plan is not None])
             return done
         finally:
             self._release(todo, turn)

@@ -6,6 +6,7 @@
 --   key index of its alert hash, the version the caller read ("0": no hash yet), n ops, and n ops
 --   of four words each: op, key index, a, b:
 --     H  field value        HSET
+--     HX field value        HSET only if the key exists (the parcel hash's alert mark)
 --     ZA score member       ZADD
 --     ZR member -           ZREM
 --     TR min max            ZREMRANGEBYLEX (index entries past retention)
@@ -36,6 +37,8 @@ while a <= #ARGV do
       local y = ARGV[i + 3]
       if op == 'H' then
         redis.call('HSET', key, x, y)
+      elseif op == 'HX' then
+        if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, x, y) end
       elseif op == 'ZA' then
         redis.call('ZADD', key, x, y)
       elseif op == 'ZR' then

@@ -1,0 +1,85 @@
+"""The alert mark: an update whose verdict is settled costs the alert store nothing, a timer that fires
+early only re-arms the next one, and a verdict that changes is written."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from relais.v1 import parcel_pb2, tracking_pb2, types_pb2
+
+from common import keys
+from common.clock import ManualClock
+from common.settings import Settings
+from engine.alert_monitor import make_mark, settled
+from engine.alert_store import F_ALERT_MARK, check_member
+from engine.app import build_engine
+from engine.parcel_service import ParcelServicer
+from engine.scheduler import Dispatcher
+from tests.conftest import T0_MS
+
+S = types_pb2
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+SETTINGS = Settings(listen="127.0.0.1:0", shards=4)
+
+
+def test_settled_needs_the_same_outcome_and_a_timer_no_later_than_needed() -> None:
+    mark = make_mark(T0_MS + DAY_MS, "abcd0123")
+    assert settled(mark, "abcd0123", T0_MS + DAY_MS, T0_MS)
+    # Needed later: the recorded timer fires early, re-evaluates and arms the next one.
+    assert settled(mark, "abcd0123", T0_MS + 2 * DAY_MS, T0_MS)
+    assert settled(mark, "abcd0123", 0, T0_MS)
+    # Needed earlier, already past, or another outcome: written.
+    assert not settled(mark, "abcd0123", T0_MS + HOUR_MS, T0_MS)
+    assert not settled(mark, "abcd0123", T0_MS + 2 * DAY_MS, T0_MS + DAY_MS)
+    assert not settled(mark, "ffff0000", T0_MS + DAY_MS, T0_MS)
+    assert not settled("", "abcd0123", 0, T0_MS)
+
+
+def scan(event_id: str, status: S.TrackingStatus.ValueType, occurred_ms: int) -> tracking_pb2.EventBatch:
+    event = tracking_pb2.TrackingEvent(event_id=event_id, parcel_id="P1", carrier="swisspost", status=status)
+    event.occurred_at.FromMilliseconds(occurred_ms)
+    return tracking_pb2.EventBatch(seq=1, events=[event])
+
+
+async def test_unchanged_verdicts_skip_the_alert_store(redis: Redis, clock: ManualClock) -> None:
+    engine = build_engine(SETTINGS, redis, clock)
+    dispatcher = Dispatcher(redis, clock, SETTINGS.shards)
+    for name, handler in engine.timers.items():
+        dispatcher.register_timer(name, handler)
+    shard = keys.shard_of("P1", SETTINGS.shards)
+    alerts_key, parcel_key, due_key = keys.alerts(shard, "P1"), keys.parcel(shard, "P1"), keys.due(shard)
+    registration = parcel_pb2.ParcelRegistration(
+        parcel_id="P1", merchant_id="acme", carrier="swisspost", recipient_id="acme/r1"
+    )
+    await ParcelServicer(engine.store, clock).RegisterParcels(
+        parcel_pb2.RegisterParcelsRequest(parcels=[registration]),
+        None,  # type: ignore[arg-type]
+    )
+    assert (await redis.hget(parcel_key, F_ALERT_MARK) or b"").startswith(b"%d:" % (T0_MS + 48 * HOUR_MS))  # type: ignore[misc]
+
+    # The first scan counts the parcel as shipped: written, the no-movement check 3 days out.
+    clock.set_ms(T0_MS + HOUR_MS)
+    await engine.ingestor.apply(scan("e1", S.TRACKING_STATUS_IN_TRANSIT, T0_MS + HOUR_MS))
+    version = await redis.hget(alerts_key, "v")  # type: ignore[misc]
+    first_check_ms = T0_MS + HOUR_MS + 3 * DAY_MS
+    assert await redis.zscore(due_key, check_member("P1")) == first_check_ms
+
+    # A later scan changes no verdict and needs the check later: the alert store is not touched.
+    clock.set_ms(T0_MS + 5 * HOUR_MS)
+    await engine.ingestor.apply(scan("e2", S.TRACKING_STATUS_OUT_FOR_DELIVERY, T0_MS + 5 * HOUR_MS))
+    assert await redis.hget(alerts_key, "v") == version  # type: ignore[misc]
+    assert await redis.zscore(due_key, check_member("P1")) == first_check_ms
+
+    # The early check opens nothing and arms the one needed now.
+    clock.set_ms(first_check_ms)
+    await dispatcher.claim_once()
+    assert await redis.hget(alerts_key, "v") != version  # type: ignore[misc]
+    assert await redis.zscore(due_key, check_member("P1")) == T0_MS + 5 * HOUR_MS + 3 * DAY_MS
+    assert [f for f in await redis.hkeys(alerts_key) if f.startswith(b"P1:")] == []  # type: ignore[misc]
+
+    # Delivered: counted, so written.
+    version = await redis.hget(alerts_key, "v")  # type: ignore[misc]
+    clock.set_ms(first_check_ms + HOUR_MS)
+    await engine.ingestor.apply(scan("e3", S.TRACKING_STATUS_DELIVERED, first_check_ms + HOUR_MS))
+    assert await redis.hget(alerts_key, "v") != version  # type: ignore[misc]
+    assert await redis.hget(alerts_key, "c:dlv") == b"1"  # type: ignore[misc]

@@ -12,11 +12,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from babel.numbers import get_currency_precision
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio import Redis
-from relais.v1 import notice_pb2
+from relais.v1 import notice_pb2, types_pb2
 
-from common import keys
+from channels.base import Accepted
+from common import counters, keys
+from common.counters import Increment
 from gateway.routing import kind_name
 from gateway.scripts import LuaScript
 
@@ -36,6 +39,26 @@ def attempt_view(attempt: notice_pb2.DeliveryAttempt) -> bytes:
     return notice_pb2.NoticeView(attempts=[attempt]).SerializeToString()
 
 
+def sent_counters(
+    shard: int,
+    notice: notice_pb2.Notice,
+    channel: types_pb2.Channel.ValueType,
+    accepted: Accepted,
+    now_ms: int,
+) -> list[Increment]:
+    """The merchant's counters for a notice a provider accepted: by kind and channel, and for SMS the
+    segments and the estimated cost (providers report micro-units; counters keep minor units)."""
+    cost = None
+    if accepted.currency:
+        digits = get_currency_precision(accepted.currency)
+        cost = types_pb2.Money(
+            currency_code=accepted.currency, amount_minor=round(accepted.cost_micros / 10 ** (6 - digits))
+        )
+    return counters.notice_sent(
+        shard, notice.merchant_id, now_ms, notice.kind, channel, sms_segments=accepted.segments, sms_cost=cost
+    )
+
+
 def timestamp(ms: int) -> Timestamp:
     ts = Timestamp()
     ts.FromMilliseconds(ms)
@@ -52,6 +75,9 @@ class Settlement:
         self._now_ms = now_ms
         self._shards: dict[int, _ShardOps] = defaultdict(_ShardOps)
         self._sms_segments: dict[str, int] = defaultdict(int)
+        # Merchants' daily counters, summed over the batch: a few HINCRBYs, not one per notice.
+        self._counts: dict[tuple[str, str], int] = defaultdict(int)
+        self._count_ttls_ms: dict[str, int] = {}
 
     def _op(self, shard: int, name: str, *args: Any, key: str | None = None) -> None:
         ops = self._shards[shard]
@@ -99,10 +125,16 @@ class Settlement:
     def spend_sms(self, budget_key: str, segments: int) -> None:
         self._sms_segments[budget_key] += max(1, segments)
 
+    def count(self, increments: list[Increment]) -> None:
+        for inc in increments:
+            self._counts[inc.key, inc.field] += inc.amount
+            if inc.ttl_ms is not None:
+                self._count_ttls_ms[inc.key] = inc.ttl_ms
+
     async def execute(self, redis: Redis, *, load_scripts: bool = False) -> int:
         """One round trip; returns how many notices were dropped as superseded. ``load_scripts`` for
         callers off the hot path that did not load the script at start (the CLI)."""
-        if not self._shards and not self._sms_segments:
+        if not self._shards and not self._sms_segments and not self._counts:
             return 0
         if load_scripts:
             await self._script.load()
@@ -115,5 +147,9 @@ class Settlement:
         for budget_key, segments in self._sms_segments.items():
             pipe.incrby(budget_key, segments)
             pipe.expire(budget_key, SMS_BUDGET_TTL_S)
+        for (key, name), amount in self._counts.items():
+            pipe.hincrby(key, name, amount)
+        for key, ttl_ms in self._count_ttls_ms.items():
+            pipe.pexpire(key, ttl_ms)
         replies = await pipe.execute()
         return sum(int(reply) for reply in replies[: len(self._shards)])

@@ -61,7 +61,7 @@ from gateway.outcome import Outcome, Verdict, backoff_ms, judge
 from gateway.render import Rendered
 from gateway.routing import SLOT_KINDS, Route, RoutingPolicy, channel_name, plan
 from gateway.scripts import LuaScript
-from gateway.settle import Settlement, timestamp
+from gateway.settle import Settlement, sent_counters, timestamp
 
 log = logging.getLogger(__name__)
 
@@ -564,6 +564,7 @@ class Gateway:
             self._record(
                 job, notice_pb2.NOTICE_STATUS_SENT, now_ms, settlement, provider, accepted.provider_message_id
             )
+            settlement.count(sent_counters(shard, notice, job.route.channel, accepted, now_ms))
             if job.route.channel == types_pb2.CHANNEL_SMS:
                 budget_key = self._sms_budget_key(notice.merchant_id, now_ms)
                 settlement.spend_sms(budget_key, accepted.segments)

@@ -24,7 +24,7 @@ from common.clock import Clock
 from engine import auth
 from engine.alert_store import parse_parcel_alerts
 from engine.planner import kind_name
-from engine.state import DAY_MS, ParcelRecord, ParcelStore, attempts_field, parse_read
+from engine.state import DAY_MS, ParcelRecord, ParcelStore, attempts_field, full_timeline, parse_read
 from engine.validation import MAX_BATCH_PARCELS, Problem, check_registration
 
 Context = grpc.aio.ServicerContext[object, object]
@@ -85,7 +85,7 @@ def parcel_view(record: ParcelRecord, fields: Mapping[bytes, bytes]) -> parcel_p
         status=state.status,
         substatus=state.substatus,
         exception_reason=state.exception_reason,
-        timeline=state.timeline,
+        timeline=full_timeline(state),
     )
     if state.HasField("slot"):
         view.current_slot.CopyFrom(state.slot)

@@ -25,6 +25,7 @@ scheduler has since claimed it from the due set (``pending`` no longer lists it)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TypeAlias
@@ -144,14 +145,16 @@ def plan(
     shard: int = 0,
     refresh: bool = False,
     erase: bool = False,
+    trace_context: Mapping[str, str] | None = None,
 ) -> Plan:
     """Plan the parcel's notices; updates ``state`` (its notice marks, told slot) in place.
 
     ``refresh`` plans every pending notice again with the current facts and preferences (new quiet
     hours or muted kinds, a changed registration) instead of only reacting to new facts. ``erase``
     withdraws every pending notice and plans nothing more until the recipient sets preferences again.
+    ``trace_context``: what the notices carry to continue the trace (by default the current span's).
     """
-    planner = _Planner(state, pending, audience, now_ms, rules, shard)
+    planner = _Planner(state, pending, audience, now_ms, rules, shard, trace_context)
     return planner.erase() if erase else planner.run(refresh=refresh)
 
 
@@ -174,8 +177,10 @@ class _Planner:
         now_ms: int,
         rules: PlanRules,
         shard: int,
+        trace_context: Mapping[str, str] | None = None,
     ) -> None:
         self.state = state
+        self.trace_context = trace_context
         self.pending = pending
         self.audience = audience
         self.now_ms = now_ms
@@ -430,7 +435,10 @@ class _Planner:
             notice.deadline.FromMilliseconds(mark.deadline_ms)
         notice.planned_at.FromMilliseconds(self.now_ms)
         # The current span (the carrier's batch) goes with the notice: one trace to the message.
-        inject_trace_context(notice.trace_context)
+        if self.trace_context is None:
+            inject_trace_context(notice.trace_context)
+        elif self.trace_context:
+            notice.trace_context.update(self.trace_context)
         return notice
 
 

@@ -32,6 +32,7 @@ from common.clock import Clock
 from common.errors import RelaisError
 from common.redis_client import register
 from common.settings import Settings
+from common.telemetry import inject_trace_context
 from engine.planner import Audience, Plan, PlanRules, kind_name, plan
 
 FINISHED = frozenset(
@@ -111,11 +112,17 @@ def apply_event(
     at = len(timeline)
     while at > 0 and event_ms(timeline[at - 1].event) > occurred_ms:
         at -= 1
-    entry = parcel_pb2.TimelineEntry(event=event)
-    entry.received_at.FromMilliseconds(received_ms)
-    timeline.insert(at, entry)
     if not state.carrier:
         state.carrier = event.carrier
+    entry = parcel_pb2.TimelineEntry(event=event)
+    # Stored without what the parcel already says (its id, its carrier): ``full_timeline`` puts them
+    # back for readers. A few dozen bytes per event, and parcels are many.
+    stored = entry.event
+    stored.ClearField("parcel_id")
+    if stored.carrier == state.carrier:
+        stored.ClearField("carrier")
+    entry.received_at.FromMilliseconds(received_ms)
+    timeline.insert(at, entry)
     if event.status != types_pb2.TRACKING_STATUS_INFO_RECEIVED:
         state.scanned = True
     if not state.created_ms:
@@ -126,6 +133,19 @@ def apply_event(
     if event.HasField("delivery_window") and occurred_ms >= state.slot_occurred_ms:
         _set_slot(state, event.delivery_window, occurred_ms)
     return True
+
+
+def full_timeline(state: state_pb2.ParcelState) -> list[parcel_pb2.TimelineEntry]:
+    """The timeline with each event's parcel id and carrier as the carrier sent them."""
+    entries: list[parcel_pb2.TimelineEntry] = []
+    for stored in state.timeline:
+        entry = parcel_pb2.TimelineEntry()
+        entry.CopyFrom(stored)
+        entry.event.parcel_id = state.parcel_id
+        if not entry.event.carrier:
+            entry.event.carrier = state.carrier
+        entries.append(entry)
+    return entries
 
 
 def _set_status(state: state_pb2.ParcelState, event: tracking_pb2.TrackingEvent, occurred_ms: int) -> None:
@@ -157,25 +177,28 @@ def audience_of(raw: bytes | None) -> Audience | None:
 
 @dataclass(slots=True)
 class ParcelChange:
-    """What one parcel's apply-script entry writes."""
+    """What one parcel's apply-script entry writes, every item already bytes."""
 
     expected_version: int
     ttl_ms: int
-    checks: list[str] = field(default_factory=list)
-    sets: list[bytes | str] = field(default_factory=list)
-    dels: list[str] = field(default_factory=list)
-    adds: list[int | str] = field(default_factory=list)
-    rems: list[str] = field(default_factory=list)
+    checks: list[bytes] = field(default_factory=list)
+    sets: list[bytes] = field(default_factory=list)
+    dels: list[bytes] = field(default_factory=list)
+    adds: list[bytes] = field(default_factory=list)
+    rems: list[bytes] = field(default_factory=list)
 
-    def argv(self) -> list[bytes | str | int]:
-        return [
-            str(self.expected_version),
+    def argv(self) -> list[bytes]:
+        head = (
+            self.expected_version,
             self.ttl_ms,
             len(self.checks),
             len(self.sets) // 2,
             len(self.dels),
             len(self.adds) // 2,
             len(self.rems),
+        )
+        return [
+            *(str(n).encode() for n in head),
             *self.checks,
             *self.sets,
             *self.dels,
@@ -196,34 +219,45 @@ def change_of(record: ParcelRecord, result: Plan, *, now_ms: int, settings: Sett
         ttl_ms = settings.engine.idle_retention_days * DAY_MS
     change = ParcelChange(expected_version=record.version, ttl_ms=ttl_ms)
     pid = record.parcel_id
-    change.checks.extend(keys.notice_id(pid, kind_name(kind)) for kind in result.checked)
+    change.checks.extend(keys.notice_id(pid, kind_name(kind)).encode() for kind in result.checked)
     for notice in result.scheduled.values():
         name = kind_name(notice.kind)
         change.sets += [
-            body_field(name),
+            body_field(name).encode(),
             notice.SerializeToString(),
-            version_field(name),
-            str(notice.version),
+            version_field(name).encode(),
+            str(notice.version).encode(),
         ]
-        change.dels.append(withdrawn_field(name))
-        change.adds += [notice.due_at.ToMilliseconds(), notice.notice_id]
+        change.dels.append(withdrawn_field(name).encode())
+        due_ms = notice.due_at.seconds * 1000 + notice.due_at.nanos // 1_000_000
+        change.adds += [str(due_ms).encode(), notice.notice_id.encode()]
     for kind, status in result.withdrawn.items():
         name = kind_name(kind)
-        change.sets += [withdrawn_field(name), notice_pb2.NoticeStatus.Name(status)[len("NOTICE_STATUS_") :]]
-        change.dels += [body_field(name), version_field(name)]
-        change.rems.append(keys.notice_id(pid, name))
+        reason = notice_pb2.NoticeStatus.Name(status)[len("NOTICE_STATUS_") :]
+        change.sets += [withdrawn_field(name).encode(), reason.encode()]
+        change.dels += [body_field(name).encode(), version_field(name).encode()]
+        change.rems.append(keys.notice_id(pid, name).encode())
     scheduled = ",".join(
         kind_name(mark.kind) for mark in state.notices if mark.status == notice_pb2.NOTICE_STATUS_SCHEDULED
     )
     change.sets += [
-        F_STATE.decode(),
-        state.SerializeToString(),
-        F_VERSION.decode(),
-        str(record.version + 1),
-        F_SCHEDULED.decode(),
-        scheduled,
+        F_STATE,
+        stored_state(state),
+        F_VERSION,
+        str(record.version + 1).encode(),
+        F_SCHEDULED,
+        scheduled.encode(),
     ]
     return change
+
+
+def stored_state(state: state_pb2.ParcelState) -> bytes:
+    """The state as field ``s`` keeps it: without its parcel id, which the key already says."""
+    parcel_id = state.parcel_id
+    state.ClearField("parcel_id")
+    raw = state.SerializeToString()
+    state.parcel_id = parcel_id
+    return raw
 
 
 def parse_read(
@@ -232,22 +266,18 @@ def parse_read(
     records: dict[str, ParcelRecord] = {}
     for i, pid in enumerate(parcel_ids):
         raw_version, raw_state, raw_pending, raw_mark = reply[4 * i : 4 * i + 4]
-        state = state_pb2.ParcelState.FromString(raw_state) if raw_state else None
-        if state is None:
-            state = state_pb2.ParcelState(parcel_id=pid)
+        state = state_pb2.ParcelState.FromString(raw_state) if raw_state else state_pb2.ParcelState()
+        state.parcel_id = pid
         pending = frozenset(raw_pending.decode().split(",")) if raw_pending else frozenset()
         mark = raw_mark.decode() if raw_mark else ""
         records[pid] = ParcelRecord(pid, shard, int(raw_version or 0), state, pending, mark)
     return records
 
 
-def pack_items(items: Iterable[bytes | str | int]) -> bytes:
+def pack_items(items: Iterable[bytes]) -> bytes:
     """The apply script's one argument: each item as a 4-byte big-endian length and its bytes."""
-    parts: list[bytes] = []
-    for item in items:
-        raw = item if isinstance(item, bytes) else str(item).encode()
-        parts += (_LENGTH.pack(len(raw)), raw)
-    return b"".join(parts)
+    pack = _LENGTH.pack
+    return b"".join([part for raw in items for part in (pack(len(raw)), raw)])
 
 
 # Changes a parcel's state in place; False when nothing changed (nothing is written then).
@@ -394,6 +424,9 @@ class ParcelStore:
             if wanted:
                 audiences.update(await self.audiences(wanted))
             now_ms = self.clock.now_ms()
+            # The batch's span, for every notice it plans: read once, not per notice.
+            trace_context: dict[str, str] = {}
+            inject_trace_context(trace_context)
             changes: dict[str, tuple[int, ParcelChange]] = {}
             for record in changed:
                 audience = audiences.get(record.state.recipient_id)
@@ -406,6 +439,7 @@ class ParcelStore:
                     shard=record.shard,
                     refresh=refresh,
                     erase=erase,
+                    trace_context=trace_context,
                 )
                 change = change_of(record, record.plan, now_ms=now_ms, settings=self.settings)
                 changes[record.parcel_id] = (record.shard, change)

@@ -13,6 +13,7 @@ from relais.v1 import (
     notice_pb2,
     parcel_pb2,
     parcel_pb2_grpc,
+    state_pb2,
     tracking_pb2,
     tracking_pb2_grpc,
     types_pb2,
@@ -23,7 +24,7 @@ from common.clock import ManualClock
 from engine.server import EngineServer, start_server
 from engine.state import DAY_MS, attempts_field
 from tests.conftest import T0_MS
-from tests.engine.core_support import HOUR_MS, SETTINGS, claim, engine_for, event, hset, registration
+from tests.engine.core_support import HOUR_MS, SETTINGS, claim, engine_for, event, hget, hset, registration
 
 T = types_pb2
 SLOT = (T0_MS + DAY_MS, T0_MS + DAY_MS + 2 * HOUR_MS)
@@ -118,6 +119,11 @@ async def test_get_parcel_shows_everything(channel: grpc.aio.Channel, redis: Red
     assert view.current_slot.version == 1
     assert view.current_slot.window.start.ToMilliseconds() == SLOT[0]
     assert [e.event.event_id for e in view.timeline] == ["g1", "g2"]
+    # Stored without the parcel id and carrier the parcel already holds; shown as the carrier sent them.
+    assert {(e.event.parcel_id, e.event.carrier) for e in view.timeline} == {("G1", view.carrier)}
+    stored = state_pb2.ParcelState.FromString(await hget(redis, keys.parcel(shard, "G1"), "s") or b"")
+    assert stored.parcel_id == ""
+    assert {e.event.parcel_id for e in stored.timeline} == {""}
     assert view.order.promised_date.day == 12
     by_kind = {n.kind: n for n in view.notices}
     shipped = by_kind[T.NOTICE_KIND_SHIPPED]

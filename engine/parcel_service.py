@@ -2,8 +2,10 @@
 
 ``RegisterParcels`` rejects bad entries by index and applies the rest: it stores the order facts, merges
 them into a parcel carriers may have scanned first, plans what became plannable (the recipient is now
-known) and plans pending notices again with the new facts. It keeps ``keys.recipient_parcels``, the set
-the re-planning on a preference change walks.
+known) and plans pending notices again with the new facts. It keeps ``keys.recipient_parcels``, the
+recipient's parcel ids the re-planning on a preference change walks: a hash of parcel id -> "" rather
+than a set, since Redis keeps a small hash as a listpack (a few bytes a parcel) and a set of strings as a
+hashtable (~80 bytes a parcel).
 
 ``GetParcel`` answers from ONE pipelined round trip: the parcel's read script (version, state, which
 notices are still due), its hash (notice bodies and the gateway's attempts) and its alert hash. Another
@@ -194,10 +196,10 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
                 continue
             rid = parcel.recipient_id
             key = keys.recipient_parcels(keys.shard_of(rid, shards), rid)
-            pipe.sadd(key, pid)
+            pipe.hset(key, pid, "")
             pipe.pexpire(key, idle_ms)
         for pid, rid in previous.items():
-            pipe.srem(keys.recipient_parcels(keys.shard_of(rid, shards), rid), pid)
+            pipe.hdel(keys.recipient_parcels(keys.shard_of(rid, shards), rid), pid)
         await pipe.execute()
 
     async def GetParcel(  # noqa: N802 - gRPC method name

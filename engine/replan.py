@@ -18,7 +18,7 @@ class Replanner:
 
     async def _parcels_of(self, recipient_id: str) -> list[str]:
         shard = keys.shard_of(recipient_id, self._store.settings.shards)
-        members: set[bytes] = await self._store.redis.smembers(  # type: ignore[misc]
+        members: list[bytes] = await self._store.redis.hkeys(  # type: ignore[misc]
             keys.recipient_parcels(shard, recipient_id)
         )
         return sorted(m.decode() for m in members)

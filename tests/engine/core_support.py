@@ -97,8 +97,8 @@ async def hset(redis: Redis, key: str, name: str, value: bytes) -> None:
     await redis.hset(key, name, value)  # type: ignore[misc, arg-type]
 
 
-async def smembers(redis: Redis, key: str) -> set[bytes]:
-    members: set[bytes] = await redis.smembers(key)  # type: ignore[misc]
+async def hkeys(redis: Redis, key: str) -> list[bytes]:
+    members: list[bytes] = await redis.hkeys(key)  # type: ignore[misc]
     return members
 
 

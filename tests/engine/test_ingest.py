@@ -22,9 +22,9 @@ from tests.engine.core_support import (
     engine_for,
     event,
     hget,
+    hkeys,
     put_preferences,
     registration,
-    smembers,
 )
 
 T = types_pb2
@@ -136,10 +136,8 @@ async def test_unknown_parcel_merged_on_registration(redis: Redis, clock: Manual
     assert state.registered
     assert state.recipient_id == "acme/r1"
     assert len(state.timeline) == 1
-    members = await smembers(
-        redis, keys.recipient_parcels(keys.shard_of("acme/r1", SETTINGS.shards), "acme/r1")
-    )
-    assert members == {b"P3"}
+    members = await hkeys(redis, keys.recipient_parcels(keys.shard_of("acme/r1", SETTINGS.shards), "acme/r1"))
+    assert members == [b"P3"]
 
 
 async def test_registration_rejects_bad_entries_by_index(redis: Redis, clock: ManualClock) -> None:

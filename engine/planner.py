@@ -332,7 +332,7 @@ class _Planner:
             self._schedule(
                 kind,
                 mark.version,
-                mark.desired_ms,
+                desired_of(mark),
                 mark.deadline_ms or None,
                 slot=slot if mark.HasField("slot") else None,
                 previous=previous if mark.HasField("previous_slot") else None,
@@ -369,16 +369,18 @@ class _Planner:
         if mark.status == SCHEDULED:
             self.result.checked.add(kind)
         mark.version = version
-        mark.desired_ms = desired_ms
         mark.deadline_ms = deadline_ms or 0
         mark.subject = subject
-        mark.planned_ms = self.now_ms
+        # Not kept: ``planned_ms`` (nothing reads it), and ``desired_ms`` when it equals ``due_ms``
+        # (see ``desired_of``): every byte of a state is paid once per parcel tracked.
+        mark.ClearField("planned_ms")
         mark.cause_event_id = self.state.status_event_id if cause is None else cause
         _set_window(mark, "slot", slot)
         _set_window(mark, "previous_slot", previous)
         reason = self._suppression(kind)
         if reason is not None:
             mark.status, mark.status_reason, mark.due_ms = SUPPRESSED, reason, 0
+            mark.desired_ms = desired_ms
             self.result.scheduled.pop(kind, None)
             self.result.withdrawn[kind] = SUPPRESSED
             return
@@ -386,6 +388,7 @@ class _Planner:
         mark.due_ms = allowed_send_ms(
             desired_ms, self.now_ms, audience.quiet, audience.time_zone, deadline_ms
         )
+        mark.desired_ms = 0 if desired_ms == mark.due_ms else desired_ms
         mark.status, mark.status_reason = SCHEDULED, ""
         self.result.withdrawn.pop(kind, None)
         self.result.scheduled[kind] = self._notice(mark)
@@ -440,6 +443,11 @@ class _Planner:
         elif self.trace_context:
             notice.trace_context.update(self.trace_context)
         return notice
+
+
+def desired_of(mark: state_pb2.NoticeMark) -> int:
+    """When the notice was wanted before quiet hours: ``desired_ms``, kept only when it differs."""
+    return mark.desired_ms or mark.due_ms
 
 
 def _next(mark: state_pb2.NoticeMark | None) -> int:

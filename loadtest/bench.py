@@ -442,8 +442,18 @@ async def bench_memory(results: Results, sizes: Sizes, stack: Stack, shards: int
 # --- the run ---------------------------------------------------------------------------------------------
 
 
-async def run(sizes: Sizes, run_dir: Path, shards: int, *, profile: bool = False) -> Results:
+SECTIONS = ("ingest", "scheduler", "gateway", "e2e", "memory")
+
+
+async def run(
+    sizes: Sizes, run_dir: Path, shards: int, *, profile: bool = False, only: frozenset[str] = frozenset()
+) -> Results:
+    """Every section, or those named in ``only`` (scheduler and gateway run on what ingest left)."""
     results = Results()
+
+    def wanted(name: str) -> bool:
+        return not only or name in only
+
     engine_only = StackConfig(
         run_dir=run_dir / "engine",
         shards=shards,
@@ -457,35 +467,42 @@ async def run(sizes: Sizes, run_dir: Path, shards: int, *, profile: bool = False
             await set_up_recipients(stack.target, redis, shards, sizes.recipients)
         finally:
             await redis.aclose()
-        print("1. ingest", file=sys.stderr)
+        if wanted("ingest"):
+            print("1. ingest", file=sys.stderr)
+            await section(
+                results,
+                ["ingest_events_per_s", "echo_events_per_s", "engine_rss_bytes"],
+                lambda: bench_ingest(results, sizes, stack, run_dir),
+            )
+        if wanted("scheduler") or wanted("gateway"):
+            print("2-3. scheduler and gateway on the engine's notices", file=sys.stderr)
+            await section(
+                results,
+                [
+                    "claim_notices_per_s",
+                    "redis_round_trips_per_notice",
+                    "gateway_notices_per_s",
+                    "gateway_nolimit_notices_per_s",
+                ],
+                lambda: bench_claim_and_send(results, stack, shards, run_dir),
+            )
+        if wanted("memory"):
+            print("5. memory", file=sys.stderr)
+            await section(
+                results, ["redis_bytes_per_parcel"], lambda: bench_memory(results, sizes, stack, shards)
+            )
+        if wanted("scheduler"):
+            print("2b. scheduler at scale, arq", file=sys.stderr)
+            await section(
+                results,
+                ["claim_notices_per_s_at_1m_pending", "arq_jobs_per_s"],
+                lambda: bench_scheduler_scale(results, sizes, stack.redis_url, shards),
+            )
+    if wanted("e2e"):
+        print("4. end to end", file=sys.stderr)
         await section(
-            results,
-            ["ingest_events_per_s", "echo_events_per_s", "engine_rss_bytes"],
-            lambda: bench_ingest(results, sizes, stack, run_dir),
+            results, ["e2e_notices", "e2e_seconds"], lambda: bench_e2e(results, sizes, run_dir, shards)
         )
-        print("2-3. scheduler and gateway on the engine's notices", file=sys.stderr)
-        await section(
-            results,
-            [
-                "claim_notices_per_s",
-                "redis_round_trips_per_notice",
-                "gateway_notices_per_s",
-                "gateway_nolimit_notices_per_s",
-            ],
-            lambda: bench_claim_and_send(results, stack, shards, run_dir),
-        )
-        print("5. memory", file=sys.stderr)
-        await section(
-            results, ["redis_bytes_per_parcel"], lambda: bench_memory(results, sizes, stack, shards)
-        )
-        print("2b. scheduler at scale, arq", file=sys.stderr)
-        await section(
-            results,
-            ["claim_notices_per_s_at_1m_pending", "arq_jobs_per_s"],
-            lambda: bench_scheduler_scale(results, sizes, stack.redis_url, shards),
-        )
-    print("4. end to end", file=sys.stderr)
-    await section(results, ["e2e_notices", "e2e_seconds"], lambda: bench_e2e(results, sizes, run_dir, shards))
     return results
 
 
@@ -531,14 +548,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tenth of the size")
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--profile", action="store_true", help="profile the engine (pyinstrument)")
+    parser.add_argument(
+        "--only", default="", help=f"comma-separated sections to run (of {', '.join(SECTIONS)}); default all"
+    )
     args = parser.parse_args(argv)
+    only = frozenset(name for name in args.only.split(",") if name)
+    if only - set(SECTIONS):
+        parser.error(f"--only: unknown sections {', '.join(sorted(only - set(SECTIONS)))}")
     sizes = QUICK if args.quick else FULL
     run_dir = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     import uvloop
 
-    results = uvloop.run(run(sizes, run_dir, args.shards, profile=args.profile))
+    results = uvloop.run(run(sizes, run_dir, args.shards, profile=args.profile, only=only))
     required = {
         "ingest_events_per_s", "echo_events_per_s", "claim_notices_per_s",
         "claim_notices_per_s_at_1m_pending", "arq_jobs_per_s", "redis_round_trips_per_notice",
@@ -546,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         "redis_bytes_per_parcel", "engine_rss_bytes",
     }  # fmt: skip
     for name in required - results.figures.keys():
-        results.unavailable([name], "not measured (its section failed before reaching it)")
+        reason = "not run (--only)" if only else "not measured (its section failed before reaching it)"
+        results.unavailable([name], reason)
     document = {
         **results.figures,
         "reasons": results.reasons,
@@ -559,12 +583,15 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
     }
-    (RESULTS / "bench.json").write_text(json.dumps(document, indent=2))
-    (run_dir / "bench.json").write_text(json.dumps(document, indent=2))
+    document["only"] = sorted(only)
+    # A partial run does not replace the last whole run's figures.
+    written = [run_dir / "bench.json"] if only else [RESULTS / "bench.json", run_dir / "bench.json"]
+    for path in written:
+        path.write_text(json.dumps(document, indent=2))
     print(table(results.figures))
     for name, reason in sorted(results.reasons.items()):
         print(f"  {name}: null — {reason}")
-    print(f"written: {RESULTS / 'bench.json'}")
+    print(f"written: {written[0]}")
     return 0
 
 

@@ -307,20 +307,28 @@ class ParcelStore:
         # the same parcel take turns instead of conflicting (version conflicts remain the guard
         # between processes).
         self._busy: dict[str, asyncio.Future[None]] = {}
+        # Parcels whose ``after_update`` hook is running: the next hook of a parcel waits its turn.
+        self._hooking: dict[str, asyncio.Future[None]] = {}
 
-    async def _take(self, parcel_ids: Sequence[str]) -> asyncio.Future[None]:
-        while busy := {self._busy[pid] for pid in parcel_ids if pid in self._busy}:
+    @staticmethod
+    async def _take(
+        holders: dict[str, asyncio.Future[None]], parcel_ids: Sequence[str]
+    ) -> asyncio.Future[None]:
+        while busy := {holders[pid] for pid in parcel_ids if pid in holders}:
             await asyncio.wait(busy)
         # No await between the check and the claim: all of them or none.
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for pid in parcel_ids:
-            self._busy[pid] = turn
+            holders[pid] = turn
         return turn
 
-    def _release(self, parcel_ids: Sequence[str], turn: asyncio.Future[None]) -> None:
+    @staticmethod
+    def _release(
+        holders: dict[str, asyncio.Future[None]], parcel_ids: Sequence[str], turn: asyncio.Future[None]
+    ) -> None:
         for pid in parcel_ids:
-            if self._busy.get(pid) is turn:
-                del self._busy[pid]
+            if holders.get(pid) is turn:
+                del holders[pid]
         turn.set_result(None)
 
     def shard(self, ident: str) -> int:
@@ -401,14 +409,23 @@ class ParcelStore:
         Returns the records as written, each with its ``plan`` (unchanged ones as read, without).
         """
         todo = list(dict.fromkeys(parcel_ids))
-        turn = await self._take(todo)
+        turn = await self._take(self._busy, todo)
+        hook_turn: asyncio.Future[None] | None = None
         try:
             done = await self._update(todo, mutate, refresh=refresh, erase=erase)
             if self.after_update is not None:
-                await self.after_update([r for r in done.values() if r.exists or r.plan is not None])
-            return done
+                # Hand over hand: take the parcels' hook turn before letting the next update of them
+                # in, so hooks run in the order the updates did, while the next update's round trips
+                # overlap this hook's instead of queueing behind them.
+                hook_turn = await self._take(self._hooking, todo)
         finally:
-            self._release(todo, turn)
+            self._release(self._busy, todo, turn)
+        if self.after_update is not None and hook_turn is not None:
+            try:
+                await self.after_update([r for r in done.values() if r.exists or r.plan is not None])
+            finally:
+                self._release(self._hooking, todo, hook_turn)
+        return done
 
     async def _update(
         self, parcel_ids: list[str], mutate: Mutator, *, refresh: bool, erase: bool

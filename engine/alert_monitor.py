@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import date
 from typing import Protocol
 
-from relais.v1 import state_pb2, types_pb2
+from relais.v1 import state_pb2, tracking_pb2, types_pb2
 
 from common.clock import Clock
 from engine.alert_rules import AlertConfig, Evaluation, ParcelFacts, TroubleEvent, evaluate
@@ -24,6 +24,8 @@ from engine.alert_store import CHECK_TIMER, AlertStore, Changes
 log = logging.getLogger(__name__)
 
 TROUBLE = (types_pb2.TRACKING_STATUS_EXCEPTION, types_pb2.TRACKING_STATUS_ATTEMPT_FAIL)
+INFO_RECEIVED = types_pb2.TRACKING_STATUS_INFO_RECEIVED
+AT_PICKUP = types_pb2.TRACKING_STATUS_AVAILABLE_FOR_PICKUP
 
 
 def _promised(state: state_pb2.ParcelState) -> date | None:
@@ -37,46 +39,52 @@ def _promised(state: state_pb2.ParcelState) -> date | None:
 
 
 def facts_from_state(state: state_pb2.ParcelState) -> ParcelFacts:
-    """The one adapter from the engine's ``ParcelState`` to what the rules and counters need."""
-    timeline = [entry.event for entry in state.timeline]  # oldest first by occurred_at
-    occurred = [event.occurred_at.ToMilliseconds() for event in timeline]
-    scans = [
-        ms
-        for event, ms in zip(timeline, occurred, strict=True)
-        if event.status != types_pb2.TRACKING_STATUS_INFO_RECEIVED
-    ]
-    pickup_since_ms = None
-    if state.status == types_pb2.TRACKING_STATUS_AVAILABLE_FOR_PICKUP:
+    """The one adapter from the engine's ``ParcelState`` to what the rules and counters need.
+
+    One pass over the timeline (oldest first by occurred_at), times read without ``ToMilliseconds``'s
+    range checks: this runs for every parcel of every batch."""
+    first_scan_ms: int | None = None
+    pickup_since_ms: int | None = None
+    trouble: list[TroubleEvent] = []
+    shipped_ms: int | None = None
+    last_ms: int | None = None
+    last: tracking_pb2.TrackingEvent | None = None
+    for entry in state.timeline:
+        event = entry.event
+        ms = event.occurred_at.seconds * 1000 + event.occurred_at.nanos // 1_000_000
+        status = event.status
+        if shipped_ms is None:
+            shipped_ms = ms
+        if status != INFO_RECEIVED and first_scan_ms is None:
+            first_scan_ms = ms  # the timeline is sorted: the first scan is the earliest
+        if status in TROUBLE:
+            trouble.append(TroubleEvent(event.event_id, event.exception_reason, ms))
         # The start of the latest run of AVAILABLE_FOR_PICKUP events: a carrier's daily reminder
         # scan does not restart the wait.
-        for event, ms in zip(reversed(timeline), reversed(occurred), strict=True):
-            if event.status != types_pb2.TRACKING_STATUS_AVAILABLE_FOR_PICKUP:
-                break
-            pickup_since_ms = ms
-    last = timeline[-1] if timeline else None
+        if status == AT_PICKUP:
+            if last is None or last.status != AT_PICKUP:
+                pickup_since_ms = ms
+        else:
+            pickup_since_ms = None
+        last, last_ms = event, ms
+    deadline = state.pickup_point.deadline if state.pickup_point.HasField("deadline") else None
     return ParcelFacts(
         parcel_id=state.parcel_id,
         merchant_id=state.merchant_id,
         status=state.status,
         exception_reason=state.exception_reason,
         created_ms=state.created_ms,
-        first_scan_ms=min(scans) if scans else None,
-        last_event_ms=occurred[-1] if occurred else None,
+        first_scan_ms=first_scan_ms,
+        last_event_ms=last_ms,
         last_facility=(last.location.facility or last.location.city) if last is not None else "",
-        pickup_since_ms=pickup_since_ms,
-        pickup_deadline_ms=state.pickup_point.deadline.ToMilliseconds()
-        if state.pickup_point.HasField("deadline")
-        else None,
+        pickup_since_ms=pickup_since_ms if state.status == AT_PICKUP else None,
+        pickup_deadline_ms=deadline.seconds * 1000 + deadline.nanos // 1_000_000 if deadline else None,
         promised_date=_promised(state),
-        shipped_ms=occurred[0] if occurred else None,
+        shipped_ms=shipped_ms,
         delivered_ms=state.status_occurred_ms
         if state.status == types_pb2.TRACKING_STATUS_DELIVERED
         else None,
-        trouble_events=tuple(
-            TroubleEvent(event.event_id, event.exception_reason, ms)
-            for event, ms in zip(timeline, occurred, strict=True)
-            if event.status in TROUBLE
-        ),
+        trouble_events=tuple(trouble),
     )
 
 

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 TROUBLE = (types_pb2.TRACKING_STATUS_EXCEPTION, types_pb2.TRACKING_STATUS_ATTEMPT_FAIL)
 INFO_RECEIVED = types_pb2.TRACKING_STATUS_INFO_RECEIVED
+WRITTEN_MAX = 100_000
 AT_PICKUP = types_pb2.TRACKING_STATUS_AVAILABLE_FOR_PICKUP
 
 
@@ -140,6 +141,10 @@ class AlertMonitor:
         self._config = config
         self._clock = clock
         self._load_facts = load_facts
+        # parcel id -> (the mark a hook read, the mark it wrote). The engine runs the next update of a
+        # parcel while its previous hook still works, so that update may read the mark from before the
+        # hook wrote: then the written one is the current one. Bounded: cleared when it grows large.
+        self._written: dict[str, tuple[str, str]] = {}
 
     def evaluate(self, facts: ParcelFacts, now_ms: int) -> Evaluation:
         return evaluate(facts, now_ms, self._config.thresholds_for(facts.merchant_id))
@@ -173,6 +178,11 @@ class AlertMonitor:
         if not verdicts:
             return {}
         changes = await self._store.apply(verdicts, now_ms, timer_fired=timer_fired, marks=new_marks)
+        if marks is not None and new_marks:
+            if len(self._written) > WRITTEN_MAX:
+                self._written.clear()
+            for pid, mark in new_marks.items():
+                self._written[pid] = (marks.get(pid, ""), mark)
         opened = sum(len(c.opened) for c in changes.values())
         resolved = sum(len(c.resolved) for c in changes.values())
         if opened or resolved:
@@ -182,7 +192,13 @@ class AlertMonitor:
     async def on_states(self, records: Sequence[Updated]) -> None:
         """The engine's hook after it wrote parcels (events applied, registrations merged): only the
         parcels whose alerts could change cost round trips."""
-        marks = {r.state.parcel_id: r.alert_mark for r in records}
+        marks: dict[str, str] = {}
+        for record in records:
+            pid, mark = record.state.parcel_id, record.alert_mark
+            written = self._written.pop(pid, None)
+            if written is not None and written[0] == mark:
+                mark = written[1]  # read before this process's previous hook wrote it
+            marks[pid] = mark
         await self.check([facts_from_state(r.state) for r in records if r.state.merchant_id], marks=marks)
 
     async def on_timer(self, shard: int, parcel_id: str, name: str) -> None:

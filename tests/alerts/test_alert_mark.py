@@ -3,8 +3,10 @@ early only re-arms the next one, and a verdict that changes is written."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from redis.asyncio import Redis
-from relais.v1 import parcel_pb2, tracking_pb2, types_pb2
+from relais.v1 import parcel_pb2, state_pb2, tracking_pb2, types_pb2
 
 from common import keys
 from common.clock import ManualClock
@@ -83,3 +85,42 @@ async def test_unchanged_verdicts_skip_the_alert_store(redis: Redis, clock: Manu
     await engine.ingestor.apply(scan("e3", S.TRACKING_STATUS_DELIVERED, first_check_ms + HOUR_MS))
     assert await redis.hget(alerts_key, "v") != version  # type: ignore[misc]
     assert await redis.hget(alerts_key, "c:dlv") == b"1"  # type: ignore[misc]
+
+
+@dataclass
+class Read:
+    """A parcel as an update read it (``engine.state.ParcelRecord``'s fields the hook uses)."""
+
+    state: state_pb2.ParcelState
+    alert_mark: str
+
+
+async def test_a_mark_read_before_the_previous_hook_wrote_is_taken_as_written(
+    redis: Redis, clock: ManualClock
+) -> None:
+    engine = build_engine(SETTINGS, redis, clock)
+    shard = keys.shard_of("P1", SETTINGS.shards)
+    alerts_key, parcel_key = keys.alerts(shard, "P1"), keys.parcel(shard, "P1")
+    registration = parcel_pb2.ParcelRegistration(
+        parcel_id="P1", merchant_id="acme", carrier="swisspost", recipient_id="acme/r1"
+    )
+    await ParcelServicer(engine.store, clock).RegisterParcels(
+        parcel_pb2.RegisterParcelsRequest(parcels=[registration]),
+        None,  # type: ignore[arg-type]
+    )
+    before_scan = ((await redis.hget(parcel_key, F_ALERT_MARK)) or b"").decode()  # type: ignore[misc]
+    clock.set_ms(T0_MS + HOUR_MS)
+    await engine.ingestor.apply(scan("e1", S.TRACKING_STATUS_IN_TRANSIT, T0_MS + HOUR_MS))
+    version = await redis.hget(alerts_key, "v")  # type: ignore[misc]
+
+    # The next update of P1 read its mark while the scan's hook was still writing: it holds the old
+    # mark, yet its verdict is the one the scan's hook wrote, so nothing is written again.
+    (record,) = (await engine.store.read(["P1"])).values()
+    later = tracking_pb2.TrackingEvent(event_id="e2", carrier="swisspost")
+    later.status = S.TRACKING_STATUS_OUT_FOR_DELIVERY
+    later.occurred_at.FromMilliseconds(T0_MS + 2 * HOUR_MS)
+    record.state.timeline.add(event=later)
+    record.state.status = later.status
+    clock.set_ms(T0_MS + 2 * HOUR_MS)
+    await engine.alerts.on_states([Read(record.state, before_scan)])
+    assert await redis.hget(alerts_key, "v") == version  # type: ignore[misc]

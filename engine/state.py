@@ -46,7 +46,6 @@ DAY_MS = 86_400_000
 # Re-reads after version conflicts before a call gives up (the caller may retry: it is idempotent).
 MAX_ATTEMPTS = 8
 
-_LENGTH = struct.Struct(">I")
 F_VERSION = b"v"
 F_STATE = b"s"
 F_SCHEDULED = b"q"
@@ -274,10 +273,12 @@ def parse_read(
     return records
 
 
-def pack_items(items: Iterable[bytes]) -> bytes:
-    """The apply script's one argument: each item as a 4-byte big-endian length and its bytes."""
-    pack = _LENGTH.pack
-    return b"".join([part for raw in items for part in (pack(len(raw)), raw)])
+def pack_items(items: Sequence[bytes]) -> bytes:
+    """The apply script's one argument: the number of items and every item's length (4-byte big-endian
+    each), then the items' bytes back to back. Lengths up front let C do all the work here (one
+    ``struct.pack``, one ``join``) instead of a Python step per item."""
+    count = len(items)
+    return struct.pack(f">I{count}I", count, *map(len, items)) + b"".join(items)
 
 
 # Changes a parcel's state in place; False when nothing changed (nothing is written then).
@@ -386,7 +387,7 @@ class ParcelStore:
         pipe = self.redis.pipeline(transaction=False)
         order = list(by_shard.items())
         for shard, entries in order:
-            blob = pack_items(item for _pid, change in entries for item in change.argv())
+            blob = pack_items([item for _pid, change in entries for item in change.argv()])
             await self._apply(
                 keys=[keys.due(shard), *(keys.parcel(shard, pid) for pid, _ in entries)],
                 args=[blob],

@@ -1,8 +1,9 @@
 -- Apply the planned changes of one shard's parcels atomically, each under an optimistic check.
 -- KEYS[1] = the shard's due set; KEYS[2..] = parcel hashes.
--- ARGV[1] = one blob of length-prefixed items (4-byte big-endian length, then the bytes): one
--- argument instead of dozens per parcel, because packing each argument costs the client more than the
--- whole script costs Redis. Per parcel in KEYS order, a header of 7 numbers then its lists:
+-- ARGV[1] = one blob of items: their count and each one's length (4-byte big-endian numbers), then
+-- the items' bytes back to back. One argument instead of dozens per parcel, because packing each
+-- argument costs the client more than the whole script costs Redis. Per parcel in KEYS order, a
+-- header of 7 numbers then its lists:
 --   expected version, ttl_ms (> 0: PEXPIRE), nchk, nset, ndel, nadd, nrem,
 --   nchk due members that must still be pending (the engine replaces or withdraws them),
 --   nset field/value pairs for HSET (the new `v` among them),
@@ -12,13 +13,16 @@
 -- A parcel whose version moved, or one of whose checked notices was claimed meanwhile, is left
 -- untouched and its position (1-based) returned: the caller re-reads and re-plans only those.
 local blob = ARGV[1]
-local pos = 1
+local total = struct.unpack('>I4', blob, 1)
+local size_at = 5 -- where the next item's length is
+local pos = 5 + 4 * total -- where the next item's bytes are
 local function take(count)
   local items = {}
   for j = 1, count do
-    local size, start = struct.unpack('>I4', blob, pos)
-    items[j] = string.sub(blob, start, start + size - 1)
-    pos = start + size
+    local size = struct.unpack('>I4', blob, size_at)
+    size_at = size_at + 4
+    items[j] = string.sub(blob, pos, pos + size - 1)
+    pos = pos + size
   end
   return items
 end

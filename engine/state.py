@@ -250,13 +250,37 @@ def change_of(record: ParcelRecord, result: Plan, *, now_ms: int, settings: Sett
     return change
 
 
+# What ``stored_state`` leaves out because ``load_state`` can derive it: the parcel id (the key says
+# it) and what the status event says (it is always the timeline's last entry: events are inserted
+# after every one that occurred no later, and only one that occurred no earlier sets the status).
+_DERIVED = ("parcel_id", "status_event_id", "substatus", "status_occurred_ms")
+
+
 def stored_state(state: state_pb2.ParcelState) -> bytes:
-    """The state as field ``s`` keeps it: without its parcel id, which the key already says."""
-    parcel_id = state.parcel_id
+    """The state as field ``s`` keeps it, without what ``load_state`` derives: a parcel hash that
+    stays under an allocator size class is worth a few dozen bytes per parcel tracked."""
+    kept = [getattr(state, name) for name in _DERIVED]
+    derivable = bool(state.timeline) and state.timeline[-1].event.event_id == state.status_event_id
     state.ClearField("parcel_id")
+    if derivable:
+        for name in _DERIVED[1:]:
+            state.ClearField(name)  # type: ignore[arg-type]
     raw = state.SerializeToString()
-    state.parcel_id = parcel_id
+    for name, value in zip(_DERIVED, kept, strict=True):
+        setattr(state, name, value)
     return raw
+
+
+def load_state(parcel_id: str, raw: bytes | None) -> state_pb2.ParcelState:
+    """Field ``s`` as ``stored_state`` wrote it (an empty state when there is none), made whole."""
+    state = state_pb2.ParcelState.FromString(raw) if raw else state_pb2.ParcelState()
+    state.parcel_id = parcel_id
+    if state.timeline and not state.status_event_id:
+        last = state.timeline[-1].event
+        state.status_event_id = last.event_id
+        state.substatus = last.substatus
+        state.status_occurred_ms = last.occurred_at.seconds * 1000 + last.occurred_at.nanos // 1_000_000
+    return state
 
 
 def parse_read(
@@ -265,8 +289,7 @@ def parse_read(
     records: dict[str, ParcelRecord] = {}
     for i, pid in enumerate(parcel_ids):
         raw_version, raw_state, raw_pending, raw_mark = reply[4 * i : 4 * i + 4]
-        state = state_pb2.ParcelState.FromString(raw_state) if raw_state else state_pb2.ParcelState()
-        state.parcel_id = pid
+        state = load_state(pid, raw_state)
         pending = frozenset(raw_pending.decode().split(",")) if raw_pending else frozenset()
         mark = raw_mark.decode() if raw_mark else ""
         records[pid] = ParcelRecord(pid, shard, int(raw_version or 0), state, pending, mark)

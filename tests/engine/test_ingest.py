@@ -10,7 +10,7 @@ from relais.v1 import notice_pb2, parcel_pb2, preferences_pb2, state_pb2, tracki
 from common import keys
 from common.clock import ManualClock
 from engine.planner import window_ms
-from engine.state import DAY_MS, body_field, version_field, withdrawn_field
+from engine.state import DAY_MS, body_field, load_state, version_field, withdrawn_field
 from tests.conftest import T0_MS
 from tests.engine.core_support import (
     HOUR_MS,
@@ -51,7 +51,7 @@ async def state_of(redis: Redis, parcel_id: str) -> state_pb2.ParcelState:
     shard = keys.shard_of(parcel_id, SETTINGS.shards)
     raw = await hget(redis, keys.parcel(shard, parcel_id), "s")
     assert raw is not None
-    return state_pb2.ParcelState.FromString(raw)
+    return load_state(parcel_id, raw)
 
 
 async def test_slot_story_end_to_end(redis: Redis, clock: ManualClock) -> None:

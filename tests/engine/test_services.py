@@ -22,7 +22,7 @@ from relais.v1 import (
 from common import keys
 from common.clock import ManualClock
 from engine.server import EngineServer, start_server
-from engine.state import DAY_MS, attempts_field
+from engine.state import DAY_MS, attempts_field, load_state
 from tests.conftest import T0_MS
 from tests.engine.core_support import HOUR_MS, SETTINGS, claim, engine_for, event, hget, hset, registration
 
@@ -123,6 +123,8 @@ async def test_get_parcel_shows_everything(channel: grpc.aio.Channel, redis: Red
     assert {(e.event.parcel_id, e.event.carrier) for e in view.timeline} == {("G1", view.carrier)}
     stored = state_pb2.ParcelState.FromString(await hget(redis, keys.parcel(shard, "G1"), "s") or b"")
     assert stored.parcel_id == ""
+    assert (stored.status_event_id, stored.substatus, stored.status_occurred_ms) == ("", "", 0)
+    assert load_state("G1", stored.SerializeToString()).status_event_id == "g2"
     assert {e.event.parcel_id for e in stored.timeline} == {""}
     assert view.order.promised_date.day == 12
     by_kind = {n.kind: n for n in view.notices}

@@ -1,15 +1,19 @@
 """A parcel's state and how it is kept in Redis.
 
-The parcel hash (``keys.parcel``) holds ``v`` (version), ``s`` (``ParcelState`` protobuf), ``q`` (kinds
-the engine scheduled) and per notice kind ``n:``/``nv:``/``ns:`` (body, version, withdrawal) beside the
-gateway's ``a:`` (attempts). ``ParcelStore.update`` is the one way the engine changes parcels:
+The parcel hash (``keys.parcel``) holds ``v`` (version), ``s`` (``ParcelState`` protobuf, without what
+``load_state`` derives), ``q`` (kinds the engine scheduled), ``am`` (the alert monitor's mark, see
+``engine.alert_monitor.settled``) and per notice kind ``n:``/``nv:``/``ns:`` (body, version, withdrawal)
+beside the gateway's ``a:`` (attempts). Redis should keep it as a listpack (``hash-max-listpack-value``
+4096, see README). ``ParcelStore.update`` is the one way the engine changes parcels:
 
 1. read every parcel of the call, all shards' read scripts pipelined in ONE round trip;
 2. let the caller change each state (apply events, merge a registration);
 3. read the recipients' preferences (one pipelined round trip, only when someone is to be told);
 4. plan the notices (``engine.planner``, pure) and write each shard's parcels with ONE apply-script
    call per shard, all pipelined in ONE round trip, under an optimistic version check;
-5. re-read and re-plan only the parcels whose version moved meanwhile.
+5. re-read and re-plan only the parcels whose version moved meanwhile;
+6. hand the records to ``after_update`` (the alert monitor) outside the parcels' turn, in update
+   order per parcel.
 
 A batch therefore costs a constant number of round trips whatever its size.
 """

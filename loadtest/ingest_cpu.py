@@ -1,0 +1,107 @@
+"""Engine CPU per ingested event, without gRPC: ``python -m loadtest.ingest_cpu --events 20000``.
+
+Builds the engine core (``engine.app.build_engine``) on a private redis-server, gives the recipients
+preferences, registers the parcels (untimed), then applies the ingest benchmark's batches straight to
+the ``Ingestor`` with ``STREAMS`` batches in flight, and prints this process's CPU time per event
+(``time.process_time``: the engine's own work, not Redis's nor the clients' encoding). Events are
+built and decoded before the clock starts, as a gRPC server would hand them over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import time
+from collections.abc import Sequence
+
+from relais.v1 import parcel_pb2, tracking_pb2
+
+from common.clock import SystemClock
+from common.redis_client import connect
+from common.redis_server import EmbeddedRedis
+from common.settings import Settings
+from engine.app import build_engine
+from engine.ingest import Ingestor
+from engine.parcel_service import ParcelServicer
+from loadtest.bench import STREAMS, make_groups
+from loadtest.journeys import promised_date, registrations
+from loadtest.recipients import _into_redis
+
+RECIPIENTS = 2000
+REGISTER_CHUNK = 2000
+
+
+async def _stream(ingestor: Ingestor, batches: Sequence[tracking_pb2.EventBatch]) -> int:
+    accepted = 0
+    for batch in batches:
+        accepted += (await ingestor.apply(batch)).accepted
+    return accepted
+
+
+async def measure(
+    url: str, events: int, shards: int, prefix: str, *, profile: bool = False
+) -> tuple[float, int]:
+    """(CPU seconds, accepted events) for ingesting ``events`` events."""
+    redis = connect(url)
+    try:
+        clock = SystemClock()
+        engine = build_engine(Settings(shards=shards), redis, clock)
+        await _into_redis(redis, shards, RECIPIENTS)
+        now_ms = clock.now_ms()
+        groups = make_groups(prefix, events, RECIPIENTS)
+        journeys = [j for g in groups for j in g.journeys]
+        servicer = ParcelServicer(engine.store, clock)
+        promised = promised_date(now_ms)
+        for i in range(0, len(journeys), REGISTER_CHUNK):
+            request = registrations(journeys[i : i + REGISTER_CHUNK], promised)
+            reply: parcel_pb2.RegisterParcelsResponse = await servicer.RegisterParcels(request, None)  # type: ignore[arg-type]
+            if reply.rejected:
+                raise RuntimeError(f"{len(reply.rejected)} registrations rejected")
+        # Groups dealt round-robin over the streams, each group's stages in order (as the benchmark).
+        streams: list[list[tracking_pb2.EventBatch]] = [[] for _ in range(STREAMS)]
+        seq = 0
+        for n, group in enumerate(groups):
+            while not group.done:
+                seq += 1
+                streams[n % STREAMS].append(group.next_batch(seq, now_ms))
+        profiler = cProfile.Profile() if profile else None
+        started = time.process_time()
+        if profiler is not None:
+            profiler.enable()
+        accepted = sum(await asyncio.gather(*(_stream(engine.ingestor, s) for s in streams)))
+        cpu_s = time.process_time() - started
+        if profiler is not None:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(40)
+        return cpu_s, accepted
+    finally:
+        await redis.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=1, help="measurements, each on fresh parcels")
+    parser.add_argument("--profile", action="store_true", help="print cProfile's top functions (slower)")
+    args = parser.parse_args()
+    server = EmbeddedRedis()
+    url = server.start()
+    try:
+        for run in range(args.runs):
+            prefix = f"CPU{run}"
+            run_cpu = measure(url, args.events, args.shards, prefix, profile=args.profile)
+            cpu_s, accepted = asyncio.run(run_cpu)
+            per_event_us = cpu_s / max(accepted, 1) * 1e6
+            print(
+                f"run {run}: {accepted} events applied, {per_event_us:.1f} µs CPU/event, "
+                f"{accepted / cpu_s:,.0f} events per CPU-second"
+            )
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

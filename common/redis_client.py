@@ -10,6 +10,7 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
@@ -18,7 +19,7 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 from redis.commands.core import AsyncScript
-from redis.exceptions import DataError
+from redis.exceptions import DataError, NoScriptError
 
 LUA_DIR = Path(__file__).parent / "lua"
 
@@ -74,11 +75,58 @@ _PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {
 }
 
 
+class _ScriptsCheckedOnce(Pipeline):
+    """A pipeline that asks Redis whether its scripts exist once per client, not at every execute.
+
+    redis-py sends ``SCRIPT EXISTS`` before each pipeline that calls a script: one more round trip per
+    batch on every hot path. Here a script checked (or loaded) once is trusted until Redis answers
+    NOSCRIPT (a restart or SCRIPT FLUSH): that pipeline fails, the caller's retry path applies, and the
+    next pipeline checks again.
+    """
+
+    def __init__(self, loaded: set[str], *args: Any) -> None:
+        super().__init__(*args)
+        self._loaded = loaded
+
+    async def load_scripts(self) -> None:
+        missing = [s for s in self.scripts if s.sha not in self._loaded]
+        if not missing:
+            return
+        # redis-py leaves immediate_execute_command untyped.
+        immediate = self.immediate_execute_command
+        exists = await immediate("SCRIPT EXISTS", *[s.sha for s in missing])  # type: ignore[no-untyped-call]
+        for script, exist in zip(missing, exists, strict=True):
+            if not exist:
+                script.sha = await immediate("SCRIPT LOAD", script.script)  # type: ignore[no-untyped-call]
+        self._loaded.update(s.sha for s in missing)
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        try:
+            replies: list[Any] = await super().execute(raise_on_error)
+        except NoScriptError:
+            self._loaded.clear()
+            raise
+        return replies
+
+
+class RelaisRedis(Redis):
+    """``Redis`` whose pipelines check their scripts once (see ``_ScriptsCheckedOnce``)."""
+
+    _scripts_loaded: set[str]
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        if not hasattr(self, "_scripts_loaded"):
+            self._scripts_loaded = set()
+        return _ScriptsCheckedOnce(
+            self._scripts_loaded, self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+
+
 def connect(url: str, *, max_connections: int = 64) -> Redis:
     """Values are protobuf bytes, so responses are not decoded; commands are packed by hiredis."""
     pool = ConnectionPool.from_url(url, decode_responses=False, max_connections=max_connections)
     pool.connection_class = _PACKING.get(pool.connection_class, pool.connection_class)
-    return Redis.from_pool(pool)
+    return RelaisRedis.from_pool(pool)
 
 
 @cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import DataError
+from redis.exceptions import DataError, NoScriptError
 
 from common.redis_client import PackingConnection, connect, pack_command
 
@@ -50,3 +50,29 @@ async def test_connect_closes_its_pool(redis_url: str) -> None:
     assert await client.ping()
     await client.aclose()
     assert client.auto_close_connection_pool
+
+
+async def script_exists_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+
+async def test_pipelines_check_their_scripts_once_and_again_after_a_flush(redis: Redis) -> None:
+    echo = redis.register_script("return ARGV[1]")
+    before = await script_exists_calls(redis)
+    for n in range(5):
+        pipe = redis.pipeline(transaction=False)
+        await echo(keys=[], args=[n], client=pipe)
+        assert await pipe.execute() == [str(n).encode()]
+    # redis-py alone asks SCRIPT EXISTS before each of the five: here only the first does.
+    assert await script_exists_calls(redis) - before == 1
+
+    await redis.script_flush()
+    pipe = redis.pipeline(transaction=False)
+    await echo(keys=[], args=["lost"], client=pipe)
+    with pytest.raises(NoScriptError):
+        await pipe.execute()
+    # The failure reset the check: the next pipeline loads the script again and runs.
+    pipe = redis.pipeline(transaction=False)
+    await echo(keys=[], args=["back"], client=pipe)
+    assert await pipe.execute() == [b"back"]

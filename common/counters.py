@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from functools import lru_cache
 
 from redis.asyncio.client import Pipeline
 from relais.v1 import alerts_pb2, types_pb2
@@ -45,21 +46,38 @@ class Increment:
     ttl_ms: int | None
 
 
+_DAY_MS = 86_400_000
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+
 def day_of(at_ms: int) -> str:
     """The UTC day of an instant, ``YYYYMMDD``."""
-    return datetime.fromtimestamp(at_ms / 1000, tz=UTC).strftime("%Y%m%d")
+    return _day_name(at_ms // _DAY_MS)
+
+
+@lru_cache(maxsize=64)
+def _day_name(day_index: int) -> str:
+    # Every count of a busy day names the same day: one datetime per day, not per count.
+    return datetime.fromtimestamp(day_index * 86_400, tz=UTC).strftime("%Y%m%d")
+
+
+@lru_cache(maxsize=4096)
+def _day_keys(shard: int, merchant_id: str, day_index: int) -> tuple[str, ...]:
+    """The hashes a count of this merchant, shard and day goes to (daily ones first, total last);
+    cached: a batch counts for the same few merchants and days over and over."""
+    day = _day_name(day_index)
+    daily = (keys.stats(shard, merchant_id, day),) if merchant_id else ()
+    return (*daily, keys.stats(shard, ALL_MERCHANTS, day), keys.stats_total(shard))
 
 
 def _increments(shard: int, merchant_id: str, at_ms: int, counts: Mapping[str, int]) -> list[Increment]:
-    day = day_of(at_ms)
+    *daily, total = _day_keys(shard, merchant_id, at_ms // _DAY_MS)
     out: list[Increment] = []
     for field, amount in counts.items():
         if amount == 0:
             continue
-        if merchant_id:
-            out.append(Increment(keys.stats(shard, merchant_id, day), field, amount, DAY_RETENTION_MS))
-        out.append(Increment(keys.stats(shard, ALL_MERCHANTS, day), field, amount, DAY_RETENTION_MS))
-        out.append(Increment(keys.stats_total(shard), field, amount, None))
+        out += [Increment(key, field, amount, DAY_RETENTION_MS) for key in daily]
+        out.append(Increment(total, field, amount, None))
     return out
 
 
@@ -72,7 +90,7 @@ def delivered(shard: int, merchant_id: str, at_ms: int, promised_date: date | No
     """Delivered (or collected); on time when the UTC delivery day is not after the promised date."""
     counts = {DELIVERED: 1}
     if promised_date is not None:
-        on_time = datetime.fromtimestamp(at_ms / 1000, tz=UTC).date() <= promised_date
+        on_time = at_ms // _DAY_MS <= promised_date.toordinal() - _EPOCH_ORDINAL
         counts[ON_TIME if on_time else LATE] = 1
     return _increments(shard, merchant_id, at_ms, counts)
 

@@ -21,6 +21,7 @@ A batch therefore costs a constant number of round trips whatever its size.
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -210,6 +211,19 @@ class ParcelChange:
         ]
 
 
+@functools.cache
+def _kind_fields(kind: int) -> tuple[bytes, bytes, bytes]:
+    """A notice kind's body, version and withdrawn field names as the apply script takes them:
+    encoded once per kind, not once per notice written."""
+    name = kind_name(kind)
+    return body_field(name).encode(), version_field(name).encode(), withdrawn_field(name).encode()
+
+
+@functools.cache
+def _reason(status: int) -> bytes:
+    return notice_pb2.NoticeStatus.Name(status)[len("NOTICE_STATUS_") :].encode()  # type: ignore[arg-type]
+
+
 def change_of(record: ParcelRecord, result: Plan, *, now_ms: int, settings: Settings) -> ParcelChange:
     """Turn a planned parcel into the fields, due-set moves and TTL its apply-script entry writes."""
     state = record.state
@@ -224,22 +238,16 @@ def change_of(record: ParcelRecord, result: Plan, *, now_ms: int, settings: Sett
     pid = record.parcel_id
     change.checks.extend(keys.notice_id(pid, kind_name(kind)).encode() for kind in result.checked)
     for notice in result.scheduled.values():
-        name = kind_name(notice.kind)
-        change.sets += [
-            body_field(name).encode(),
-            notice.SerializeToString(),
-            version_field(name).encode(),
-            str(notice.version).encode(),
-        ]
-        change.dels.append(withdrawn_field(name).encode())
+        body, version, withdrawn = _kind_fields(notice.kind)
+        change.sets += [body, notice.SerializeToString(), version, str(notice.version).encode()]
+        change.dels.append(withdrawn)
         due_ms = notice.due_at.seconds * 1000 + notice.due_at.nanos // 1_000_000
         change.adds += [str(due_ms).encode(), notice.notice_id.encode()]
     for kind, status in result.withdrawn.items():
-        name = kind_name(kind)
-        reason = notice_pb2.NoticeStatus.Name(status)[len("NOTICE_STATUS_") :]
-        change.sets += [withdrawn_field(name).encode(), reason.encode()]
-        change.dels += [body_field(name).encode(), version_field(name).encode()]
-        change.rems.append(keys.notice_id(pid, name).encode())
+        body, version, withdrawn = _kind_fields(kind)
+        change.sets += [withdrawn, _reason(status)]
+        change.dels += [body, version]
+        change.rems.append(keys.notice_id(pid, kind_name(kind)).encode())
     scheduled = ",".join(
         kind_name(mark.kind) for mark in state.notices if mark.status == notice_pb2.NOTICE_STATUS_SCHEDULED
     )

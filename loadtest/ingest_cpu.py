@@ -40,9 +40,7 @@ async def _stream(ingestor: Ingestor, batches: Sequence[tracking_pb2.EventBatch]
     return accepted
 
 
-async def measure(
-    url: str, events: int, shards: int, prefix: str, *, profile: bool = False
-) -> tuple[float, int]:
+async def measure(url: str, events: int, shards: int, prefix: str, *, profile: str = "") -> tuple[float, int]:
     """(CPU seconds, accepted events) for ingesting ``events`` events."""
     redis = connect(url)
     try:
@@ -74,7 +72,8 @@ async def measure(
         cpu_s = time.process_time() - started
         if profiler is not None:
             profiler.disable()
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(40)
+            sort = "cumulative" if profile == "cum" else "tottime"
+            pstats.Stats(profiler).sort_stats(sort).print_stats(60)
         return cpu_s, accepted
     finally:
         await redis.aclose()
@@ -85,7 +84,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--runs", type=int, default=1, help="measurements, each on fresh parcels")
-    parser.add_argument("--profile", action="store_true", help="print cProfile's top functions (slower)")
+    parser.add_argument(
+        "--profile", choices=("self", "cum"), default="", help="print cProfile's top functions (slower)"
+    )
     args = parser.parse_args()
     server = EmbeddedRedis()
     url = server.start()

@@ -43,6 +43,8 @@ from common.settings import GatewaySettings, Settings
 from loadtest.arq_baseline import measure_arq
 from loadtest.audit import backlog
 from loadtest.counting_channel import CountingChannel, read_deliveries
+from loadtest.get_parcel_latency import measure as measure_get_parcel
+from loadtest.get_parcel_latency import sample_parcel_ids
 from loadtest.ingest_client import Batch, plan_streams, stream_batches
 from loadtest.journeys import (
     EventBudget,
@@ -399,6 +401,23 @@ def _fields(journey: Journey) -> dict[str, Any]:
     return {name: getattr(journey, name) for name in Journey.__dataclass_fields__}
 
 
+# --- 3b. GetParcel -----------------------------------------------------------------------------------
+
+
+async def bench_get_parcel(results: Results, sizes: Sizes, stack: Stack) -> None:
+    """Open-loop GetParcel at 1,000 requests/s over the parcels ingest left (timelines, notices)."""
+    redis = connect(stack.redis_url)
+    try:
+        parcel_ids = await sample_parcel_ids(redis, 5000)
+    finally:
+        await redis.aclose()
+    seconds = 5.0 if sizes is QUICK else 30.0
+    latency = await measure_get_parcel(stack.target, parcel_ids, rps=1000.0, seconds=seconds)
+    results.figures.update(
+        {f"get_parcel_{name}": value for name, value in dataclasses.asdict(latency).items()}
+    )
+
+
 # --- 5. memory ---------------------------------------------------------------------------------------
 
 
@@ -442,7 +461,7 @@ async def bench_memory(results: Results, sizes: Sizes, stack: Stack, shards: int
 # --- the run ---------------------------------------------------------------------------------------------
 
 
-SECTIONS = ("ingest", "scheduler", "gateway", "e2e", "memory")
+SECTIONS = ("ingest", "scheduler", "gateway", "get_parcel", "e2e", "memory")
 
 
 async def run(
@@ -486,6 +505,9 @@ async def run(
                 ],
                 lambda: bench_claim_and_send(results, stack, shards, run_dir),
             )
+        if wanted("get_parcel"):
+            print("3b. GetParcel at 1k rps on the ingested parcels", file=sys.stderr)
+            await section(results, ["get_parcel_p99_ms"], lambda: bench_get_parcel(results, sizes, stack))
         if wanted("memory"):
             print("5. memory", file=sys.stderr)
             await section(
@@ -519,6 +541,7 @@ ROWS = (
     ("gateway notices/s (limits on)", "gateway_notices_per_s", "gateway_nolimit_notices_per_s", "limits off"),
     ("Redis round trips / notice", "redis_round_trips_per_notice", "redis_commands_per_notice", "commands"),
     ("end to end: notices", "e2e_notices", "e2e_seconds", "seconds"),
+    ("GetParcel p99 ms at 1k rps", "get_parcel_p99_ms", "get_parcel_p50_ms", "p50"),
     ("Redis bytes / parcel", "redis_bytes_per_parcel", None, ""),
     ("engine RSS bytes", "engine_rss_bytes", None, ""),
 )

@@ -1,0 +1,124 @@
+"""GetParcel latency at a fixed request rate: the "where is my order?" budget (p99 under 5 ms at 1k rps).
+
+Open loop: call *i* is due at ``start + i / rps`` and its latency is measured from that due time, not
+from when it was actually sent, so a stalled server shows up in the tail instead of silently lowering
+the rate (no coordinated omission). Parcels are sampled from Redis, so they carry real timelines and
+notices. ``python -m loadtest.get_parcel_latency --target 127.0.0.1:50051 --redis redis://...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import grpc
+from redis.asyncio import Redis
+from relais.v1 import parcel_pb2, parcel_pb2_grpc
+
+from common import keys
+from common.redis_client import connect
+
+
+@dataclass(frozen=True)
+class Latency:
+    calls: int
+    errors: int
+    rps_target: float
+    rps_achieved: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+async def sample_parcel_ids(redis: Redis, count: int) -> list[str]:
+    """Up to ``count`` parcel ids, read off the parcel keys (``relais:p:{s}:<id>``)."""
+    ids: list[str] = []
+    async for key in redis.scan_iter(match=keys.PREFIX + "p:*", count=1000):
+        ids.append(key.decode().split("}:", 1)[1])
+        if len(ids) >= count:
+            break
+    return ids
+
+
+def percentile(sorted_ms: list[float], q: float) -> float:
+    return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
+
+
+async def measure(
+    target: str, parcel_ids: list[str], *, rps: float, seconds: float, channels: int = 4
+) -> Latency:
+    if not parcel_ids:
+        raise ValueError("no parcels to read")
+    calls = int(rps * seconds)
+    opened = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+    stubs = [parcel_pb2_grpc.ParcelServiceStub(c) for c in opened]
+    latencies_ms: list[float] = []
+    errors = 0
+
+    async def one(i: int, due_s: float, parcel_id: str) -> None:
+        nonlocal errors
+        try:
+            await stubs[i % channels].GetParcel(parcel_pb2.GetParcelRequest(parcel_id=parcel_id), timeout=5)
+        except grpc.aio.AioRpcError:
+            errors += 1
+            return
+        latencies_ms.append((time.perf_counter() - due_s) * 1000)
+
+    try:
+        # Warm the connections (TCP, HTTP/2, the server's first-call paths) before timing.
+        await asyncio.gather(*(one(i, time.perf_counter(), parcel_ids[0]) for i in range(channels)))
+        latencies_ms.clear()
+        tasks: list[asyncio.Task[None]] = []
+        start = time.perf_counter()
+        for i, parcel_id in zip(range(calls), itertools.cycle(parcel_ids), strict=False):
+            due_s = start + i / rps
+            delay_s = due_s - time.perf_counter()
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            tasks.append(asyncio.create_task(one(i, due_s, parcel_id)))
+        await asyncio.gather(*tasks)
+        elapsed_s = time.perf_counter() - start
+    finally:
+        for channel in opened:
+            await channel.close(None)
+    ordered = sorted(latencies_ms)
+    return Latency(
+        calls=calls,
+        errors=errors,
+        rps_target=rps,
+        rps_achieved=len(ordered) / elapsed_s,
+        p50_ms=statistics.median(ordered),
+        p95_ms=percentile(ordered, 0.95),
+        p99_ms=percentile(ordered, 0.99),
+        max_ms=ordered[-1],
+    )
+
+
+async def _main(args: argparse.Namespace) -> None:
+    redis = connect(args.redis)
+    try:
+        ids = await sample_parcel_ids(redis, args.parcels)
+    finally:
+        await redis.aclose()
+    result = await measure(args.target, ids, rps=args.rps, seconds=args.seconds)
+    for name, value in asdict(result).items():
+        print(f"{name:>14} {value:,.2f}" if isinstance(value, float) else f"{name:>14} {value:,}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--target", required=True, help="the engine's host:port")
+    parser.add_argument("--redis", required=True, help="the engine's REDIS_URL (to sample parcels)")
+    parser.add_argument("--rps", type=float, default=1000.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--parcels", type=int, default=2000)
+    asyncio.run(_main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -39,10 +39,10 @@ proto: $(STAMP)
 	$(BIN)/python -m common.protogen proto
 
 bench: $(STAMP)
-	$(BIN)/python -m loadtest.bench $(if $(QUICK),--quick,)
+	$(BIN)/python -m loadtest.bench $(if $(QUICK),--quick,) $(ARGS)
 
 loadtest: $(STAMP)
-	$(BIN)/python -m loadtest.run $(if $(QUICK),--quick,)
+	$(BIN)/python -m loadtest.run $(if $(QUICK),--quick,) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -36,7 +36,10 @@ async def serve(*, scheduler: bool) -> None:
         loop.add_signal_handler(sig, stop.set)
     dispatch = None
     if scheduler:
-        dispatch = asyncio.create_task(Dispatcher(redis, clock, settings.shards).run(stop))
+        dispatcher = Dispatcher(redis, clock, settings.shards)
+        for name, handler in engine.timers.items():
+            dispatcher.register_timer(name, handler)
+        dispatch = asyncio.create_task(dispatcher.run(stop))
     try:
         await stop.wait()
     finally:

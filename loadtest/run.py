@@ -8,9 +8,10 @@
 5. audits (``loadtest.audit``): every expected notice delivered exactly once;
 6. prints a summary and writes it with Locust's HTML report and CSVs under ``loadtest/results/``.
 
-Knobs: the options below, each also read from ``LOADTEST_<OPTION>`` (e.g. ``LOADTEST_EVENTS=200000
-make loadtest``). ``--quick`` is the smoke profile (5,000 events, well under 30 s). Exit status 0 only
-when every event was accepted, the system drained and the exactly-once check passed.
+Knobs: the options below, passed through make as ``make loadtest ARGS="--events 200000"`` (the
+environment is read in one place only, ``common/settings.py``, and this harness is not it).
+``--quick`` is the smoke profile (5,000 events, well under 30 s). Exit status 0 only when every event
+was accepted, the system drained and the exactly-once check passed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import argparse
 import asyncio
 import csv
 import json
-import os
 import subprocess
 import sys
 import time
@@ -98,20 +98,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[Profile, argparse.Namespa
     parser.add_argument(
         "--engine",
         choices=("proc", "cli"),
-        default=os.environ.get("LOADTEST_ENGINE", "proc"),
+        default="proc",
         help="proc: python -m loadtest.engine_proc (default); cli: relais serve",
     )
     for name in Profile.__dataclass_fields__:
         parser.add_argument(
-            f"--{name.replace('_', '-')}", default=None, help=f"default: LOADTEST_{name.upper()}"
+            f"--{name.replace('_', '-')}", default=None, help="default: the profile's (see docs/loadtest.md)"
         )
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
     chosen: dict[str, Any] = {}
     for name, value in asdict(base).items():
         raw = getattr(args, name)
-        if raw is None:
-            raw = os.environ.get(f"LOADTEST_{name.upper()}")
         chosen[name] = value if raw is None else type(value)(raw)
     return Profile(**chosen), args
 

@@ -224,6 +224,9 @@ class EngineSettings:
     stream_window: int = 8
     # Parcels that never finish (no event, never delivered) are removed after this many idle days.
     idle_retention_days: int = 180
+    # Merchants whose unpaid orders' notices may still carry links that change the delivery
+    # (e.g. cash on delivery); every other unpaid order gets informational notices only.
+    unpaid_actionable_merchants: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> EngineSettings:
@@ -241,6 +244,9 @@ class EngineSettings:
             stream_window=_int(env, p + "STREAM_WINDOW", cls.stream_window, low=1, high=1024),
             idle_retention_days=_int(
                 env, p + "IDLE_RETENTION_DAYS", cls.idle_retention_days, low=1, high=3650
+            ),
+            unpaid_actionable_merchants=frozenset(
+                m.strip() for m in env.get(p + "UNPAID_ACTIONABLE_MERCHANTS", "").split(",") if m.strip()
             ),
         )
 

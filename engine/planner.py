@@ -98,6 +98,7 @@ class PlanRules:
     shift_threshold_ms: int = 15 * 60_000
     debounce_ms: int = 120_000
     reminder_lead_ms: int = 24 * 3_600_000
+    unpaid_actionable_merchants: frozenset[str] = frozenset()
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> PlanRules:
@@ -105,6 +106,7 @@ class PlanRules:
             shift_threshold_ms=settings.slot_shift_threshold_s * 1000,
             debounce_ms=settings.correction_debounce_s * 1000,
             reminder_lead_ms=settings.pickup_reminder_lead_s * 1000,
+            unpaid_actionable_merchants=settings.unpaid_actionable_merchants,
         )
 
 
@@ -416,8 +418,9 @@ class _Planner:
             carrier=state.carrier,
             parcel_status=state.status,
             paid=order.paid,
-            # Unpaid orders get informational notices only: no link that changes the delivery.
-            actionable=order.paid,
+            # Unpaid orders get informational notices only: no link that changes the delivery,
+            # unless their merchant allows it.
+            actionable=order.paid or state.merchant_id in self.rules.unpaid_actionable_merchants,
             cause_event_id=mark.cause_event_id,
             shard=self.shard,
         )

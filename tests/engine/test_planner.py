@@ -209,6 +209,16 @@ def test_unpaid_order_gets_informational_notices_only() -> None:
     assert sim.mark(T.NOTICE_KIND_EXCEPTION).status_reason == REASON_UNPAID
 
 
+def test_a_merchant_may_allow_links_for_its_unpaid_orders() -> None:
+    allowing = PlanRules(unpaid_actionable_merchants=frozenset({"acme"}))
+    sim = Sim(paid=False, rules=allowing)
+    sim.scan()
+    assert sim.pending["SHIPPED"].actionable
+    other = Sim(paid=False, rules=PlanRules(unpaid_actionable_merchants=frozenset({"globex"})))
+    other.scan()
+    assert not other.pending["SHIPPED"].actionable
+
+
 def test_paid_order_is_asked_to_check_the_address() -> None:
     sim = Sim()
     result = sim.scan(T.TRACKING_STATUS_EXCEPTION, reason=T.EXCEPTION_REASON_ADDRESS_PROBLEM)

@@ -41,3 +41,8 @@ def test_channel_options_are_grouped_by_channel() -> None:
         {"RELAIS_CHANNEL_EMAIL_HOST": "smtp.local", "RELAIS_CHANNEL_EMAIL_PORT": "25"}
     )
     assert settings.channel_options == {"email": {"host": "smtp.local", "port": "25"}}
+
+
+def test_merchants_allowed_links_for_unpaid_orders() -> None:
+    settings = Settings.from_env({"RELAIS_ENGINE_UNPAID_ACTIONABLE_MERCHANTS": "acme, globex,"})
+    assert settings.engine.unpaid_actionable_merchants == frozenset({"acme", "globex"})

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import date
 from typing import Protocol
 
 from relais.v1 import state_pb2, tracking_pb2, types_pb2
@@ -20,6 +19,7 @@ from relais.v1 import state_pb2, tracking_pb2, types_pb2
 from common.clock import Clock
 from engine.alert_rules import AlertConfig, Evaluation, ParcelFacts, TroubleEvent, evaluate
 from engine.alert_store import CHECK_TIMER, AlertStore, Changes
+from engine.counting import promised_date
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +27,6 @@ TROUBLE = (types_pb2.TRACKING_STATUS_EXCEPTION, types_pb2.TRACKING_STATUS_ATTEMP
 INFO_RECEIVED = types_pb2.TRACKING_STATUS_INFO_RECEIVED
 WRITTEN_MAX = 100_000
 AT_PICKUP = types_pb2.TRACKING_STATUS_AVAILABLE_FOR_PICKUP
-
-
-def _promised(state: state_pb2.ParcelState) -> date | None:
-    if not state.order.HasField("promised_date"):
-        return None
-    d = state.order.promised_date
-    try:
-        return date(d.year, d.month, d.day)
-    except ValueError:
-        return None
 
 
 def facts_from_state(state: state_pb2.ParcelState) -> ParcelFacts:
@@ -80,7 +70,7 @@ def facts_from_state(state: state_pb2.ParcelState) -> ParcelFacts:
         last_facility=(last.location.facility or last.location.city) if last is not None else "",
         pickup_since_ms=pickup_since_ms if state.status == AT_PICKUP else None,
         pickup_deadline_ms=deadline.seconds * 1000 + deadline.nanos // 1_000_000 if deadline else None,
-        promised_date=_promised(state),
+        promised_date=promised_date(state),
         shipped_ms=shipped_ms,
         delivered_ms=state.status_occurred_ms
         if state.status == types_pb2.TRACKING_STATUS_DELIVERED
@@ -101,14 +91,9 @@ class Updated(Protocol):
 
 def outcome_digest(facts: ParcelFacts, ev: Evaluation) -> str:
     """What applying a verdict leaves in the alert store, timer aside: the same digest twice means the
-    second apply would open, resolve and count nothing (CRC-32: a collision only skips one apply)."""
-    outcome = (
-        facts.merchant_id,
-        sorted(finding.kind for finding in ev.firing),
-        facts.shipped_ms is not None,
-        facts.delivered_ms is not None,
-        [event.event_id for event in facts.trouble_events],
-    )
+    second apply would open or resolve nothing (CRC-32: a collision only skips one apply). The daily
+    counters are not in it: the parcel's own write counts them (``engine.counting``)."""
+    outcome = (facts.merchant_id, sorted(finding.kind for finding in ev.firing))
     return f"{zlib.crc32(repr(outcome).encode()):08x}"
 
 

@@ -111,8 +111,6 @@ class ParcelAlerts:
     alerts: Mapping[str, Alert] = field(default_factory=dict)
     current: Mapping[AlertKind, int] = field(default_factory=dict)
     check_ms: int = 0
-    # What the daily counters already counted for this parcel: "ship", "dlv", "x:<event id>".
-    counted: frozenset[str] = frozenset()
 
     def latest(self, parcel_id: str, kind: AlertKind) -> Alert | None:
         n = self.current.get(kind)
@@ -128,7 +126,6 @@ def parse_parcel_alerts(raw: Mapping[bytes, bytes]) -> ParcelAlerts:
     alerts: dict[str, Alert] = {}
     current: dict[AlertKind, int] = {}
     version, check_ms = "0", 0
-    counted: set[str] = set()
     for name_b, value in raw.items():
         name = name_b.decode()
         if name == "v":
@@ -136,14 +133,14 @@ def parse_parcel_alerts(raw: Mapping[bytes, bytes]) -> ParcelAlerts:
         elif name == "t":
             check_ms = int(value)
         elif name.startswith("c:"):
-            counted.add(name[2:])
+            continue  # counted markers of older releases: the parcel's own write counts now
         elif name.startswith("cur:"):
             kind = kind_from_name(name[4:])
             if kind is not None:
                 current[kind] = int(value)
         else:
             alerts[name] = Alert.FromString(value)
-    return ParcelAlerts(version, alerts, current, check_ms, frozenset(counted))
+    return ParcelAlerts(version, alerts, current, check_ms)
 
 
 @dataclass
@@ -315,27 +312,9 @@ class AlertStore:
             self._put(writes, shard, resolved, latest.state)
             writes.increments(stats.alert(shard, resolved.merchant_id, now_ms, kind, resolved=True))
             changes.resolved.append(resolved)
-        self._plan_counts(writes, shard, facts, current.counted)
         recorded_ms = -1 if timer_fired else current.check_ms
         self._plan_timer(writes, shard, facts.parcel_id, ev.next_check_ms or 0, recorded_ms)
         return writes, changes
-
-    def _plan_counts(self, writes: _Writes, shard: int, facts: ParcelFacts, counted: frozenset[str]) -> None:
-        """The parcel's daily counters, each counted once (a marker in the alert hash, set by the same
-        script), on the day it happened, under the merchant known by then."""
-        marks: list[tuple[str, list[stats.Increment]]] = []
-        if facts.shipped_ms is not None and "ship" not in counted:
-            marks.append(("ship", stats.shipped(shard, facts.merchant_id, facts.shipped_ms)))
-        if facts.delivered_ms is not None and "dlv" not in counted:
-            incs = stats.delivered(shard, facts.merchant_id, facts.delivered_ms, facts.promised_date)
-            marks.append(("dlv", incs))
-        for event in facts.trouble_events:
-            if "x:" + event.event_id not in counted:
-                incs = stats.exception(shard, facts.merchant_id, event.occurred_ms, event.reason)
-                marks.append(("x:" + event.event_id, incs))
-        for mark, incs in marks:
-            writes.hset("c:" + mark, 1)
-            writes.increments(incs)
 
     def _plan_timer(self, writes: _Writes, shard: int, parcel_id: str, next_ms: int, current_ms: int) -> None:
         if next_ms == current_ms:

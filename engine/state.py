@@ -2,7 +2,8 @@
 
 The parcel hash (``keys.parcel``) holds ``v`` (version), ``s`` (``ParcelState`` protobuf, without what
 ``load_state`` derives), ``q`` (kinds the engine scheduled), ``am`` (the alert monitor's mark, see
-``engine.alert_monitor.settled``) and per notice kind ``n:``/``nv:``/``ns:`` (body, version, withdrawal)
+``engine.alert_monitor.settled``), ``ct`` (what the daily counters counted, see ``engine.counting``)
+and per notice kind ``n:``/``nv:``/``ns:`` (body, version, withdrawal)
 beside the gateway's ``a:`` (attempts). Redis should keep it as a listpack (``hash-max-listpack-value``
 4096, see README). ``ParcelStore.update`` is the one way the engine changes parcels:
 
@@ -10,7 +11,8 @@ beside the gateway's ``a:`` (attempts). Redis should keep it as a listpack (``ha
 2. let the caller change each state (apply events, merge a registration);
 3. read the recipients' preferences (one pipelined round trip, only when someone is to be told);
 4. plan the notices (``engine.planner``, pure) and write each shard's parcels with ONE apply-script
-   call per shard, all pipelined in ONE round trip, under an optimistic version check;
+   call per shard, all pipelined in ONE round trip, under an optimistic version check, with the
+   parcel's daily counter increments;
 5. re-read and re-plan only the parcels whose version moved meanwhile;
 6. hand the records to ``after_update`` (the alert monitor) outside the parcels' turn, in update
    order per parcel.
@@ -34,10 +36,12 @@ from relais.v1 import notice_pb2, parcel_pb2, preferences_pb2, state_pb2, tracki
 
 from common import keys
 from common.clock import Clock
+from common.counters import Increment
 from common.errors import RelaisError
 from common.redis_client import register
 from common.settings import Settings
 from common.telemetry import inject_trace_context
+from engine.counting import count_change, parse_counted
 from engine.planner import Audience, Plan, PlanRules, kind_name, plan
 
 FINISHED = frozenset(
@@ -54,6 +58,7 @@ MAX_ATTEMPTS = 8
 F_VERSION = b"v"
 F_STATE = b"s"
 F_SCHEDULED = b"q"
+F_COUNTED = b"ct"
 
 
 def body_field(name: str) -> str:
@@ -87,6 +92,8 @@ class ParcelRecord:
     pending: frozenset[str]
     # The alert monitor's mark (field ``am``): what it last applied, so unchanged verdicts cost nothing.
     alert_mark: str = ""
+    # What the daily counters already counted (field ``ct``, see ``engine.counting``).
+    counted: frozenset[str] = frozenset()
     # What planning decided, once the record was planned and written.
     plan: Plan | None = None
 
@@ -190,8 +197,10 @@ class ParcelChange:
     dels: list[bytes] = field(default_factory=list)
     adds: list[bytes] = field(default_factory=list)
     rems: list[bytes] = field(default_factory=list)
+    incs: list[Increment] = field(default_factory=list)
 
-    def argv(self) -> list[bytes]:
+    def argv(self, key_index: Callable[[str], int]) -> list[bytes]:
+        """The entry's items; ``key_index`` numbers a counter hash among the call's KEYS."""
         head = (
             self.expected_version,
             self.ttl_ms,
@@ -200,7 +209,18 @@ class ParcelChange:
             len(self.dels),
             len(self.adds) // 2,
             len(self.rems),
+            len(self.incs),
         )
+        incs = [
+            item
+            for inc in self.incs
+            for item in (
+                str(key_index(inc.key)).encode(),
+                inc.field.encode(),
+                str(inc.amount).encode(),
+                str(inc.ttl_ms or 0).encode(),
+            )
+        ]
         return [
             *(str(n).encode() for n in head),
             *self.checks,
@@ -208,6 +228,7 @@ class ParcelChange:
             *self.dels,
             *self.adds,
             *self.rems,
+            *incs,
         ]
 
 
@@ -259,6 +280,9 @@ def change_of(record: ParcelRecord, result: Plan, *, now_ms: int, settings: Sett
         F_SCHEDULED,
         scheduled.encode(),
     ]
+    change.incs, counted = count_change(record.shard, state, record.counted)
+    if counted is not None:
+        change.sets += [F_COUNTED, counted.encode()]
     return change
 
 
@@ -300,11 +324,13 @@ def parse_read(
 ) -> dict[str, ParcelRecord]:
     records: dict[str, ParcelRecord] = {}
     for i, pid in enumerate(parcel_ids):
-        raw_version, raw_state, raw_pending, raw_mark = reply[4 * i : 4 * i + 4]
+        raw_version, raw_state, raw_pending, raw_mark, raw_counted = reply[5 * i : 5 * i + 5]
         state = load_state(pid, raw_state)
         pending = frozenset(raw_pending.decode().split(",")) if raw_pending else frozenset()
         mark = raw_mark.decode() if raw_mark else ""
-        records[pid] = ParcelRecord(pid, shard, int(raw_version or 0), state, pending, mark)
+        records[pid] = ParcelRecord(
+            pid, shard, int(raw_version or 0), state, pending, mark, parse_counted(raw_counted)
+        )
     return records
 
 
@@ -314,6 +340,21 @@ def pack_items(items: Sequence[bytes]) -> bytes:
     ``struct.pack``, one ``join``) instead of a Python step per item."""
     count = len(items)
     return struct.pack(f">I{count}I", count, *map(len, items)) + b"".join(items)
+
+
+def shard_call(shard: int, entries: Sequence[tuple[str, ParcelChange]]) -> tuple[list[str], bytes]:
+    """The apply script's KEYS (due set, parcel hashes, then the counter hashes the entries name, each
+    once) and its blob, for one shard's entries."""
+    call_keys = [keys.due(shard), *(keys.parcel(shard, pid) for pid, _ in entries)]
+    index: dict[str, int] = {}
+
+    def key_index(key: str) -> int:
+        if key not in index:
+            call_keys.append(key)
+            index[key] = len(call_keys)
+        return index[key]
+
+    return call_keys, pack_items([item for _pid, change in entries for item in change.argv(key_index)])
 
 
 # Changes a parcel's state in place; False when nothing changed (nothing is written then).
@@ -422,12 +463,8 @@ class ParcelStore:
         pipe = self.redis.pipeline(transaction=False)
         order = list(by_shard.items())
         for shard, entries in order:
-            blob = pack_items([item for _pid, change in entries for item in change.argv()])
-            await self._apply(
-                keys=[keys.due(shard), *(keys.parcel(shard, pid) for pid, _ in entries)],
-                args=[blob],
-                client=pipe,
-            )
+            call_keys, blob = shard_call(shard, entries)
+            await self._apply(keys=call_keys, args=[blob, len(entries)], client=pipe)
         replies = await pipe.execute()
         self.round_trips += 1
         conflicts: set[str] = set()

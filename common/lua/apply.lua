@@ -1,5 +1,6 @@
 -- Apply the planned changes of one shard's parcels atomically, each under an optimistic check.
--- KEYS[1] = the shard's due set; KEYS[2..] = parcel hashes.
+-- KEYS[1] = the shard's due set; KEYS[2..ARGV[2]+1] = parcel hashes; the rest = counter hashes.
+-- ARGV[2] = the number of parcels.
 -- ARGV[1] = one blob of items: their count and each one's length (4-byte big-endian numbers), then
 -- the items' bytes back to back. One argument instead of dozens per parcel, because packing each
 -- argument costs the client more than the whole script costs Redis. Per parcel in KEYS order, a
@@ -9,7 +10,9 @@
 --   nset field/value pairs for HSET (the new `v` among them),
 --   ndel fields for HDEL,
 --   nadd score/member pairs for ZADD on the due set,
---   nrem members for ZREM from the due set.
+--   nrem members for ZREM from the due set,
+--   ninc counter increments, 4 items each: KEYS index, field, amount, ttl_ms (> 0: PEXPIRE) for
+--   HINCRBY: the parcel's daily counters, written with the marker that says they were counted.
 -- A parcel whose version moved, or one of whose checked notices was claimed meanwhile, is left
 -- untouched and its position (1-based) returned: the caller re-reads and re-plans only those.
 local blob = ARGV[1]
@@ -29,9 +32,9 @@ end
 
 local due = KEYS[1]
 local conflicts = {}
-for i = 2, #KEYS do
+for i = 2, tonumber(ARGV[2]) + 1 do
   local key = KEYS[i]
-  local head = take(7)
+  local head = take(8)
   local expected = head[1]
   local ttl = tonumber(head[2])
   local chk = take(tonumber(head[3]))
@@ -39,6 +42,7 @@ for i = 2, #KEYS do
   local del = take(tonumber(head[5]))
   local add = take(2 * tonumber(head[6]))
   local rem = take(tonumber(head[7]))
+  local inc = take(4 * tonumber(head[8]))
   local ok = (redis.call('HGET', key, 'v') or '0') == expected
   if ok then
     for j = 1, #chk do
@@ -54,6 +58,11 @@ for i = 2, #KEYS do
     if #add > 0 then redis.call('ZADD', due, unpack(add)) end
     if #rem > 0 then redis.call('ZREM', due, unpack(rem)) end
     if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+    for j = 1, #inc, 4 do
+      local counter = KEYS[tonumber(inc[j])]
+      redis.call('HINCRBY', counter, inc[j + 1], inc[j + 2])
+      if tonumber(inc[j + 3]) > 0 then redis.call('PEXPIRE', counter, inc[j + 3]) end
+    end
   else
     conflicts[#conflicts + 1] = i - 1
   end

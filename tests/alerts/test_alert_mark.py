@@ -10,6 +10,7 @@ from relais.v1 import parcel_pb2, state_pb2, tracking_pb2, types_pb2
 
 from common import keys
 from common.clock import ManualClock
+from common.counters import day_of
 from common.settings import Settings
 from engine.alert_monitor import make_mark, settled
 from engine.alert_store import F_ALERT_MARK, check_member
@@ -59,32 +60,37 @@ async def test_unchanged_verdicts_skip_the_alert_store(redis: Redis, clock: Manu
     )
     assert (await redis.hget(parcel_key, F_ALERT_MARK) or b"").startswith(b"%d:" % (T0_MS + 48 * HOUR_MS))  # type: ignore[misc]
 
-    # The first scan counts the parcel as shipped: written, the no-movement check 3 days out.
+    # The first scan changes no verdict (counting it as shipped is the parcel's own write) and needs
+    # the check later: the alert store is not touched, the never-scanned timer fires early.
+    version = await redis.hget(alerts_key, "v")  # type: ignore[misc]
+    registered_check_ms = T0_MS + 48 * HOUR_MS
     clock.set_ms(T0_MS + HOUR_MS)
     await engine.ingestor.apply(scan("e1", S.TRACKING_STATUS_IN_TRANSIT, T0_MS + HOUR_MS))
-    version = await redis.hget(alerts_key, "v")  # type: ignore[misc]
-    first_check_ms = T0_MS + HOUR_MS + 3 * DAY_MS
-    assert await redis.zscore(due_key, check_member("P1")) == first_check_ms
+    assert await redis.hget(alerts_key, "v") == version  # type: ignore[misc]
+    assert await redis.zscore(due_key, check_member("P1")) == registered_check_ms
+    assert await redis.hget(parcel_key, "ct") == b"ship"  # type: ignore[misc]
 
-    # A later scan changes no verdict and needs the check later: the alert store is not touched.
+    # A later scan: the same.
     clock.set_ms(T0_MS + 5 * HOUR_MS)
     await engine.ingestor.apply(scan("e2", S.TRACKING_STATUS_OUT_FOR_DELIVERY, T0_MS + 5 * HOUR_MS))
     assert await redis.hget(alerts_key, "v") == version  # type: ignore[misc]
-    assert await redis.zscore(due_key, check_member("P1")) == first_check_ms
+    assert await redis.zscore(due_key, check_member("P1")) == registered_check_ms
 
     # The early check opens nothing and arms the one needed now.
-    clock.set_ms(first_check_ms)
+    clock.set_ms(registered_check_ms)
     await dispatcher.claim_once()
     assert await redis.hget(alerts_key, "v") != version  # type: ignore[misc]
     assert await redis.zscore(due_key, check_member("P1")) == T0_MS + 5 * HOUR_MS + 3 * DAY_MS
     assert [f for f in await redis.hkeys(alerts_key) if f.startswith(b"P1:")] == []  # type: ignore[misc]
 
-    # Delivered: counted, so written.
-    version = await redis.hget(alerts_key, "v")  # type: ignore[misc]
-    clock.set_ms(first_check_ms + HOUR_MS)
-    await engine.ingestor.apply(scan("e3", S.TRACKING_STATUS_DELIVERED, first_check_ms + HOUR_MS))
-    assert await redis.hget(alerts_key, "v") != version  # type: ignore[misc]
-    assert await redis.hget(alerts_key, "c:dlv") == b"1"  # type: ignore[misc]
+    # Delivered: counted by the parcel's own write, once.
+    clock.set_ms(registered_check_ms + HOUR_MS)
+    delivered = scan("e3", S.TRACKING_STATUS_DELIVERED, registered_check_ms + HOUR_MS)
+    await engine.ingestor.apply(delivered)
+    await engine.ingestor.apply(delivered)
+    assert await redis.hget(parcel_key, "ct") == b"dlv ship"  # type: ignore[misc]
+    day = keys.stats(shard, "acme", day_of(registered_check_ms + HOUR_MS))
+    assert await redis.hget(day, "delivered") == b"1"  # type: ignore[misc]
 
 
 @dataclass

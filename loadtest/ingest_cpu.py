@@ -5,6 +5,9 @@ preferences, registers the parcels (untimed), then applies the ingest benchmark'
 the ``Ingestor`` with ``STREAMS`` batches in flight, and prints this process's CPU time per event
 (``time.process_time``: the engine's own work, not Redis's nor the clients' encoding). Events are
 built and decoded before the clock starts, as a gRPC server would hand them over.
+
+``--telemetry compare`` alternates runs with tracing and metrics off (the default: OpenTelemetry's
+no-op) and on (the SDK recording every span and metric into memory): what the hot path pays for them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from common.clock import SystemClock
 from common.redis_client import connect
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
+from common.telemetry import Telemetry, noop_telemetry, setup_telemetry
 from engine.app import build_engine
 from engine.ingest import Ingestor
 from engine.parcel_service import ParcelServicer
@@ -40,12 +44,26 @@ async def _stream(ingestor: Ingestor, batches: Sequence[tracking_pb2.EventBatch]
     return accepted
 
 
-async def measure(url: str, events: int, shards: int, prefix: str, *, profile: str = "") -> tuple[float, int]:
+def recording_telemetry(settings: Settings) -> Telemetry:
+    """Tracing and metrics on, exported to memory (the SDK's whole recording cost, no network)."""
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    return setup_telemetry(
+        settings, span_exporter=InMemorySpanExporter(), metric_reader=InMemoryMetricReader()
+    )
+
+
+async def measure(
+    url: str, events: int, shards: int, prefix: str, *, profile: str = "", telemetry: bool = False
+) -> tuple[float, int]:
     """(CPU seconds, accepted events) for ingesting ``events`` events."""
     redis = connect(url)
+    settings = Settings(shards=shards)
+    recording = recording_telemetry(settings) if telemetry else noop_telemetry()
     try:
         clock = SystemClock()
-        engine = build_engine(Settings(shards=shards), redis, clock)
+        engine = build_engine(settings, redis, clock, recording.metrics, recording.tracer)
         await _into_redis(redis, shards, RECIPIENTS)
         now_ms = clock.now_ms()
         groups = make_groups(prefix, events, RECIPIENTS)
@@ -76,6 +94,7 @@ async def measure(url: str, events: int, shards: int, prefix: str, *, profile: s
             pstats.Stats(profiler).sort_stats(sort).print_stats(60)
         return cpu_s, accepted
     finally:
+        recording.shutdown()
         await redis.aclose()
 
 
@@ -87,18 +106,27 @@ def main() -> None:
     parser.add_argument(
         "--profile", choices=("self", "cum"), default="", help="print cProfile's top functions (slower)"
     )
+    parser.add_argument(
+        "--telemetry",
+        choices=("off", "on", "compare"),
+        default="off",
+        help="tracing and metrics off, on (recorded in memory), or alternating run by run",
+    )
     args = parser.parse_args()
     server = EmbeddedRedis()
     url = server.start()
     try:
         for run in range(args.runs):
             prefix = f"CPU{run}"
-            run_cpu = measure(url, args.events, args.shards, prefix, profile=args.profile)
+            telemetry = args.telemetry == "on" or (args.telemetry == "compare" and run % 2 == 1)
+            run_cpu = measure(
+                url, args.events, args.shards, prefix, profile=args.profile, telemetry=telemetry
+            )
             cpu_s, accepted = asyncio.run(run_cpu)
             per_event_us = cpu_s / max(accepted, 1) * 1e6
             print(
-                f"run {run}: {accepted} events applied, {per_event_us:.1f} µs CPU/event, "
-                f"{accepted / cpu_s:,.0f} events per CPU-second"
+                f"run {run} (telemetry {'on' if telemetry else 'off'}): {accepted} events applied, "
+                f"{per_event_us:.1f} µs CPU/event, {accepted / cpu_s:,.0f} events per CPU-second"
             )
     finally:
         server.stop()

@@ -57,15 +57,20 @@ class SmtpSink:
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
+        # SMTP connections accepted so far: how well a client reuses its connections.
+        self.connections_accepted = 0
 
     async def start(self) -> tuple[str, int]:
         """Listen; returns the (host, port) actually bound (port 0 picks a free one)."""
         self.outbox.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         handler = _OutboxHandler(self.outbox)
-        self._server = await loop.create_server(
-            lambda: SMTP(handler, hostname="relais-sink", loop=loop), self.host, self.port
-        )
+
+        def connection() -> SMTP:
+            self.connections_accepted += 1
+            return SMTP(handler, hostname="relais-sink", loop=loop)
+
+        self._server = await loop.create_server(connection, self.host, self.port)
         bound = self._server.sockets[0].getsockname()
         self.port = int(bound[1])
         return self.host, self.port

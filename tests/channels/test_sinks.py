@@ -115,3 +115,25 @@ async def test_smtp_sink_keeps_each_message_as_eml(tmp_path: Path) -> None:
     assert len(files) == 3
     recipients = {message_from_bytes(f.read_bytes(), policy=policy.default)["To"] for f in files}
     assert recipients == {"r0@example.com", "r1@example.com", "r2@example.com"}
+
+
+async def test_smtp_sink_counts_the_connections_a_pool_reuses(tmp_path: Path) -> None:
+    async with SmtpSink(tmp_path / "smtp") as sink:
+        channel = EmailChannel.from_options(
+            {
+                "host": sink.host,
+                "port": str(sink.port),
+                "from": "n@relais.example",
+                "tls": "none",
+                "pool_size": "2",
+            }
+        )
+        try:
+            for batch in range(3):
+                await channel.send(
+                    [message(f"n{batch}-{i}:1:email", EmailAddress(f"r{i}@example.com")) for i in range(4)]
+                )
+        finally:
+            await channel.aclose()
+    assert len(files_under(tmp_path / "smtp")) == 12
+    assert 1 <= sink.connections_accepted <= 2

@@ -13,30 +13,20 @@ from common.settings import Settings
 from engine.app import build_engine
 from engine.parcel_service import ParcelServicer
 from tests.conftest import T0_MS
+from tests.engine.core_support import event
 
 S = types_pb2
 HOUR_MS = 3_600_000
 SETTINGS = Settings(listen="127.0.0.1:0", shards=4)
 
 
-def event(
-    event_id: str,
-    status: S.TrackingStatus.ValueType,
-    occurred_ms: int,
-    reason: S.ExceptionReason.ValueType = S.EXCEPTION_REASON_UNSPECIFIED,
-) -> tracking_pb2.TrackingEvent:
-    e = tracking_pb2.TrackingEvent(
-        event_id=event_id, parcel_id="P1", carrier="swisspost", status=status, exception_reason=reason
-    )
-    e.occurred_at.FromMilliseconds(occurred_ms)
-    return e
-
-
 async def test_counted_once_under_the_merchant_registered_later(redis: Redis, clock: ManualClock) -> None:
     engine = build_engine(SETTINGS, redis, clock)
     shard = keys.shard_of("P1", SETTINGS.shards)
-    scanned = event("e1", S.TRACKING_STATUS_IN_TRANSIT, T0_MS)
-    failed = event("e2", S.TRACKING_STATUS_ATTEMPT_FAIL, T0_MS + HOUR_MS, S.EXCEPTION_REASON_ADDRESS_PROBLEM)
+    scanned = event("e1", "P1", S.TRACKING_STATUS_IN_TRANSIT, T0_MS)
+    failed = event(
+        "e2", "P1", S.TRACKING_STATUS_ATTEMPT_FAIL, T0_MS + HOUR_MS, reason=S.EXCEPTION_REASON_ADDRESS_PROBLEM
+    )
     clock.set_ms(T0_MS + 2 * HOUR_MS)
     await engine.ingestor.apply(tracking_pb2.EventBatch(seq=1, events=[scanned, failed]))
     # No merchant yet: nothing counted.
@@ -49,7 +39,7 @@ async def test_counted_once_under_the_merchant_registered_later(redis: Redis, cl
     servicer = ParcelServicer(engine.store, clock)
     request = parcel_pb2.RegisterParcelsRequest(parcels=[registration])
     await servicer.RegisterParcels(request, None)  # type: ignore[arg-type]
-    delivered = event("e3", S.TRACKING_STATUS_DELIVERED, T0_MS + 2 * HOUR_MS)
+    delivered = event("e3", "P1", S.TRACKING_STATUS_DELIVERED, T0_MS + 2 * HOUR_MS)
     for _ in range(2):  # replayed: counts nothing twice
         await engine.ingestor.apply(tracking_pb2.EventBatch(seq=2, events=[scanned, failed, delivered]))
         await servicer.RegisterParcels(request, None)  # type: ignore[arg-type]

@@ -1,8 +1,9 @@
-"""Lua scripts queued on pipelines by their SHA, without redis-py's per-execute SCRIPT EXISTS.
+"""Lua scripts queued on pipelines from synchronous code (the gateway builds its pipelines in plain
+functions).
 
-redis-py checks every script of a pipeline with ``SCRIPT EXISTS`` before each execute: one more round
-trip per batch. The gateway loads its scripts once at start instead and sends bare ``EVALSHA``; after
-a Redis restart the batch fails with NOSCRIPT, is left unacknowledged and comes back after reloading.
+A queued script is registered with the pipeline, so the client from ``common.redis_client.connect``
+checks it once, not at every execute, and checks (and reloads) it again after Redis lost its scripts:
+the batch that met NOSCRIPT stays unacknowledged and comes back to a gateway that can run it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class LuaScript:
         await self.redis.script_load(self._script.script)
 
     def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Any]) -> None:
+        # What redis-py's own script call does on a pipeline, minus the await (its annotation says
+        # Script; its asyncio scripts add themselves here just the same).
+        pipe.scripts.add(self._script)  # type: ignore[arg-type]
         pipe.evalsha(self._script.sha, len(keys), *keys, *args)
 
     async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:

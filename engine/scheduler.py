@@ -208,7 +208,8 @@ class Dispatcher:
             pipe = self._redis.pipeline(transaction=False)
             for shard in self._shards:
                 due, outbox, parcel_prefix = self._keys[shard]
-                # evalsha directly: a Script in a pipeline costs a SCRIPT EXISTS round trip each time.
+                # evalsha directly, not through the pipeline's script check: a NOSCRIPT is answered by
+                # loading once and claiming again within this round.
                 pipe.evalsha(
                     self._script.sha,
                     2,

@@ -20,6 +20,7 @@ from common.clock import Clock
 from engine.alert_rules import AlertConfig, Evaluation, ParcelFacts, TroubleEvent, evaluate
 from engine.alert_store import CHECK_TIMER, AlertStore, Changes
 from engine.counting import promised_date
+from engine.validation import stamp_ms
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def facts_from_state(state: state_pb2.ParcelState) -> ParcelFacts:
     last: tracking_pb2.TrackingEvent | None = None
     for entry in state.timeline:
         event = entry.event
-        ms = event.occurred_at.seconds * 1000 + event.occurred_at.nanos // 1_000_000
+        ms = stamp_ms(event.occurred_at)
         status = event.status
         if shipped_ms is None:
             shipped_ms = ms
@@ -69,7 +70,7 @@ def facts_from_state(state: state_pb2.ParcelState) -> ParcelFacts:
         last_event_ms=last_ms,
         last_facility=(last.location.facility or last.location.city) if last is not None else "",
         pickup_since_ms=pickup_since_ms if state.status == AT_PICKUP else None,
-        pickup_deadline_ms=deadline.seconds * 1000 + deadline.nanos // 1_000_000 if deadline else None,
+        pickup_deadline_ms=stamp_ms(deadline) if deadline else None,
         promised_date=promised_date(state),
         shipped_ms=shipped_ms,
         delivered_ms=state.status_occurred_ms

@@ -15,6 +15,7 @@ from relais.v1 import state_pb2, types_pb2
 
 from common import counters
 from common.counters import Increment
+from engine.validation import stamp_ms
 
 TROUBLE = (types_pb2.TRACKING_STATUS_EXCEPTION, types_pb2.TRACKING_STATUS_ATTEMPT_FAIL)
 DELIVERED = types_pb2.TRACKING_STATUS_DELIVERED
@@ -50,8 +51,7 @@ def count_change(
     incs: list[Increment] = []
     new: list[str] = []
     if SHIP not in counted:
-        first = state.timeline[0].event.occurred_at
-        incs += counters.shipped(shard, merchant, first.seconds * 1000 + first.nanos // 1_000_000)
+        incs += counters.shipped(shard, merchant, stamp_ms(state.timeline[0].event.occurred_at))
         new.append(SHIP)
     if state.status == DELIVERED and DLV not in counted:
         incs += counters.delivered(shard, merchant, state.status_occurred_ms, promised_date(state))
@@ -59,8 +59,7 @@ def count_change(
     for entry in state.timeline:
         event = entry.event
         if event.status in TROUBLE and EXC_PREFIX + event.event_id not in counted:
-            ms = event.occurred_at.seconds * 1000 + event.occurred_at.nanos // 1_000_000
-            incs += counters.exception(shard, merchant, ms, event.exception_reason)
+            incs += counters.exception(shard, merchant, stamp_ms(event.occurred_at), event.exception_reason)
             new.append(EXC_PREFIX + event.event_id)
     if not new:
         return [], None

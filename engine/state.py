@@ -43,6 +43,7 @@ from common.settings import Settings
 from common.telemetry import inject_trace_context
 from engine.counting import count_change, parse_counted
 from engine.planner import Audience, Plan, PlanRules, kind_name, plan
+from engine.validation import stamp_ms
 
 FINISHED = frozenset(
     {
@@ -103,7 +104,7 @@ class ParcelRecord:
 
 
 def event_ms(event: tracking_pb2.TrackingEvent) -> int:
-    return int(event.occurred_at.seconds) * 1000 + event.occurred_at.nanos // 1_000_000
+    return stamp_ms(event.occurred_at)
 
 
 def seen_event_ids(state: state_pb2.ParcelState) -> set[str]:
@@ -262,7 +263,7 @@ def change_of(record: ParcelRecord, result: Plan, *, now_ms: int, settings: Sett
         body, version, withdrawn = _kind_fields(notice.kind)
         change.sets += [body, notice.SerializeToString(), version, str(notice.version).encode()]
         change.dels.append(withdrawn)
-        due_ms = notice.due_at.seconds * 1000 + notice.due_at.nanos // 1_000_000
+        due_ms = stamp_ms(notice.due_at)
         change.adds += [str(due_ms).encode(), notice.notice_id.encode()]
     for kind, status in result.withdrawn.items():
         body, version, withdrawn = _kind_fields(kind)
@@ -315,7 +316,7 @@ def load_state(parcel_id: str, raw: bytes | None) -> state_pb2.ParcelState:
         last = state.timeline[-1].event
         state.status_event_id = last.event_id
         state.substatus = last.substatus
-        state.status_occurred_ms = last.occurred_at.seconds * 1000 + last.occurred_at.nanos // 1_000_000
+        state.status_occurred_ms = stamp_ms(last.occurred_at)
     return state
 
 

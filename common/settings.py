@@ -83,9 +83,13 @@ def _channel_options(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return options
 
 
+def _split(raw: str) -> tuple[str, ...]:
+    """``"a, b,"`` → ``("a", "b")``: comma-separated names, blanks dropped."""
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
 def _names(env: Mapping[str, str], name: str, default: str) -> tuple[str, ...]:
-    raw = env.get(name) or default
-    names = tuple(part.strip() for part in raw.split(",") if part.strip())
+    names = _split(env.get(name) or default)
     if not names:
         raise SettingsError(f"{name} names no channel")
     return names
@@ -245,9 +249,7 @@ class EngineSettings:
             idle_retention_days=_int(
                 env, p + "IDLE_RETENTION_DAYS", cls.idle_retention_days, low=1, high=3650
             ),
-            unpaid_actionable_merchants=frozenset(
-                m.strip() for m in env.get(p + "UNPAID_ACTIONABLE_MERCHANTS", "").split(",") if m.strip()
-            ),
+            unpaid_actionable_merchants=frozenset(_split(env.get(p + "UNPAID_ACTIONABLE_MERCHANTS", ""))),
         )
 
 

@@ -49,6 +49,14 @@ from jinja2 import (
 )
 from relais.v1 import notice_pb2, types_pb2
 
+from channels.sms_encoding import (
+    GSM7_BASIC,
+    GSM7_EXTENSION,
+    GSM7_SEGMENT_SEPTETS,
+    GSM7_SINGLE_SEPTETS,
+    UCS2_SEGMENT_UNITS,
+    UCS2_SINGLE_UNITS,
+)
 from common.errors import RelaisError
 
 BUILTIN_TEMPLATES: Final = Path(__file__).parent / "templates"
@@ -185,12 +193,6 @@ def clean_line(value: str, max_chars: int) -> str:
 
 # --- SMS text ---------------------------------------------------------------------------------------
 
-GSM7_BASIC: Final = frozenset(
-    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿"
-    "abcdefghijklmnopqrstuvwxyzäöñüà"
-)
-# Characters of the GSM 03.38 extension table: each costs two septets (an escape and the character).
-GSM7_EXTENSION: Final = frozenset("^{}\\[~]|€\f")
 # Typography that has a plain GSM equivalent. Everything else outside GSM-7 is tried through its
 # Unicode decomposition (ê -> e, ç -> c) before it is left alone (and the SMS goes out as UCS-2).
 _GSM_SUBSTITUTES: Final = {
@@ -202,8 +204,6 @@ _GSM_SUBSTITUTES: Final = {
     "\u0152": "OE",
     "\t": " ",
 }
-_GSM7_SEGMENT_SEPTETS: Final = (160, 153)
-_UCS2_SEGMENT_UNITS: Final = (70, 67)
 SMS_MAX_SEGMENTS: Final = 2
 
 
@@ -238,7 +238,9 @@ def sms_units(text: str) -> tuple[bool, int]:
 def sms_segments(text: str) -> int:
     """How many segments an SMS of this text costs (GSM 03.38 / UCS-2 concatenation rules)."""
     gsm, units = sms_units(text)
-    single, multi = _GSM7_SEGMENT_SEPTETS if gsm else _UCS2_SEGMENT_UNITS
+    single, multi = (
+        (GSM7_SINGLE_SEPTETS, GSM7_SEGMENT_SEPTETS) if gsm else (UCS2_SINGLE_UNITS, UCS2_SEGMENT_UNITS)
+    )
     if units <= single:
         return 1
     return -(-units // multi)

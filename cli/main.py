@@ -22,7 +22,7 @@ from common.errors import RelaisError
 from common.redis_client import connect
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
-from common.telemetry import setup_telemetry, watch_outbox_depth
+from common.telemetry import setup_telemetry
 from engine.app import build_engine
 from engine.auth import Principal, add_key, describe_listener
 from engine.server import install_signal_handlers, start_server
@@ -48,19 +48,12 @@ async def serve(settings: Settings, *, with_gateway: bool) -> None:
     async with redis_url(settings) as url:
         redis = connect(url)
         telemetry = setup_telemetry(settings)
-        gauges: set[asyncio.Task[None]] = set()
         try:
             clock = SystemClock()
             engine = build_engine(settings, redis, clock, telemetry.metrics, telemetry.tracer)
             running = await start_server(settings, redis, register=engine.register, telemetry=telemetry)
             stopped = asyncio.Event()
             install_signal_handlers(running, stopped)
-            if telemetry.enabled:
-                gauges.add(
-                    asyncio.create_task(
-                        watch_outbox_depth(redis, settings.shards, telemetry.metrics, stopped)
-                    )
-                )
             where = "REDIS_URL" if settings.redis_url else f"embedded Redis at {url}"
             sec = settings.security
             log.info(
@@ -74,8 +67,6 @@ async def serve(settings: Settings, *, with_gateway: bool) -> None:
             async with engine_loops(settings, redis, clock, engine, telemetry, with_gateway=with_gateway):
                 await running.wait()
         finally:
-            for task in gauges:
-                task.cancel()
             await redis.aclose()
             telemetry.shutdown()
 

@@ -1,5 +1,5 @@
-"""What runs beside the engine's gRPC server: the scheduler, the alert digests and, for ``relais run``,
-the gateway with local sinks.
+"""What runs beside the engine's gRPC server: the scheduler, the alert digests, the telemetry gauges
+and, for ``relais run``, the gateway with local sinks.
 
 ``relais serve`` runs the scheduler and the digests (the engine's own loops); ``relais run`` adds a
 gateway whose email goes to an SMTP sink on loopback and whose SMS and push go to files, all under
@@ -21,7 +21,7 @@ from channels.registry import load_channels
 from channels.smtp_sink import SmtpSink
 from common.clock import Clock
 from common.settings import Settings
-from common.telemetry import Telemetry
+from common.telemetry import Telemetry, watch_outbox_depth
 from engine.alert_digest import DigestSender, default_sinks
 from engine.alert_rules import load_alert_config
 from engine.app import Engine
@@ -106,6 +106,12 @@ async def engine_loops(
         asyncio.create_task(digests.run(settings.alerts.digest_interval_s, stop), name="alert-digests"),
         asyncio.create_task(_export_counters(redis, settings, telemetry, stop), name="counters"),
     ]
+    if telemetry.enabled:
+        tasks.append(
+            asyncio.create_task(
+                watch_outbox_depth(redis, settings.shards, telemetry.metrics, stop), name="outbox-depth"
+            )
+        )
     if with_gateway:
         tasks.append(asyncio.create_task(_gateway(settings, redis, clock, telemetry, stop), name="gateway"))
     try:

@@ -15,8 +15,9 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 from relais.v1 import preferences_pb2
 
-from channels.base import ApnsToken, Destination, EmailAddress, FcmToken, PhoneNumber, WebPushSubscription
+from channels.base import Destination, EmailAddress, PhoneNumber
 from common import keys
+from gateway.routing import push_destination
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +59,8 @@ def parse(reply: bytes | None) -> preferences_pb2.RecipientPreferences | None:
 
 
 def _is_dead(target: preferences_pb2.PushTarget, dead: Collection[Destination]) -> bool:
-    which = target.WhichOneof("target")
-    if which == "fcm":
-        return FcmToken(target.fcm.token) in dead
-    if which == "web_push":
-        w = target.web_push
-        return WebPushSubscription(w.endpoint, w.p256dh, w.auth) in dead
-    if which == "apns":
-        a = target.apns
-        return ApnsToken(a.device_token, a.bundle_id, a.sandbox) in dead
-    return False
+    found = push_destination(target)
+    return found is not None and found[1] in dead
 
 
 def without(

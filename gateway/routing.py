@@ -124,22 +124,27 @@ def sms_worth_it(
     return slot_day == datetime.fromtimestamp(now_ms / 1000, tz).date()
 
 
+def push_destination(target: preferences_pb2.PushTarget) -> tuple[str, Destination] | None:
+    """The provider kind (fcm, webpush, apns) and address of a stored push target; None when it names
+    no service or has no address."""
+    which = target.WhichOneof("target")
+    if which == "fcm" and target.fcm.token:
+        return "fcm", FcmToken(target.fcm.token)
+    if which == "web_push" and target.web_push.endpoint:
+        w = target.web_push
+        return "webpush", WebPushSubscription(w.endpoint, w.p256dh, w.auth)
+    if which == "apns" and target.apns.device_token:
+        a = target.apns
+        return "apns", ApnsToken(a.device_token, a.bundle_id, a.sandbox)
+    return None
+
+
 def _push_targets(prefs: preferences_pb2.RecipientPreferences, policy: RoutingPolicy) -> tuple[Target, ...]:
     targets: list[Target] = []
     for push in prefs.push_targets:
-        which = push.WhichOneof("target")
-        if which == "fcm" and "fcm" in policy.providers and push.fcm.token:
-            targets.append(Target(policy.providers["fcm"], FcmToken(push.fcm.token)))
-        elif which == "web_push" and "webpush" in policy.providers and push.web_push.endpoint:
-            w = push.web_push
-            targets.append(
-                Target(policy.providers["webpush"], WebPushSubscription(w.endpoint, w.p256dh, w.auth))
-            )
-        elif which == "apns" and "apns" in policy.providers and push.apns.device_token:
-            a = push.apns
-            targets.append(
-                Target(policy.providers["apns"], ApnsToken(a.device_token, a.bundle_id, a.sandbox))
-            )
+        found = push_destination(push)
+        if found is not None and found[0] in policy.providers:
+            targets.append(Target(policy.providers[found[0]], found[1]))
     return tuple(targets)
 
 

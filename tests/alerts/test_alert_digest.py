@@ -20,9 +20,9 @@ from channels.smtp_sink import SmtpSink
 from common.clock import ManualClock
 from engine.alert_digest import DigestSender, DigestSink, EmailSink, WebhookSink
 from engine.alert_monitor import AlertMonitor
-from engine.alert_rules import DestinationKind, ParcelFacts, parse_alert_config
+from engine.alert_rules import DestinationKind, parse_alert_config
 from engine.alert_store import AlertStore
-from tests.conftest import T0_MS
+from tests.alerts.support import parcel_facts as parcel
 
 S = types_pb2
 A = alerts_pb2
@@ -71,18 +71,6 @@ def received_mail(outbox: Path) -> list[Message]:
     return [email.message_from_bytes(p.read_bytes()) for p in sorted(outbox.glob("*.eml"))]
 
 
-def parcel(parcel_id: str, status: int, merchant_id: str = "acme", **kw: object) -> ParcelFacts:
-    return ParcelFacts(
-        parcel_id=parcel_id,
-        merchant_id=merchant_id,
-        status=status,  # type: ignore[arg-type]
-        created_ms=T0_MS,
-        first_scan_ms=T0_MS,
-        last_event_ms=T0_MS,
-        **kw,  # type: ignore[arg-type]
-    )
-
-
 ADDRESS = {"status": S.TRACKING_STATUS_EXCEPTION, "exception_reason": S.EXCEPTION_REASON_ADDRESS_PROBLEM}
 
 
@@ -107,9 +95,9 @@ async def test_digests_group_alerts_per_team(
         [
             parcel("R1", S.TRACKING_STATUS_RETURNING_TO_SENDER),
             parcel("R2", S.TRACKING_STATUS_RETURNED_TO_SENDER),
-            parcel("X1", **ADDRESS),  # type: ignore[arg-type]
-            parcel("X2", **ADDRESS),  # type: ignore[arg-type]
-            parcel("X3", **ADDRESS),  # type: ignore[arg-type]
+            parcel("X1", **ADDRESS),
+            parcel("X2", **ADDRESS),
+            parcel("X3", **ADDRESS),
             # No destination for globex: acknowledged and dropped.
             parcel("G1", S.TRACKING_STATUS_RETURNING_TO_SENDER, merchant_id="globex"),
         ]

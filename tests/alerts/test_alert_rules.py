@@ -22,6 +22,7 @@ from engine.alert_rules import (
     load_alert_config,
     parse_alert_config,
 )
+from tests.alerts.support import parcel_facts
 from tests.conftest import T0_MS
 
 TH = Thresholds()
@@ -29,16 +30,7 @@ S = types_pb2
 
 
 def facts(status: int = S.TRACKING_STATUS_IN_TRANSIT, **kw: object) -> ParcelFacts:
-    base: dict[str, object] = {
-        "parcel_id": "PX1",
-        "merchant_id": "acme",
-        "status": status,
-        "created_ms": T0_MS,
-        "first_scan_ms": T0_MS,
-        "last_event_ms": T0_MS,
-    }
-    base.update(kw)
-    return ParcelFacts(**base)  # type: ignore[arg-type]
+    return parcel_facts("PX1", status, **kw)
 
 
 def firing(f: ParcelFacts, now_ms: int, th: Thresholds = TH) -> set[int]:

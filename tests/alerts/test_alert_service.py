@@ -15,11 +15,12 @@ from common.clock import ManualClock
 from common.settings import Settings
 from engine import stats
 from engine.alert_monitor import AlertMonitor
-from engine.alert_rules import DAY_MS, AlertConfig, ParcelFacts
+from engine.alert_rules import DAY_MS, AlertConfig
 from engine.alert_service import AlertServicer, add_alert_service
 from engine.alert_store import AlertStore
 from engine.server import start_server
 from engine.stats import StatsReader
+from tests.alerts.support import parcel_facts as parcel
 from tests.conftest import T0_MS
 
 S = types_pb2
@@ -49,18 +50,6 @@ async def rig(redis: Redis, clock: ManualClock) -> AsyncIterator[Rig]:
     await server.stop(0)
 
 
-def parcel(parcel_id: str, status: int, merchant_id: str = "acme", **kw: object) -> ParcelFacts:
-    return ParcelFacts(
-        parcel_id=parcel_id,
-        merchant_id=merchant_id,
-        status=status,  # type: ignore[arg-type]
-        created_ms=T0_MS,
-        first_scan_ms=T0_MS,
-        last_event_ms=T0_MS,
-        **kw,  # type: ignore[arg-type]
-    )
-
-
 async def open_some(rig: Rig) -> list[str]:
     """Seven alerts of acme, one a minute (several parcels share a minute), one of another merchant.
     Returns acme's alert ids newest first."""
@@ -70,9 +59,9 @@ async def open_some(rig: Rig) -> list[str]:
     for minute, batch in enumerate(
         [
             [parcel("R1", returned), parcel("R2", returned)],
-            [parcel("X1", **address)],  # type: ignore[arg-type]
-            [parcel("R3", returned), parcel("X2", **address), parcel("R4", returned)],  # type: ignore[arg-type]
-            [parcel("X3", **address), parcel("OTHER", returned, merchant_id="globex")],  # type: ignore[arg-type]
+            [parcel("X1", **address)],
+            [parcel("R3", returned), parcel("X2", **address), parcel("R4", returned)],
+            [parcel("X3", **address), parcel("OTHER", returned, merchant_id="globex")],
         ]
     ):
         rig.clock.set_ms(T0_MS + minute * 60_000)

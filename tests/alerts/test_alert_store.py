@@ -18,6 +18,7 @@ from engine import stats
 from engine.alert_monitor import AlertMonitor
 from engine.alert_rules import DAY_MS, HOUR_MS, AlertConfig, AlertKind, ParcelFacts, day_end_ms
 from engine.alert_store import AlertStore, check_member
+from tests.alerts.support import parcel_facts as in_transit
 from tests.conftest import T0_MS
 
 S = types_pb2
@@ -34,19 +35,6 @@ def store(redis: Redis) -> AlertStore:
 @pytest.fixture
 def monitor(store: AlertStore, clock: ManualClock) -> AlertMonitor:
     return AlertMonitor(store, AlertConfig(), clock)
-
-
-def in_transit(parcel_id: str = "PX1", **kw: object) -> ParcelFacts:
-    base: dict[str, object] = {
-        "parcel_id": parcel_id,
-        "merchant_id": "acme",
-        "status": S.TRACKING_STATUS_IN_TRANSIT,
-        "created_ms": T0_MS,
-        "first_scan_ms": T0_MS,
-        "last_event_ms": T0_MS,
-    }
-    base.update(kw)
-    return ParcelFacts(**base)  # type: ignore[arg-type]
 
 
 # (rule, facts while in trouble, when it fires, facts once the parcel moved on)

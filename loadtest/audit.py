@@ -191,7 +191,8 @@ async def _lags_ms(redis: Redis, shards: int, deliveries: Deliveries, sample: It
     return lags
 
 
-def _percentile(values: list[float], q: int) -> float | None:
+def percentile(values: list[float], q: int) -> float | None:
+    """The q-th percentile (1 to 99), interpolated; None without values."""
     if not values:
         return None
     if len(values) == 1:
@@ -226,8 +227,8 @@ async def audit(redis: Redis, shards: int, deliveries: Deliveries, *, seed: int 
         duplicated_notices=sum(1 for n in per_notice.values() if n > 1),
         unexpected=len(delivered_ids - planned),
         missing_sample=tuple(missing[:10]),
-        lag_ms_p50=_percentile(lags, 50),
-        lag_ms_p95=_percentile(lags, 95),
-        lag_ms_p99=_percentile(lags, 99),
+        lag_ms_p50=percentile(lags, 50),
+        lag_ms_p95=percentile(lags, 95),
+        lag_ms_p99=percentile(lags, 99),
         lag_ms_max=max(lags) if lags else None,
     )

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ from common.redis_client import connect
 from common.redis_server import free_port
 from common.settings import GatewaySettings, Settings
 from loadtest.arq_baseline import measure_arq
-from loadtest.audit import backlog
+from loadtest.audit import backlog, percentile
 from loadtest.counting_channel import CountingChannel, read_deliveries
 from loadtest.get_parcel_latency import measure as measure_get_parcel
 from loadtest.get_parcel_latency import sample_parcel_ids
@@ -183,14 +182,14 @@ async def bench_ingest(results: Results, sizes: Sizes, stack: Stack, run_dir: Pa
     results.figures["echo_events_per_s"] = echo_result.events_per_s
     await register_all(stack.target, journeys, now_ms)
     engine_result = await stream_batches(stack.target, streams, window=WINDOW)
-    acks = sorted(engine_result.ack_ms)
+    acks = list(engine_result.ack_ms)
     results.figures.update(
         {
             "ingest_events": engine_result.events,
             "ingest_events_per_s": engine_result.events_per_s,
             "ingest_rejected": engine_result.rejected,
-            "ingest_ack_ms_p50": statistics.median(acks) if acks else None,
-            "ingest_ack_ms_p99": acks[int(len(acks) * 0.99)] if acks else None,
+            "ingest_ack_ms_p50": percentile(acks, 50),
+            "ingest_ack_ms_p99": percentile(acks, 99),
             "ingest_vs_echo": engine_result.events_per_s / echo_result.events_per_s
             if echo_result.events_per_s
             else None,

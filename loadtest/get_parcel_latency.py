@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,6 +20,7 @@ from relais.v1 import parcel_pb2, parcel_pb2_grpc
 
 from common import keys
 from common.redis_client import connect
+from loadtest.audit import percentile
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,6 @@ async def sample_parcel_ids(redis: Redis, count: int) -> list[str]:
         if len(ids) >= count:
             break
     return ids
-
-
-def percentile(sorted_ms: list[float], q: float) -> float:
-    return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
 
 
 async def measure(
@@ -86,16 +82,23 @@ async def measure(
     finally:
         for channel in opened:
             await channel.close(None)
-    ordered = sorted(latencies_ms)
+    if not latencies_ms:
+        raise RuntimeError(f"every one of {calls} calls failed")
+
+    def at(q: int) -> float:
+        value = percentile(latencies_ms, q)
+        assert value is not None  # there are latencies
+        return value
+
     return Latency(
         calls=calls,
         errors=errors,
         rps_target=rps,
-        rps_achieved=len(ordered) / elapsed_s,
-        p50_ms=statistics.median(ordered),
-        p95_ms=percentile(ordered, 0.95),
-        p99_ms=percentile(ordered, 0.99),
-        max_ms=ordered[-1],
+        rps_achieved=len(latencies_ms) / elapsed_s,
+        p50_ms=at(50),
+        p95_ms=at(95),
+        p99_ms=at(99),
+        max_ms=max(latencies_ms),
     )
 
 

@@ -4,8 +4,8 @@
 -- ARGV[1] = one blob of items: their count and each one's length (4-byte big-endian numbers), then
 -- the items' bytes back to back. One argument instead of dozens per parcel, because packing each
 -- argument costs the client more than the whole script costs Redis. Per parcel in KEYS order, a
--- header of 7 numbers then its lists:
---   expected version, ttl_ms (> 0: PEXPIRE), nchk, nset, ndel, nadd, nrem,
+-- header of 8 numbers then its lists:
+--   expected version, ttl_ms (> 0: PEXPIRE), nchk, nset, ndel, nadd, nrem, ninc,
 --   nchk due members that must still be pending (the engine replaces or withdraws them),
 --   nset field/value pairs for HSET (the new `v` among them),
 --   ndel fields for HDEL,

@@ -123,11 +123,7 @@ def notice_sent(
     sms_cost: types_pb2.Money | None = None,
 ) -> list[Increment]:
     """A notice accepted by a channel's provider: for the gateway, with the parcel's shard."""
-    label = (
-        types_pb2.NoticeKind.Name(kind).removeprefix("NOTICE_KIND_")
-        + "/"
-        + types_pb2.Channel.Name(channel).removeprefix("CHANNEL_").lower()
-    )
+    label = keys.kind_name(kind) + "/" + keys.channel_name(channel)
     counts = {NOTICE_PREFIX + label: 1, SMS_SEGMENTS: sms_segments}
     if sms_cost is not None and sms_cost.currency_code:
         counts[SMS_COST_PREFIX + sms_cost.currency_code] = sms_cost.amount_minor

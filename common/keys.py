@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import zlib
 
+from relais.v1 import types_pb2
+
 PREFIX = "relais:"
 
 
@@ -37,6 +39,23 @@ def parcel(shard: int, parcel_id: str) -> str:
     ``a:<KIND>`` the gateway's delivery attempts. Finished parcels carry a TTL of the retention.
     """
     return f"{PREFIX}p:{tag(shard)}:{parcel_id}"
+
+
+_KIND_NAMES = {value: name.removeprefix("NOTICE_KIND_") for name, value in types_pb2.NoticeKind.items()}
+_CHANNEL_NAMES = {value: name.removeprefix("CHANNEL_").lower() for name, value in types_pb2.Channel.items()}
+
+
+def kind_name(kind: types_pb2.NoticeKind.ValueType) -> str:
+    """``NOTICE_KIND_SLOT_ANNOUNCED`` → ``SLOT_ANNOUNCED``: the KIND of notice ids, parcel hash fields
+    and counter labels."""
+    name = _KIND_NAMES.get(kind)
+    return name if name is not None else types_pb2.NoticeKind.Name(kind)  # unknown: ValueError
+
+
+def channel_name(channel: types_pb2.Channel.ValueType) -> str:
+    """``CHANNEL_EMAIL`` → ``email``: the channel in idempotency keys, counter labels and logs."""
+    name = _CHANNEL_NAMES.get(channel)
+    return name if name is not None else types_pb2.Channel.Name(channel)  # unknown: ValueError
 
 
 def notice_id(parcel_id: str, kind_name: str) -> str:

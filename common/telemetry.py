@@ -74,11 +74,11 @@ class LimitScope(enum.StrEnum):
 
 
 def _kind(kind: types_pb2.NoticeKind.ValueType) -> str:
-    return types_pb2.NoticeKind.Name(kind).removeprefix("NOTICE_KIND_").lower()
+    return keys.kind_name(kind).lower()
 
 
 def _channel(channel: types_pb2.Channel.ValueType) -> str:
-    return types_pb2.Channel.Name(channel).removeprefix("CHANNEL_").lower()
+    return keys.channel_name(channel)
 
 
 @dataclass(frozen=True, slots=True)

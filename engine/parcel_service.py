@@ -23,9 +23,9 @@ from relais.v1 import notice_pb2, parcel_pb2, parcel_pb2_grpc, state_pb2
 
 from common import keys
 from common.clock import Clock
+from common.keys import kind_name
 from engine import auth
 from engine.alert_store import parse_parcel_alerts
-from engine.planner import kind_name
 from engine.state import DAY_MS, ParcelRecord, ParcelStore, attempts_field, full_timeline, parse_read
 from engine.validation import MAX_BATCH_PARCELS, Problem, check_registration
 

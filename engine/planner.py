@@ -32,6 +32,7 @@ from typing import TypeAlias
 
 from relais.v1 import notice_pb2, preferences_pb2, state_pb2, types_pb2
 
+from common.keys import kind_name
 from common.quiet_hours import allowed_send_ms, zone
 from common.settings import EngineSettings
 from common.telemetry import inject_trace_context
@@ -39,12 +40,6 @@ from common.telemetry import inject_trace_context
 Kind: TypeAlias = types_pb2.NoticeKind.ValueType
 Status: TypeAlias = notice_pb2.NoticeStatus.ValueType
 
-_PREFIX = "NOTICE_KIND_"
-_NAMES: dict[int, str] = {
-    value: types_pb2.NoticeKind.Name(value)[len(_PREFIX) :]
-    for value in types_pb2.NoticeKind.values()
-    if value
-}
 
 SHIPPED = types_pb2.NOTICE_KIND_SHIPPED
 ANNOUNCED = types_pb2.NOTICE_KIND_SLOT_ANNOUNCED
@@ -74,11 +69,6 @@ REASON_EXPIRED = "tracking expired"
 REASON_ERASED = "the recipient's data was erased"
 
 T = types_pb2
-
-
-def kind_name(kind: int) -> str:
-    """``NOTICE_KIND_SLOT_ANNOUNCED`` -> ``SLOT_ANNOUNCED``: the KIND of notice ids and hash fields."""
-    return _NAMES[kind]
 
 
 def window_ms(window: types_pb2.TimeWindow) -> tuple[int, int]:

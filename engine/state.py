@@ -38,11 +38,12 @@ from common import keys
 from common.clock import Clock
 from common.counters import Increment
 from common.errors import RelaisError
+from common.keys import kind_name
 from common.redis_client import register
 from common.settings import Settings
 from common.telemetry import inject_trace_context
 from engine.counting import count_change, parse_counted
-from engine.planner import Audience, Plan, PlanRules, kind_name, plan
+from engine.planner import Audience, Plan, PlanRules, plan
 from engine.validation import stamp_ms
 
 FINISHED = frozenset(
@@ -234,7 +235,7 @@ class ParcelChange:
 
 
 @functools.cache
-def _kind_fields(kind: int) -> tuple[bytes, bytes, bytes]:
+def _kind_fields(kind: types_pb2.NoticeKind.ValueType) -> tuple[bytes, bytes, bytes]:
     """A notice kind's body, version and withdrawn field names as the apply script takes them:
     encoded once per kind, not once per notice written."""
     name = kind_name(kind)

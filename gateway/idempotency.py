@@ -20,7 +20,8 @@ from redis.asyncio.client import Pipeline
 
 from channels.base import ApnsToken, Destination, EmailAddress, FcmToken, PhoneNumber, WebPushSubscription
 from common import keys
-from gateway.routing import ChannelKind, channel_name, single_address
+from common.keys import channel_name
+from gateway.routing import ChannelKind, single_address
 from gateway.scripts import LuaScript
 
 # The value of a key whose message went out (set by the settle script).

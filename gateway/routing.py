@@ -40,24 +40,6 @@ CATCH_ALL = ("file", "null")
 PROVIDER_KINDS = ("email", "sms", "fcm", "webpush", "apns")
 
 
-_CHANNEL_NAMES = {value: name.removeprefix("CHANNEL_").lower() for name, value in types_pb2.Channel.items()}
-
-
-def channel_name(channel: ChannelKind) -> str:
-    """``CHANNEL_EMAIL`` → ``email``: the name in idempotency keys and logs."""
-    name = _CHANNEL_NAMES.get(channel)
-    return name if name is not None else types_pb2.Channel.Name(channel)  # unknown: ValueError
-
-
-_KIND_NAMES = {value: name.removeprefix("NOTICE_KIND_") for name, value in types_pb2.NoticeKind.items()}
-
-
-def kind_name(kind: types_pb2.NoticeKind.ValueType) -> str:
-    """``NOTICE_KIND_SLOT_ANNOUNCED`` → ``SLOT_ANNOUNCED``: the suffix of the parcel hash fields."""
-    name = _KIND_NAMES.get(kind)
-    return name if name is not None else types_pb2.NoticeKind.Name(kind)  # unknown: ValueError
-
-
 @dataclass(frozen=True, slots=True)
 class Target:
     """One message to send: through which provider, to which address."""

@@ -20,7 +20,7 @@ from relais.v1 import notice_pb2, types_pb2
 from channels.base import Accepted
 from common import counters, keys
 from common.counters import Increment
-from gateway.routing import kind_name
+from common.keys import kind_name
 from gateway.scripts import LuaScript
 
 # An SMS budget counter outlives its month by a few days, for an operator to read.

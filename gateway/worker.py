@@ -43,6 +43,7 @@ from channels.base import (
 )
 from common import keys
 from common.clock import Clock
+from common.keys import channel_name
 from common.quiet_hours import allowed_send_ms, is_quiet
 from common.settings import GatewaySettings, Settings
 from common.telemetry import (
@@ -59,7 +60,7 @@ from gateway.idempotency import Claim
 from gateway.limiter import Limit, Limiter
 from gateway.outcome import Outcome, Verdict, backoff_ms, judge
 from gateway.render import Rendered
-from gateway.routing import SLOT_KINDS, Route, RoutingPolicy, channel_name, plan
+from gateway.routing import SLOT_KINDS, Route, RoutingPolicy, plan
 from gateway.scripts import LuaScript
 from gateway.settle import Settlement, sent_counters, timestamp
 

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from relais.v1 import notice_pb2, preferences_pb2, state_pb2, tracking_pb2, types_pb2
 
+from common.keys import kind_name
 from engine.planner import (
     REASON_MUTED,
     REASON_UNPAID,
@@ -16,7 +17,6 @@ from engine.planner import (
     Plan,
     PlanRules,
     end_of_day_ms,
-    kind_name,
     plan,
     window_ms,
     within_threshold,

@@ -19,8 +19,8 @@ from relais.v1 import notice_pb2, preferences_pb2, types_pb2
 
 from channels.base import Accepted, Destination, Message, SendResult
 from common import keys
+from common.keys import kind_name
 from common.settings import GatewaySettings, Settings
-from gateway.routing import kind_name
 
 SHARDS = 4
 

@@ -17,7 +17,6 @@ from dataclasses import replace
 import httpx
 from redis.asyncio import Redis
 
-from channels.registry import load_channels
 from channels.smtp_sink import SmtpSink
 from common.clock import Clock
 from common.settings import Settings
@@ -27,7 +26,7 @@ from engine.alert_rules import load_alert_config
 from engine.app import Engine
 from engine.scheduler import Dispatcher
 from engine.stats import StatsMetrics, StatsReader
-from gateway.worker import run_gateway
+from gateway.worker import run_configured_gateway
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +57,7 @@ async def _gateway(
     async with contextlib.AsyncExitStack() as stack:
         if uses_default_channels(settings):
             settings = await stack.enter_async_context(local_sinks(settings))
-        channels = load_channels(settings.channels, settings.channel_options)
-        try:
-            await run_gateway(settings, redis, clock, channels, stop, telemetry=telemetry)
-        finally:
-            for channel in channels.values():
-                await channel.aclose()
+        await run_configured_gateway(settings, redis, clock, stop, telemetry=telemetry)
 
 
 async def _export_counters(

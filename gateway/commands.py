@@ -77,23 +77,18 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 async def serve_gateway(settings: Settings, redis: Any) -> None:
     """The gateway with the configured channels until SIGTERM or SIGINT."""
-    from channels.registry import load_channels
     from common.telemetry import setup_telemetry
-    from gateway.worker import run_gateway
+    from gateway.worker import run_configured_gateway
 
-    channels = load_channels(settings.channels, settings.channel_options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    log.info("relais gateway started with channels %s", ", ".join(channels))
     telemetry = setup_telemetry(settings)
     try:
-        await run_gateway(settings, redis, SystemClock(), channels, stop, telemetry=telemetry)
+        await run_configured_gateway(settings, redis, SystemClock(), stop, telemetry=telemetry)
     finally:
-        for channel in channels.values():
-            await channel.aclose()
         telemetry.shutdown()
     log.info("relais gateway stopped")
 

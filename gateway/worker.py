@@ -678,3 +678,18 @@ async def run_gateway(
     await Gateway(
         settings, redis, clock, channels, renderer=renderer, consumer=consumer, telemetry=telemetry
     ).run(stop)
+
+
+async def run_configured_gateway(
+    settings: Settings, redis: Redis, clock: Clock, stop: asyncio.Event, *, telemetry: Telemetry | None = None
+) -> None:
+    """``run_gateway`` with the channels the settings name (entry points), closed when it stops."""
+    from channels.registry import load_channels
+
+    channels = load_channels(settings.channels, settings.channel_options)
+    log.info("relais gateway started with channels %s", ", ".join(channels))
+    try:
+        await run_gateway(settings, redis, clock, channels, stop, telemetry=telemetry)
+    finally:
+        for channel in channels.values():
+            await channel.aclose()

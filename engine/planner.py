@@ -125,6 +125,8 @@ class Plan:
     scheduled: dict[Kind, notice_pb2.Notice] = field(default_factory=dict)
     withdrawn: dict[Kind, Status] = field(default_factory=dict)
     checked: set[Kind] = field(default_factory=set)
+    # Scheduled kinds that had been withdrawn: only theirs has a withdrawal field to clear.
+    revived: set[Kind] = field(default_factory=set)
 
 
 def plan(
@@ -360,6 +362,8 @@ class _Planner:
             self.marks[kind] = mark
         if mark.status == SCHEDULED:
             self.result.checked.add(kind)
+        elif mark.status in (CANCELLED, SUPPRESSED):
+            self.result.revived.add(kind)
         mark.version = version
         mark.deadline_ms = deadline_ms or 0
         mark.subject = subject

@@ -263,7 +263,8 @@ def change_of(record: ParcelRecord, result: Plan, *, now_ms: int, settings: Sett
     for notice in result.scheduled.values():
         body, version, withdrawn = _kind_fields(notice.kind)
         change.sets += [body, notice.SerializeToString(), version, str(notice.version).encode()]
-        change.dels.append(withdrawn)
+        if notice.kind in result.revived:
+            change.dels.append(withdrawn)
         due_ms = stamp_ms(notice.due_at)
         change.adds += [str(due_ms).encode(), notice.notice_id.encode()]
     for kind, status in result.withdrawn.items():

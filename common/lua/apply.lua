@@ -13,6 +13,8 @@
 --   nrem members for ZREM from the due set,
 --   ninc counter increments, 4 items each: KEYS index, field, amount, ttl_ms (> 0: PEXPIRE) for
 --   HINCRBY: the parcel's daily counters, written with the marker that says they were counted.
+--   The applied parcels' increments are summed first and written once per counter field at the end
+--   (a batch's parcels mostly count into the same few hashes): fewer calls, same totals.
 -- A parcel whose version moved, or one of whose checked notices was claimed meanwhile, is left
 -- untouched and its position (1-based) returned: the caller re-reads and re-plans only those.
 local blob = ARGV[1]
@@ -32,6 +34,7 @@ end
 
 local due = KEYS[1]
 local conflicts = {}
+local sums, fields, ttls = {}, {}, {} -- counter key index -> field -> amount; field order; ttl_ms
 for i = 2, tonumber(ARGV[2]) + 1 do
   local key = KEYS[i]
   local head = take(8)
@@ -44,9 +47,10 @@ for i = 2, tonumber(ARGV[2]) + 1 do
   local rem = take(tonumber(head[7]))
   local inc = take(4 * tonumber(head[8]))
   local ok = (redis.call('HGET', key, 'v') or '0') == expected
-  if ok then
+  if ok and #chk > 0 then
+    local scores = redis.call('ZMSCORE', due, unpack(chk))
     for j = 1, #chk do
-      if not redis.call('ZSCORE', due, chk[j]) then
+      if not scores[j] then
         ok = false
         break
       end
@@ -59,12 +63,29 @@ for i = 2, tonumber(ARGV[2]) + 1 do
     if #rem > 0 then redis.call('ZREM', due, unpack(rem)) end
     if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
     for j = 1, #inc, 4 do
-      local counter = KEYS[tonumber(inc[j])]
-      redis.call('HINCRBY', counter, inc[j + 1], inc[j + 2])
-      if tonumber(inc[j + 3]) > 0 then redis.call('PEXPIRE', counter, inc[j + 3]) end
+      local counter = inc[j]
+      local by_field = sums[counter]
+      if by_field == nil then
+        by_field = {}
+        sums[counter], fields[counter] = by_field, {}
+      end
+      local name = inc[j + 1]
+      if by_field[name] == nil then
+        by_field[name] = 0
+        table.insert(fields[counter], name)
+      end
+      by_field[name] = by_field[name] + tonumber(inc[j + 2])
+      ttls[counter] = math.max(ttls[counter] or 0, tonumber(inc[j + 3]))
     end
   else
     conflicts[#conflicts + 1] = i - 1
   end
+end
+for counter, by_field in pairs(sums) do
+  local key = KEYS[tonumber(counter)]
+  for _, name in ipairs(fields[counter]) do
+    redis.call('HINCRBY', key, name, by_field[name])
+  end
+  if ttls[counter] > 0 then redis.call('PEXPIRE', key, ttls[counter]) end
 end
 return conflicts

@@ -8,8 +8,10 @@ than a set, since Redis keeps a small hash as a listpack (a few bytes a parcel) 
 hashtable (~80 bytes a parcel).
 
 ``GetParcel`` answers from ONE pipelined round trip: the parcel's read script (version, state, which
-notices are still due), its hash (notice bodies and the gateway's attempts) and its alert hash. Another
-merchant's parcel is NOT_FOUND, like an unknown one: nobody can probe which tracking numbers exist.
+notices are still due), the gateway's attempts fields of its hash (an HMGET of every kind's field, not
+HGETALL: the hash also holds the state, which the script already returned, and the notice bodies, a
+few kB a parcel GetParcel does not show) and its alert hash. Another merchant's parcel is NOT_FOUND,
+like an unknown one: nobody can probe which tracking numbers exist.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import NoReturn
 
 import grpc
 from redis.asyncio import Redis
-from relais.v1 import notice_pb2, parcel_pb2, parcel_pb2_grpc, state_pb2
+from relais.v1 import notice_pb2, parcel_pb2, parcel_pb2_grpc, state_pb2, types_pb2
 
 from common import keys
 from common.clock import Clock
@@ -32,6 +34,10 @@ from engine.validation import MAX_BATCH_PARCELS, Problem, check_registration
 Context = grpc.aio.ServicerContext[object, object]
 
 _WITHDRAWN = (notice_pb2.NOTICE_STATUS_CANCELLED, notice_pb2.NOTICE_STATUS_SUPPRESSED)
+
+# Every notice kind's attempts field, in one order: GetParcel's HMGET asks for all of them at once.
+_ATTEMPT_KINDS = tuple(kind_name(k) for k in types_pb2.NoticeKind.values() if k)
+_ATTEMPT_FIELDS = [attempts_field(name) for name in _ATTEMPT_KINDS]
 
 
 async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -75,8 +81,9 @@ def notice_view(
     return view
 
 
-def parcel_view(record: ParcelRecord, fields: Mapping[bytes, bytes]) -> parcel_pb2.ParcelView:
-    """The parcel as GetParcel shows it (alerts are added by the caller)."""
+def parcel_view(record: ParcelRecord, attempts: Mapping[str, bytes]) -> parcel_pb2.ParcelView:
+    """The parcel as GetParcel shows it (alerts are added by the caller); ``attempts`` are the
+    gateway's attempts by notice kind name."""
     state = record.state
     view = parcel_pb2.ParcelView(
         parcel_id=record.parcel_id,
@@ -96,7 +103,7 @@ def parcel_view(record: ParcelRecord, fields: Mapping[bytes, bytes]) -> parcel_p
     if state.HasField("order"):
         view.order.CopyFrom(state.order)
     for mark in state.notices:
-        raw = fields.get(attempts_field(kind_name(mark.kind)).encode())
+        raw = attempts.get(kind_name(mark.kind))
         view.notices.append(notice_view(record.parcel_id, mark, record.pending, raw))
     if state.created_ms:
         view.created_at.FromMilliseconds(state.created_ms)
@@ -221,13 +228,14 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
         shard = self._store.shard(parcel_id)
         pipe = self._redis.pipeline(transaction=False)
         await self._store.queue_read(pipe, shard, [parcel_id])
-        pipe.hgetall(keys.parcel(shard, parcel_id))
+        pipe.hmget(keys.parcel(shard, parcel_id), _ATTEMPT_FIELDS)
         pipe.hgetall(keys.alerts(shard, parcel_id))
-        read, fields, alerts = await pipe.execute()
+        read, raw_attempts, alerts = await pipe.execute()
         record = parse_read(shard, [parcel_id], read)[parcel_id]
         if not record.exists:
             return None
-        view = parcel_view(record, fields)
+        attempts = {name: raw for name, raw in zip(_ATTEMPT_KINDS, raw_attempts, strict=True) if raw}
+        view = parcel_view(record, attempts)
         view.open_alerts.extend(parse_parcel_alerts(alerts).unresolved())
         return view
 

@@ -231,6 +231,9 @@ class EngineSettings:
     # Merchants whose unpaid orders' notices may still carry links that change the delivery
     # (e.g. cash on delivery); every other unpaid order gets informational notices only.
     unpaid_actionable_merchants: frozenset[str] = frozenset()
+    # Server processes of ``relais serve``, sharing the listener's port (SO_REUSEPORT): one Python
+    # process uses one core, so a multi-core host runs about one per core.
+    workers: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> EngineSettings:
@@ -250,6 +253,7 @@ class EngineSettings:
                 env, p + "IDLE_RETENTION_DAYS", cls.idle_retention_days, low=1, high=3650
             ),
             unpaid_actionable_merchants=frozenset(_split(env.get(p + "UNPAID_ACTIONABLE_MERCHANTS", ""))),
+            workers=_int(env, p + "WORKERS", cls.workers, low=1, high=256),
         )
 
 

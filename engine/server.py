@@ -3,11 +3,16 @@
 Shutdown has two stages (as grpclib does it): the first signal turns health NOT_SERVING so load
 balancers stop sending, lets in-flight calls finish within the grace period, then stops; a second
 signal stops at once.
+
+Several server processes may share one port (``reuse_port``: SO_REUSEPORT, the kernel spreads the
+connections over them; see ``cli.workers``). A single one keeps the port to itself, so a second engine
+started by mistake on the same address fails loudly instead of taking half the traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -36,7 +41,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def server_options(settings: Settings) -> list[tuple[str, int]]:
+def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -47,7 +52,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
             int(settings.keepalive_min_client_interval_s * 1000),
         ),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
 
 
@@ -87,6 +92,7 @@ async def start_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
     clock: Clock | None = None,
     telemetry: Telemetry | None = None,
+    reuse_port: bool = False,
 ) -> EngineServer:
     """Start listening. ``register`` are callables ``(server) -> None`` that add the relais services.
 
@@ -99,7 +105,8 @@ async def start_server(
     security = settings.security
     check_open_listener(settings.listen, security.keys_file)
     guards = build_interceptors(settings, redis, clock or SystemClock(), telemetry or noop_telemetry())
-    server = grpc.aio.server(options=server_options(settings), interceptors=[*guards, *interceptors])
+    options = server_options(settings, reuse_port=reuse_port)
+    server = grpc.aio.server(options=options, interceptors=[*guards, *interceptors])
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for add in register:
@@ -138,8 +145,21 @@ async def _serve_once_redis_answers(running: EngineServer, redis: Redis) -> None
         return
 
 
-def install_signal_handlers(running: EngineServer, stopped: asyncio.Event) -> None:
-    """First SIGTERM/SIGINT drains within the grace period; a second one stops at once."""
+def freeze_startup_heap() -> None:
+    """Move everything start-up allocated (modules, descriptors, servicers: ~50k objects) out of the
+    collector's reach, once the process is ready to serve: a full collection then walks only what
+    serving allocates, instead of pausing the event loop over the whole start-up heap."""
+    gc.collect()
+    gc.freeze()
+
+
+def install_signal_handlers(
+    running: EngineServer,
+    stopped: asyncio.Event,
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
+    """First SIGTERM/SIGINT drains within the grace period; a second one stops at once. A worker of
+    ``cli.workers`` handles SIGTERM only: its supervisor turns the terminal's SIGINT into SIGTERM."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
 
@@ -152,5 +172,5 @@ def install_signal_handlers(running: EngineServer, stopped: asyncio.Event) -> No
         stopped.set()
         tasks.add(loop.create_task(running.stop()))
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)

@@ -1,0 +1,169 @@
+"""``relais serve --workers N``: real processes sharing one port and one Redis, stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from redis.asyncio import Redis
+from relais.v1 import parcel_pb2, parcel_pb2_grpc
+
+from common.errors import SettingsError
+from common.redis_server import free_port
+from common.settings import Settings
+from engine.server import start_server
+from tests.engine.core_support import registration
+from tests.foundation.test_relais_run import wait_serving
+
+RELAIS = Path(sys.executable).parent / "relais"
+WORKERS = 2
+
+
+def test_workers_setting_and_flag_are_checked() -> None:
+    assert Settings.from_env({"RELAIS_ENGINE_WORKERS": "4"}).engine.workers == 4
+    assert Settings.from_env({}).engine.workers == 1
+    with pytest.raises(SettingsError, match="RELAIS_ENGINE_WORKERS"):
+        Settings.from_env({"RELAIS_ENGINE_WORKERS": "0"})
+    done = subprocess.run(
+        [str(RELAIS), "serve", "--workers", "0"], capture_output=True, timeout=30, check=False
+    )
+    assert done.returncode == 2
+    assert b"--workers" in done.stderr
+
+
+async def test_a_lone_server_keeps_its_port_and_workers_share_it(redis: Redis) -> None:
+    """Without reuse_port a second engine on the same address fails loudly; with it, both listen."""
+    first = await start_server(Settings(listen="127.0.0.1:0"), redis)
+    try:
+        with pytest.raises(RuntimeError):
+            await start_server(Settings(listen=f"127.0.0.1:{first.port}"), redis)
+    finally:
+        await first.stop(0)
+    shared = [await start_server(Settings(listen="127.0.0.1:0"), redis, reuse_port=True)]
+    listen = f"127.0.0.1:{shared[0].port}"
+    try:
+        shared.append(await start_server(Settings(listen=listen), redis, reuse_port=True))
+        assert shared[1].port == shared[0].port
+    finally:
+        for running in shared:
+            await running.stop(0)
+
+
+@pytest.fixture
+def engine(redis_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
+    env |= {"REDIS_URL": redis_url, "RELAIS_LISTEN": f"127.0.0.1:{port}", "RELAIS_GRACE_S": "2"}
+    log = (tmp_path / "engine.log").open("wb")
+    args = [str(RELAIS), "serve", "--workers", str(WORKERS)]
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        for child in _workers(proc.pid, port, alive_only=False):
+            child.kill()
+        log.close()
+
+
+def _workers(pid: int, port: int, *, alive_only: bool = True) -> list[psutil.Process]:
+    """The supervisor's children that listen on the port (not multiprocessing's resource tracker)."""
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    listening = []
+    for child in children:
+        try:
+            if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in child.net_connections()):
+                listening.append(child)
+        except psutil.NoSuchProcess:
+            if not alive_only:
+                listening.append(child)
+    return listening
+
+
+def _serves(worker: psutil.Process, client_ports: set[int]) -> bool:
+    return any(c.raddr and c.raddr.port in client_ports for c in worker.net_connections("tcp"))
+
+
+async def _channel_per_worker(port: int, workers: list[psutil.Process]) -> dict[int, grpc.aio.Channel]:
+    """One client connection served by each worker: connect until every worker holds one (the kernel
+    picks the worker per connection), matching our socket's port with the worker's peer port."""
+    me = psutil.Process()
+    found: dict[int, grpc.aio.Channel] = {}
+    for _ in range(64):
+        before = {c.laddr.port for c in me.net_connections("tcp")}
+        # A private subchannel pool: otherwise channels to one target share one connection.
+        channel = grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        mine = {c.laddr.port for c in me.net_connections("tcp") if c.raddr and c.raddr.port == port} - before
+        owner = next(
+            (
+                w.pid
+                for w in workers
+                if any(c.raddr and c.raddr.port in mine for c in w.net_connections("tcp"))
+            ),
+            None,
+        )
+        if owner is not None and owner not in found:
+            found[owner] = channel
+            if len(found) == len(workers):
+                return found
+        else:
+            await channel.close(None)
+    raise AssertionError(f"64 connections did not reach all {len(workers)} workers")
+
+
+async def test_workers_serve_one_port_from_one_redis_and_stop_on_sigterm(
+    engine: tuple[subprocess.Popen[bytes], int], redis: Redis
+) -> None:
+    proc, port = engine
+    await wait_serving(port, timeout_s=60)
+    workers = _workers(proc.pid, port)
+    for _ in range(100):  # the second may still be starting when the first answers
+        if len(workers) == WORKERS:
+            break
+        await asyncio.sleep(0.1)
+        workers = _workers(proc.pid, port)
+    assert len(workers) == WORKERS
+    channels = await _channel_per_worker(port, workers)
+    try:
+        first, second = (parcel_pb2_grpc.ParcelServiceStub(c) for c in channels.values())
+        reply = await first.RegisterParcels(
+            parcel_pb2.RegisterParcelsRequest(parcels=[registration("WRK-1")]), timeout=10
+        )
+        assert reply.registered == 1
+        view = await second.GetParcel(parcel_pb2.GetParcelRequest(parcel_id="WRK-1"), timeout=10)
+        assert (view.parcel_id, view.merchant_id, view.registered) == ("WRK-1", "acme", True)
+    finally:
+        for channel in channels.values():
+            await channel.close(None)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 30) == 0
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_a_worker_that_dies_stops_the_others(engine: tuple[subprocess.Popen[bytes], int]) -> None:
+    proc, port = engine
+    await wait_serving(port, timeout_s=60)
+    for _ in range(100):
+        workers = _workers(proc.pid, port)
+        if len(workers) == WORKERS:
+            break
+        await asyncio.sleep(0.1)
+    workers[0].kill()
+    assert await asyncio.to_thread(proc.wait, 30) == 1
+    assert not workers[1].is_running() or workers[1].status() == psutil.STATUS_ZOMBIE

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from redis.asyncio.client import Pipeline
 from relais.v1 import alerts_pb2, types_pb2
@@ -45,6 +45,12 @@ class Increment:
     # Milliseconds the hash is kept after this write; None: forever.
     ttl_ms: int | None
 
+    @cached_property
+    def words(self) -> tuple[bytes, bytes, bytes]:
+        """Field, amount and TTL (0: none) as a script's arguments; computed once, since increments
+        come from a cache and recur across a day's parcels."""
+        return self.field.encode(), str(self.amount).encode(), str(self.ttl_ms or 0).encode()
+
 
 _DAY_MS = 86_400_000
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
@@ -71,14 +77,22 @@ def _day_keys(shard: int, merchant_id: str, day_index: int) -> tuple[str, ...]:
 
 
 def _increments(shard: int, merchant_id: str, at_ms: int, counts: Mapping[str, int]) -> list[Increment]:
-    *daily, total = _day_keys(shard, merchant_id, at_ms // _DAY_MS)
+    return list(_day_increments(shard, merchant_id, at_ms // _DAY_MS, tuple(counts.items())))
+
+
+@lru_cache(maxsize=4096)
+def _day_increments(
+    shard: int, merchant_id: str, day_index: int, counts: tuple[tuple[str, int], ...]
+) -> tuple[Increment, ...]:
+    """Cached: a batch counts the same things for the same few merchants and days over and over."""
+    *daily, total = _day_keys(shard, merchant_id, day_index)
     out: list[Increment] = []
-    for field, amount in counts.items():
+    for field, amount in counts:
         if amount == 0:
             continue
         out += [Increment(key, field, amount, DAY_RETENTION_MS) for key in daily]
         out.append(Increment(total, field, amount, None))
-    return out
+    return tuple(out)
 
 
 def shipped(shard: int, merchant_id: str, at_ms: int) -> list[Increment]:

@@ -36,6 +36,7 @@ from common.keys import kind_name
 from common.quiet_hours import allowed_send_ms, zone
 from common.settings import EngineSettings
 from common.telemetry import inject_trace_context
+from engine.validation import set_stamp_ms, stamp_ms
 
 Kind: TypeAlias = types_pb2.NoticeKind.ValueType
 Status: TypeAlias = notice_pb2.NoticeStatus.ValueType
@@ -72,7 +73,7 @@ T = types_pb2
 
 
 def window_ms(window: types_pb2.TimeWindow) -> tuple[int, int]:
-    return window.start.ToMilliseconds(), window.end.ToMilliseconds()
+    return stamp_ms(window.start), stamp_ms(window.end)
 
 
 def within_threshold(told: types_pb2.TimeWindow, new: types_pb2.TimeWindow, threshold_ms: int) -> bool:
@@ -279,7 +280,7 @@ class _Planner:
                 self._withdraw(kind, CANCELLED, REASON_LEFT_PICKUP)
             return
         point = state.pickup_point
-        deadline_ms = point.deadline.ToMilliseconds()
+        deadline_ms = stamp_ms(point.deadline)
         subject = f"{point.id}@{deadline_ms}"
         notice = self.marks.get(AT_PICKUP)
         if notice is None or notice.subject != subject:
@@ -430,10 +431,10 @@ class _Planner:
             notice.pickup_point.CopyFrom(state.pickup_point)
         if mark.kind in (ATTEMPT_FAILED, EXCEPTION):
             notice.exception_reason = state.exception_reason
-        notice.due_at.FromMilliseconds(mark.due_ms)
+        set_stamp_ms(notice.due_at, mark.due_ms)
         if mark.deadline_ms:
-            notice.deadline.FromMilliseconds(mark.deadline_ms)
-        notice.planned_at.FromMilliseconds(self.now_ms)
+            set_stamp_ms(notice.deadline, mark.deadline_ms)
+        set_stamp_ms(notice.planned_at, self.now_ms)
         # The current span (the carrier's batch) goes with the notice: one trace to the message.
         if self.trace_context is None:
             inject_trace_context(notice.trace_context)

@@ -44,7 +44,7 @@ from common.settings import Settings
 from common.telemetry import inject_trace_context
 from engine.counting import count_change, parse_counted
 from engine.planner import Audience, Plan, PlanRules, plan
-from engine.validation import stamp_ms
+from engine.validation import set_stamp_ms, stamp_ms
 
 FINISHED = frozenset(
     {
@@ -134,7 +134,7 @@ def apply_event(
     stored.ClearField("parcel_id")
     if stored.carrier == state.carrier:
         stored.ClearField("carrier")
-    entry.received_at.FromMilliseconds(received_ms)
+    set_stamp_ms(entry.received_at, received_ms)
     timeline.insert(at, entry)
     if event.status != types_pb2.TRACKING_STATUS_INFO_RECEIVED:
         state.scanned = True
@@ -203,7 +203,7 @@ class ParcelChange:
 
     def argv(self, key_index: Callable[[str], int]) -> list[bytes]:
         """The entry's items; ``key_index`` numbers a counter hash among the call's KEYS."""
-        head = (
+        head = b"%d %d %d %d %d %d %d %d" % (
             self.expected_version,
             self.ttl_ms,
             len(self.checks),
@@ -213,18 +213,12 @@ class ParcelChange:
             len(self.rems),
             len(self.incs),
         )
-        incs = [
-            item
-            for inc in self.incs
-            for item in (
-                str(key_index(inc.key)).encode(),
-                inc.field.encode(),
-                str(inc.amount).encode(),
-                str(inc.ttl_ms or 0).encode(),
-            )
-        ]
+        incs: list[bytes] = []
+        for inc in self.incs:
+            incs.append(b"%d" % key_index(inc.key))
+            incs += inc.words
         return [
-            *(str(n).encode() for n in head),
+            *head.split(),
             *self.checks,
             *self.sets,
             *self.dels,

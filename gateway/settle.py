@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from babel.numbers import get_currency_precision
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -27,6 +27,12 @@ from gateway.scripts import LuaScript
 SMS_BUDGET_TTL_S = 40 * 24 * 3600
 
 
+# (shard, merchant id, kind, channel, (segments, cost in micro-units, currency)) of accepted sends.
+_SentGroup: TypeAlias = tuple[
+    int, str, types_pb2.NoticeKind.ValueType, types_pb2.Channel.ValueType, tuple[int, int, str]
+]
+
+
 @dataclass(slots=True)
 class _ShardOps:
     keys: list[str] = field(default_factory=list)
@@ -41,7 +47,8 @@ def attempt_view(attempt: notice_pb2.DeliveryAttempt) -> bytes:
 
 def sent_counters(
     shard: int,
-    notice: notice_pb2.Notice,
+    merchant_id: str,
+    kind: types_pb2.NoticeKind.ValueType,
     channel: types_pb2.Channel.ValueType,
     accepted: Accepted,
     now_ms: int,
@@ -55,7 +62,7 @@ def sent_counters(
             currency_code=accepted.currency, amount_minor=round(accepted.cost_micros / 10 ** (6 - digits))
         )
     return counters.notice_sent(
-        shard, notice.merchant_id, now_ms, notice.kind, channel, sms_segments=accepted.segments, sms_cost=cost
+        shard, merchant_id, now_ms, kind, channel, sms_segments=accepted.segments, sms_cost=cost
     )
 
 
@@ -78,6 +85,9 @@ class Settlement:
         # Merchants' daily counters, summed over the batch: a few HINCRBYs, not one per notice.
         self._counts: dict[tuple[str, str], int] = defaultdict(int)
         self._count_ttls_ms: dict[str, int] = {}
+        # Sends counted per merchant, kind, channel and price: their counters are built at execute,
+        # once per group rather than once per notice.
+        self._sent: dict[_SentGroup, int] = defaultdict(int)
 
     def _op(self, shard: int, name: str, *args: Any, key: str | None = None) -> None:
         ops = self._shards[shard]
@@ -125,15 +135,30 @@ class Settlement:
     def spend_sms(self, budget_key: str, segments: int) -> None:
         self._sms_segments[budget_key] += max(1, segments)
 
-    def count(self, increments: list[Increment]) -> None:
+    def count(self, increments: list[Increment], times: int = 1) -> None:
         for inc in increments:
-            self._counts[inc.key, inc.field] += inc.amount
+            self._counts[inc.key, inc.field] += inc.amount * times
             if inc.ttl_ms is not None:
                 self._count_ttls_ms[inc.key] = inc.ttl_ms
+
+    def count_sent(
+        self, shard: int, notice: notice_pb2.Notice, channel: types_pb2.Channel.ValueType, accepted: Accepted
+    ) -> None:
+        """Count a notice the provider accepted (``sent_counters``), summed with the batch's others."""
+        price = (accepted.segments, accepted.cost_micros, accepted.currency)
+        self._sent[shard, notice.merchant_id, notice.kind, channel, price] += 1
+
+    def _count_sends(self) -> None:
+        for (shard, merchant_id, kind, channel, price), times in self._sent.items():
+            segments, cost_micros, currency = price
+            accepted = Accepted("", segments=segments, cost_micros=cost_micros, currency=currency)
+            self.count(sent_counters(shard, merchant_id, kind, channel, accepted, self._now_ms), times)
+        self._sent.clear()
 
     async def execute(self, redis: Redis, *, load_scripts: bool = False) -> int:
         """One round trip; returns how many notices were dropped as superseded. ``load_scripts`` for
         callers off the hot path that did not load the script at start (the CLI)."""
+        self._count_sends()
         if not self._shards and not self._sms_segments and not self._counts:
             return 0
         if load_scripts:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ from common.quiet_hours import allowed_send_ms, is_quiet
 from common.settings import GatewaySettings, Settings
 from common.telemetry import (
     LimitScope,
+    SendOutcome,
     Telemetry,
     end_send_spans,
     noop_telemetry,
@@ -60,9 +62,9 @@ from gateway.idempotency import Claim
 from gateway.limiter import Limit, Limiter
 from gateway.outcome import Outcome, Verdict, backoff_ms, judge
 from gateway.render import Rendered
-from gateway.routing import SLOT_KINDS, Route, RoutingPolicy, plan
+from gateway.routing import SLOT_KINDS, ChannelKind, Route, RoutingPolicy, plan
 from gateway.scripts import LuaScript
-from gateway.settle import Settlement, sent_counters, timestamp
+from gateway.settle import Settlement, timestamp
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,19 @@ class BatchStats:
     def add(self, other: BatchStats) -> None:
         for name in self.__slots__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What the steps of one batch share: its instant, its writes and its tallies."""
+
+    now_ms: int
+    settlement: Settlement
+    stats: BatchStats = field(default_factory=BatchStats)
+    # Segments spent per SMS budget key: read with the batch, plus what the batch sent.
+    sms_spent: dict[str, int] = field(default_factory=dict)
+    # Sent attempts per channel, added to the metrics once per batch rather than once per notice.
+    sent: Counter[ChannelKind] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -203,6 +218,10 @@ class Gateway:
     async def run(self, stop: asyncio.Event) -> None:
         """Until ``stop`` is set: read, process with at most ``max_in_flight`` batches at once."""
         await self.start()
+        # What is loaded by now (modules, templates, locale data) lives as long as the process:
+        # frozen, the collector stops walking it at every full collection of a batch's garbage
+        # (about a sixth of the gateway's CPU per notice before).
+        gc.freeze()
         permits = asyncio.Semaphore(self._settings.max_in_flight)
         tasks: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
@@ -252,19 +271,22 @@ class Gateway:
             retention_ms=self._settings.idempotency_retention_s * 1000,
             now_ms=now_ms,
         )
+        batch = _Batch(now_ms, settlement, stats)
         items = self._parse(entries, settlement)
-        sms_spent = await self._load(items, now_ms)
+        batch.sms_spent = await self._load(items, now_ms)
         pending = items
         for _ in range(MAX_ROUNDS + 1):
-            jobs = self._plan(pending, now_ms, sms_spent, settlement, stats)
+            jobs = self._plan(pending, batch)
             if not jobs:
                 break
             await self._claim_and_limit(jobs, now_ms)
             await self._send(jobs)
-            pending = await self._judge(jobs, now_ms, sms_spent, settlement, stats)
+            pending = await self._judge(jobs, batch)
         for item in items:
             settlement.ack(item.entry.shard, item.entry.entry_id)
         stats.superseded = await settlement.execute(self._redis)
+        for channel, count in batch.sent.items():
+            self._telemetry.metrics.send(channel, SendOutcome.SENT, count)
         return stats
 
     def _parse(self, entries: Sequence[Entry], settlement: Settlement) -> list[_Item]:
@@ -309,30 +331,17 @@ class Gateway:
 
     # --- routing ------------------------------------------------------------------------------
 
-    def _plan(
-        self,
-        items: list[_Item],
-        now_ms: int,
-        sms_spent: dict[str, int],
-        settlement: Settlement,
-        stats: BatchStats,
-    ) -> list[_Job]:
+    def _plan(self, items: list[_Item], batch: _Batch) -> list[_Job]:
         jobs: list[_Job] = []
         for item in items:
-            job = self._plan_one(item, now_ms, sms_spent, settlement, stats)
+            job = self._plan_one(item, batch)
             if job is not None:
                 jobs.append(job)
         return jobs
 
-    def _plan_one(
-        self,
-        item: _Item,
-        now_ms: int,
-        sms_spent: dict[str, int],
-        settlement: Settlement,
-        stats: BatchStats,
-    ) -> _Job | None:
+    def _plan_one(self, item: _Item, batch: _Batch) -> _Job | None:
         notice, prefs, shard = item.notice, item.prefs, item.entry.shard
+        now_ms, settlement, stats = batch.now_ms, batch.settlement, batch.stats
         if prefs is None:
             self._give_up(item, SUPPRESSED, "no preferences", now_ms, settlement)
             stats.suppressed += 1
@@ -349,7 +358,7 @@ class Gateway:
                 settlement.reschedule(shard, notice, send_ms)
                 stats.deferred_quiet += 1
                 return None
-        spent = sms_spent.get(self._sms_budget_key(notice.merchant_id, now_ms), 0)
+        spent = batch.sms_spent.get(self._sms_budget_key(notice.merchant_id, now_ms), 0)
         routes = plan(notice, prefs, self._policy, now_ms=now_ms, quiet=quiet, sms_spent_segments=spent)
         if routes:
             return _Job(item, routes[0], quiet)
@@ -503,15 +512,9 @@ class Gateway:
 
     # --- outcomes -----------------------------------------------------------------------------
 
-    async def _judge(
-        self,
-        jobs: list[_Job],
-        now_ms: int,
-        sms_spent: dict[str, int],
-        settlement: Settlement,
-        stats: BatchStats,
-    ) -> list[_Item]:
+    async def _judge(self, jobs: list[_Job], batch: _Batch) -> list[_Item]:
         """Settle each job; returns the items that fall back to their next channel."""
+        now_ms, settlement, stats = batch.now_ms, batch.settlement, batch.stats
         fall_back: list[_Item] = []
         dead_by_recipient: dict[str, list[Destination]] = defaultdict(list)
         for job in jobs:
@@ -526,7 +529,7 @@ class Gateway:
             outcome = self._outcome(job)
             if outcome.dead:
                 dead_by_recipient[notice.recipient_id].extend(outcome.dead)
-            if self._settle_job(job, outcome, now_ms, sms_spent, settlement, stats):
+            if self._settle_job(job, outcome, batch):
                 notice.failed_channels.append(job.route.channel)
                 fall_back.append(job.item)
         if dead_by_recipient:
@@ -541,17 +544,10 @@ class Gateway:
         ]
         return judge(results, [t.to for t in job.route.targets])
 
-    def _settle_job(
-        self,
-        job: _Job,
-        outcome: Outcome,
-        now_ms: int,
-        sms_spent: dict[str, int],
-        settlement: Settlement,
-        stats: BatchStats,
-    ) -> bool:
+    def _settle_job(self, job: _Job, outcome: Outcome, batch: _Batch) -> bool:
         """Record one job's outcome; True when the notice should try its next channel."""
         shard, notice = job.item.entry.shard, job.item.notice
+        now_ms, settlement, stats = batch.now_ms, batch.settlement, batch.stats
         if outcome.verdict is Verdict.ELSEWHERE:
             stats.elsewhere += 1
             return False
@@ -562,14 +558,12 @@ class Gateway:
                 if claim is Claim.CLAIMED:
                     (settlement.sent if isinstance(result, Accepted) else settlement.free)(shard, key)
             provider = job.route.targets[outcome.accepted_index].provider
-            self._record(
-                job, notice_pb2.NOTICE_STATUS_SENT, now_ms, settlement, provider, accepted.provider_message_id
-            )
-            settlement.count(sent_counters(shard, notice, job.route.channel, accepted, now_ms))
+            self._record(job, notice_pb2.NOTICE_STATUS_SENT, batch, provider, accepted.provider_message_id)
+            settlement.count_sent(shard, notice, job.route.channel, accepted)
             if job.route.channel == types_pb2.CHANNEL_SMS:
                 budget_key = self._sms_budget_key(notice.merchant_id, now_ms)
                 settlement.spend_sms(budget_key, accepted.segments)
-                sms_spent[budget_key] = sms_spent.get(budget_key, 0) + max(1, accepted.segments)
+                batch.sms_spent[budget_key] = batch.sms_spent.get(budget_key, 0) + max(1, accepted.segments)
             stats.sent += 1
             return False
         for key, claim in zip(job.keys, job.claims, strict=True):
@@ -577,23 +571,17 @@ class Gateway:
                 settlement.free(shard, key)
         provider = job.route.targets[0].provider
         if outcome.verdict is Verdict.FALL_BACK:
-            self._record(
-                job, notice_pb2.NOTICE_STATUS_FAILED, now_ms, settlement, provider, error=outcome.reason
-            )
+            self._record(job, notice_pb2.NOTICE_STATUS_FAILED, batch, provider, error=outcome.reason)
             stats.failed += 1
             return True
         attempt = notice.attempt + 1
         if attempt >= self._settings.max_attempts:
-            self._record(
-                job, notice_pb2.NOTICE_STATUS_DEAD_LETTER, now_ms, settlement, provider, error=outcome.reason
-            )
+            self._record(job, notice_pb2.NOTICE_STATUS_DEAD_LETTER, batch, provider, error=outcome.reason)
             notice.attempt = attempt
             settlement.dead_letter(shard, notice, f"out of retries: {outcome.reason}")
             stats.dead_lettered += 1
             return False
-        self._record(
-            job, notice_pb2.NOTICE_STATUS_RETRYING, now_ms, settlement, provider, error=outcome.reason
-        )
+        self._record(job, notice_pb2.NOTICE_STATUS_RETRYING, batch, provider, error=outcome.reason)
         delay_ms = backoff_ms(
             notice.attempt,
             base_s=self._settings.backoff_base_s,
@@ -609,9 +597,8 @@ class Gateway:
         self,
         job: _Job,
         status: notice_pb2.NoticeStatus.ValueType,
-        now_ms: int,
-        settlement: Settlement,
-        provider: str = "",
+        batch: _Batch,
+        provider: str,
         provider_message_id: str = "",
         *,
         error: str = "",
@@ -622,13 +609,20 @@ class Gateway:
             provider=provider,
             provider_message_id=provider_message_id,
             status=status,
-            attempted_at=_timestamp(now_ms),
+            attempted_at=_timestamp(batch.now_ms),
             error=error,
             idempotency_key=idempotency.idempotency_key(notice.notice_id, notice.version, job.route.channel),
             version=notice.version,
         )
-        settlement.record(job.item.entry.shard, notice, attempt)
-        record_send(self._telemetry.metrics, notice, job.route.channel, status, now_ms)
+        batch.settlement.record(job.item.entry.shard, notice, attempt)
+        if status != notice_pb2.NOTICE_STATUS_SENT:
+            record_send(self._telemetry.metrics, notice, job.route.channel, status, batch.now_ms)
+            return
+        # Sends are counted in the batch's tally; the lag measured only when metrics record (the
+        # no-op histogram would drop it anyway).
+        batch.sent[job.route.channel] += 1
+        if self._telemetry.enabled and notice.HasField("due_at"):
+            self._telemetry.metrics.schedule_lag(batch.now_ms - notice.due_at.ToMilliseconds(), notice.kind)
 
     def _give_up(
         self,

@@ -13,7 +13,11 @@ import argparse
 import asyncio
 import cProfile
 import dataclasses
+import gc
+import os
 import pstats
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,10 +87,23 @@ async def redis_cpu_s(redis: Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+def _callgrind(switch: str) -> None:
+    """Instrumentation on or off in this process when it runs under ``valgrind --tool=callgrind``."""
+    subprocess.run(["callgrind_control", "-i", switch, str(os.getpid())], check=True, capture_output=True)
+
+
 async def drain_cpu(
-    redis_url: str, shards: int, sink: Path, renderer: Renderer, *, limits: bool, profile: str = ""
+    redis_url: str,
+    shards: int,
+    sink: Path,
+    renderer: Renderer | None,
+    *,
+    limits: bool,
+    profile: str = "",
+    callgrind: bool = False,
 ) -> CpuFigures:
-    """One gateway drains the outboxes, one batch at a time: its CPU time, Redis's, and round trips."""
+    """One gateway drains the outboxes, one batch at a time: its CPU time, Redis's, and round trips.
+    Under callgrind the first batch (templates compiled, locale data loaded) is left out."""
     from gateway.worker import Gateway
 
     trips = RoundTrips()
@@ -97,8 +114,13 @@ async def drain_cpu(
     profiler = cProfile.Profile() if profile else None
     try:
         await gateway.start()
+        gc.freeze()  # as Gateway.run does after its start
+        if callgrind:
+            await gateway.process(await gateway.outbox.read(block=False))
+            _callgrind("on")
         trips.count = 0
         batches = 0
+        warm_sent = channel.sent
         redis_before = await redis_cpu_s(redis)
         started = time.process_time()
         if profiler is not None:
@@ -107,14 +129,34 @@ async def drain_cpu(
             await gateway.process(entries)
             batches += 1
         cpu_s = time.process_time() - started
+        if callgrind:
+            _callgrind("off")
         redis_s = await redis_cpu_s(redis) - redis_before
         if profiler is not None:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("cumulative" if profile == "cum" else "tottime").print_stats(45)
-        return CpuFigures(channel.sent, batches, cpu_s, redis_s, trips.count)
+        return CpuFigures(channel.sent - warm_sent, batches, cpu_s, redis_s, trips.count)
     finally:
         await channel.aclose()
         await redis.aclose()
+
+
+async def _flush(redis_url: str) -> None:
+    redis = connect(redis_url)
+    try:
+        await redis.flushdb()
+    finally:
+        await redis.aclose()
+
+
+def _report(label: str, claimed: int, figures: CpuFigures) -> None:
+    sent = max(figures.sent, 1)
+    print(
+        f"{label}: {claimed} claimed, {figures.sent} sent in {figures.batches} batches; CPU per notice: "
+        f"gateway {figures.cpu_s / sent * 1e6:.1f} µs, Redis {figures.redis_cpu_s / sent * 1e6:.1f} µs; "
+        f"{figures.round_trips / max(figures.batches, 1):.1f} round trips per batch",
+        flush=True,
+    )
 
 
 async def measure_cpu(redis_url: str, shards: int, events: int, runs: int, *, profile: str) -> None:
@@ -125,24 +167,65 @@ async def measure_cpu(redis_url: str, shards: int, events: int, runs: int, *, pr
     renderer = Renderer()
     for run in range(runs + 1):
         limits = run % 2 == 0
-        redis = connect(redis_url)
-        try:
-            await redis.flushdb()
-        finally:
-            await redis.aclose()
+        await _flush(redis_url)
         claimed = await fill_outbox(redis_url, shards, events, f"GW{run}")
         with tempfile.TemporaryDirectory() as sink:
             figures = await drain_cpu(
                 redis_url, shards, Path(sink), renderer, limits=limits, profile=profile if run else ""
             )
-        sent = max(figures.sent, 1)
+        label = "warm-up" if run == 0 else f"run {run}"
+        _report(f"{label} (limits {'on' if limits else 'off'})", claimed, figures)
+
+
+def _total_instructions(callgrind_out: Path) -> int:
+    for line in callgrind_out.read_text().splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{callgrind_out}: no totals line")
+
+
+async def measure_instructions(redis_url: str, shards: int, events: int, runs: int) -> None:
+    """``runs`` runs alternating limits on and off: each drain in a child process under callgrind
+    (instructions are what a busy machine does not blur); one line per run."""
+    for run in range(runs):
+        limits = run % 2 == 0
+        await _flush(redis_url)
+        claimed = await fill_outbox(redis_url, shards, events, f"GI{run}")
+        with tempfile.TemporaryDirectory() as scratch:
+            out = Path(scratch) / "callgrind.out"
+            child = [
+                sys.executable,
+                "-m",
+                "loadtest.gateway_bench",
+                "--drain",
+                redis_url,
+                "--shards",
+                str(shards),
+            ]
+            valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+            limit_args = [] if limits else ["--limits-off"]
+            proc = await asyncio.create_subprocess_exec(
+                *valgrind,
+                *child,
+                *limit_args,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            stdout, _ = await proc.communicate()
+            sent = int(stdout.split()[-1])
+            instructions = _total_instructions(out)
         print(
-            f"{'warm-up' if run == 0 else f'run {run}'} (limits {'on' if limits else 'off'}): "
-            f"{claimed} claimed, {figures.sent} sent in {figures.batches} batches; CPU per notice: "
-            f"gateway {figures.cpu_s / sent * 1e6:.1f} µs, Redis {figures.redis_cpu_s / sent * 1e6:.1f} µs; "
-            f"{figures.round_trips / max(figures.batches, 1):.1f} round trips per batch",
+            f"run {run + 1} (limits {'on' if limits else 'off'}): {claimed} claimed, {sent} measured "
+            f"(after the first batch): {instructions / max(sent, 1):,.0f} instructions per notice",
             flush=True,
         )
+
+
+async def drain_child(redis_url: str, shards: int, *, limits: bool) -> None:
+    """The child of ``measure_instructions``: prints how many notices were measured."""
+    with tempfile.TemporaryDirectory() as sink:
+        figures = await drain_cpu(redis_url, shards, Path(sink), None, limits=limits, callgrind=True)
+    print(figures.sent)
 
 
 def main() -> None:
@@ -153,11 +236,22 @@ def main() -> None:
         "--runs", type=int, default=2, help="runs after a warm-up, limits on and off by turns"
     )
     parser.add_argument("--profile", choices=("self", "cum"), default="", help="cProfile's top functions")
+    parser.add_argument(
+        "--callgrind", action="store_true", help="instructions per notice (valgrind) instead of CPU time"
+    )
+    parser.add_argument("--drain", metavar="REDIS_URL", help=argparse.SUPPRESS)  # the callgrind child
+    parser.add_argument("--limits-off", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.drain:
+        asyncio.run(drain_child(args.drain, args.shards, limits=not args.limits_off))
+        return
     server = EmbeddedRedis()
     url = server.start()
     try:
-        asyncio.run(measure_cpu(url, args.shards, args.events, args.runs, profile=args.profile))
+        if args.callgrind:
+            asyncio.run(measure_instructions(url, args.shards, args.events, args.runs))
+        else:
+            asyncio.run(measure_cpu(url, args.shards, args.events, args.runs, profile=args.profile))
     finally:
         server.stop()
 

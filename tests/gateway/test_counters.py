@@ -62,3 +62,28 @@ async def test_notices_sent_by_kind_and_channel_with_sms_segments_and_cost(
     assert (m1.sms_cost.currency_code, m1.sms_cost.amount_minor) == ("CHF", 15)
     (everyone,) = await StatsReader(redis, SHARDS).daily("", day, day)
     assert counts(everyone.notices_sent)["SHIPPED/email"] == 3
+
+
+async def test_texts_of_one_batch_add_up_their_segments_and_cost(redis: Redis, clock: ManualClock) -> None:
+    """Sends are counted per group of the same merchant, kind, channel and price: three texts of one
+    batch count three times what one does."""
+    sms = ScriptedChannel("sms")
+    sms.script(
+        PhoneNumber("+41791234567"), *[Accepted("sm", segments=2, cost_micros=150_000, currency="CHF")] * 3
+    )
+    gateway = Gateway(settings(), redis, clock, {"sms": sms}, consumer="test", rng=random.Random(7))
+    await gateway.start()
+    prefs = preferences_pb2.RecipientPreferences(
+        recipient_id="r-2", phone="+41791234567", sms_opt_in=True, channel_order=[types_pb2.CHANNEL_SMS]
+    )
+    await put_prefs(redis, prefs)
+    for parcel_id in ("t-1", "t-2", "t-3"):
+        await queue_notice(redis, make_notice(parcel_id, recipient_id="r-2", value_minor=50_000))
+
+    assert (await gateway.run_once()).sent == 3
+
+    day = datetime.fromtimestamp(T0_MS / 1000, tz=UTC).date()
+    (m1,) = await StatsReader(redis, SHARDS).daily("m-1", day, day)
+    assert counts(m1.notices_sent) == {"SHIPPED/sms": 3}
+    assert m1.sms_segments == 6
+    assert (m1.sms_cost.currency_code, m1.sms_cost.amount_minor) == ("CHF", 45)

@@ -46,10 +46,10 @@ class Increment:
     ttl_ms: int | None
 
     @cached_property
-    def words(self) -> tuple[bytes, bytes, bytes]:
+    def words(self) -> tuple[bytes, int, int]:
         """Field, amount and TTL (0: none) as a script's arguments; computed once, since increments
         come from a cache and recur across a day's parcels."""
-        return self.field.encode(), str(self.amount).encode(), str(self.ttl_ms or 0).encode()
+        return self.field.encode(), self.amount, self.ttl_ms or 0
 
 
 _DAY_MS = 86_400_000

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import struct
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import msgpack
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
@@ -201,10 +201,10 @@ class ParcelChange:
     rems: list[bytes] = field(default_factory=list)
     incs: list[Increment] = field(default_factory=list)
 
-    def argv(self, key_index: Callable[[str], int]) -> list[bytes]:
+    def argv(self, key_index: Callable[[str], int]) -> list[bytes | int]:
         """The entry's items; ``key_index`` numbers a counter hash among the call's KEYS."""
-        head = b"%d %d %d %d %d %d %d %d" % (
-            self.expected_version,
+        items: list[bytes | int] = [
+            str(self.expected_version).encode(),  # compared with the hash's ``v``, a string
             self.ttl_ms,
             len(self.checks),
             len(self.sets) // 2,
@@ -212,20 +212,16 @@ class ParcelChange:
             len(self.adds) // 2,
             len(self.rems),
             len(self.incs),
-        )
-        incs: list[bytes] = []
-        for inc in self.incs:
-            incs.append(b"%d" % key_index(inc.key))
-            incs += inc.words
-        return [
-            *head.split(),
             *self.checks,
             *self.sets,
             *self.dels,
             *self.adds,
             *self.rems,
-            *incs,
         ]
+        for inc in self.incs:
+            items.append(key_index(inc.key))
+            items += inc.words
+        return items
 
 
 @functools.cache
@@ -331,12 +327,11 @@ def parse_read(
     return records
 
 
-def pack_items(items: Sequence[bytes]) -> bytes:
-    """The apply script's one argument: the number of items and every item's length (4-byte big-endian
-    each), then the items' bytes back to back. Lengths up front let C do all the work here (one
-    ``struct.pack``, one ``join``) instead of a Python step per item."""
-    count = len(items)
-    return struct.pack(f">I{count}I", count, *map(len, items)) + b"".join(items)
+def pack_items(items: Sequence[bytes | int]) -> bytes:
+    """The apply script's one argument: the items as one MessagePack array, bytes as raw strings
+    (Redis's ``cmsgpack`` predates the bin type). One argument instead of dozens per parcel, because
+    packing each argument costs the client more than the whole script costs Redis."""
+    return msgpack.packb(items, use_bin_type=False)
 
 
 def shard_call(shard: int, entries: Sequence[tuple[str, ParcelChange]]) -> tuple[list[str], bytes]:

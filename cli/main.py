@@ -24,12 +24,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cli.stack import engine_loops
-from cli.workers import run_workers
+from cli.workers import run_workers, shared_listen
 from common import logs
 from common.clock import SystemClock
 from common.errors import RelaisError
 from common.redis_client import connect
-from common.redis_server import EmbeddedRedis, free_port
+from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 from common.telemetry import setup_telemetry
 from engine.app import build_engine
@@ -111,12 +111,6 @@ def run_worker(settings: Settings, with_gateway: bool, where: str, count: int, i
     import uvloop
 
     uvloop.run(serve(settings, with_gateway=with_gateway, where=where, worker=Worker(index, count)))
-
-
-def shared_listen(listen: str) -> str:
-    """The workers must all bind one port: port 0 ("any free port") is chosen here, once."""
-    host, _, port = listen.rpartition(":")
-    return f"{host}:{free_port()}" if port == "0" else listen
 
 
 def serve_all(settings: Settings, *, with_gateway: bool, count: int) -> int:

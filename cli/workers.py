@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from common.redis_server import free_port
+
 log = logging.getLogger(__name__)
 
 # ``(index) -> None``: one worker's whole life, run in its own process. It must be picklable (a
@@ -120,6 +122,12 @@ class Supervisor:
             if process.is_alive():
                 process.terminate()
             process.join()
+
+
+def shared_listen(listen: str) -> str:
+    """The workers must all bind one port: port 0 ("any free port") is chosen here, once."""
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{free_port()}" if port == "0" else listen
 
 
 def run_workers(main: WorkerMain, count: int, *, name: str = "relais-engine") -> int:

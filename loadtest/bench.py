@@ -43,8 +43,7 @@ from common.settings import GatewaySettings, Settings
 from loadtest.arq_baseline import measure_arq
 from loadtest.audit import backlog, percentile
 from loadtest.counting_channel import CountingChannel, read_deliveries
-from loadtest.get_parcel_latency import measure as measure_get_parcel
-from loadtest.get_parcel_latency import sample_parcel_ids
+from loadtest.get_parcel_latency import measure_in_process as measure_get_parcel
 from loadtest.ingest_client import Batch, plan_streams, stream_batches
 from loadtest.journeys import (
     EventBudget,
@@ -198,7 +197,11 @@ async def bench_ingest(results: Results, sizes: Sizes, stack: Stack, run_dir: Pa
 
 
 def _rss(pid: int | None) -> int | None:
-    return int(psutil.Process(pid).memory_info().rss) if pid is not None else None
+    """The engine's resident memory: its process and its workers'."""
+    if pid is None:
+        return None
+    top = psutil.Process(pid)
+    return sum(int(p.memory_info().rss) for p in (top, *top.children(recursive=True)))
 
 
 # --- 2. scheduler ------------------------------------------------------------------------------------
@@ -389,10 +392,10 @@ async def drain_with_gateway(redis_url: str, shards: int, sink: Path, *, limits:
 # --- 4. end to end ---------------------------------------------------------------------------------------
 
 
-async def bench_e2e(results: Results, sizes: Sizes, run_dir: Path, shards: int) -> None:
+async def bench_e2e(results: Results, sizes: Sizes, run_dir: Path, shards: int, engine_workers: int) -> None:
     """Same-day parcels: one event each (first scan on the van, with a window) plans two notices
     (shipped, slot announced). Clock: first event sent → last notice in the sink."""
-    config = StackConfig(run_dir=run_dir / "e2e", shards=shards, gateways=2)
+    config = StackConfig(run_dir=run_dir / "e2e", shards=shards, gateways=2, engine_workers=engine_workers)
     now_ms = time.time_ns() // 1_000_000
     # Two-step journeys cut to their first step: the budget in events is the number of notices.
     groups = make_groups("BE", sizes.e2e_notices, sizes.recipients, Mix(((Shape.SAME_DAY, 1.0),)))
@@ -437,17 +440,17 @@ def _fields(journey: Journey) -> dict[str, Any]:
 
 
 async def bench_get_parcel(results: Results, sizes: Sizes, stack: Stack) -> None:
-    """Open-loop GetParcel at 1,000 requests/s over the parcels ingest left (timelines, notices)."""
-    redis = connect(stack.redis_url)
-    try:
-        parcel_ids = await sample_parcel_ids(redis, 5000)
-    finally:
-        await redis.aclose()
+    """Open-loop GetParcel at 1,000 requests/s over the parcels ingest left (timelines, notices), from
+    a client process of its own (16 connections, spread over the engine's workers); with the
+    engine's and the client's CPU per call, and the load average the latencies were measured under."""
     seconds = 5.0 if sizes is QUICK else 30.0
-    latency = await measure_get_parcel(stack.target, parcel_ids, rps=1000.0, seconds=seconds)
+    latency = await measure_get_parcel(
+        stack.target, stack.redis_url, rps=1000.0, seconds=seconds, server_pid=stack.engine_pid()
+    )
     results.figures.update(
         {f"get_parcel_{name}": value for name, value in dataclasses.asdict(latency).items()}
     )
+    results.figures["get_parcel_load_average_1m"] = os.getloadavg()[0]
 
 
 # --- 5. memory ---------------------------------------------------------------------------------------
@@ -497,7 +500,13 @@ SECTIONS = ("ingest", "scheduler", "gateway", "get_parcel", "e2e", "memory")
 
 
 async def run(
-    sizes: Sizes, run_dir: Path, shards: int, *, profile: bool = False, only: frozenset[str] = frozenset()
+    sizes: Sizes,
+    run_dir: Path,
+    shards: int,
+    *,
+    profile: bool = False,
+    only: frozenset[str] = frozenset(),
+    engine_workers: int = 1,
 ) -> Results:
     """Every section, or those named in ``only`` (scheduler and gateway run on what ingest left)."""
     results = Results()
@@ -510,9 +519,11 @@ async def run(
         shards=shards,
         gateways=0,
         scheduler=False,
+        engine_workers=engine_workers,
         profile_to=run_dir / "engine-profile.txt" if profile else None,
     )
     with Stack(engine_only) as stack:
+        results.figures["engine_workers"] = stack.engine_workers
         redis = connect(stack.redis_url)
         try:
             await set_up_recipients(stack.target, redis, shards, sizes.recipients)
@@ -555,7 +566,9 @@ async def run(
     if wanted("e2e"):
         print("4. end to end", file=sys.stderr)
         await section(
-            results, ["e2e_notices", "e2e_seconds"], lambda: bench_e2e(results, sizes, run_dir, shards)
+            results,
+            ["e2e_notices", "e2e_seconds"],
+            lambda: bench_e2e(results, sizes, run_dir, shards, engine_workers),
         )
     return results
 
@@ -574,6 +587,14 @@ ROWS = (
     ("Redis round trips / notice", "redis_round_trips_per_notice", "redis_commands_per_notice", "commands"),
     ("end to end: notices", "e2e_notices", "e2e_seconds", "seconds"),
     ("GetParcel p99 ms at 1k rps", "get_parcel_p99_ms", "get_parcel_p50_ms", "p50"),
+    (
+        "GetParcel CPU us/call, engine",
+        "get_parcel_server_cpu_us_per_call",
+        "get_parcel_client_cpu_us_per_call",
+        "client",
+    ),
+    ("load average during GetParcel", "get_parcel_load_average_1m", None, ""),
+    ("engine worker processes", "engine_workers", None, ""),
     ("Redis bytes / parcel", "redis_bytes_per_parcel", None, ""),
     ("engine RSS bytes", "engine_rss_bytes", None, ""),
 )
@@ -602,7 +623,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a tenth of the size")
     parser.add_argument("--shards", type=int, default=16)
-    parser.add_argument("--profile", action="store_true", help="profile the engine (pyinstrument)")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile the engine (pyinstrument; one worker)"
+    )
+    parser.add_argument(
+        "--engine-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="engine processes on its port, as an operator runs it (default: one per core)",
+    )
     parser.add_argument(
         "--only", default="", help=f"comma-separated sections to run (of {', '.join(SECTIONS)}); default all"
     )
@@ -616,7 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     import uvloop
 
-    results = uvloop.run(run(sizes, run_dir, args.shards, profile=args.profile, only=only))
+    results = uvloop.run(
+        run(sizes, run_dir, args.shards, profile=args.profile, only=only, engine_workers=args.engine_workers)
+    )
     required = {
         "ingest_events_per_s", "echo_events_per_s", "claim_notices_per_s",
         "claim_notices_per_s_at_1m_pending", "arq_jobs_per_s", "redis_round_trips_per_notice",

@@ -1,10 +1,13 @@
-"""The engine as the load test runs it: ``python -m loadtest.engine_proc [--no-scheduler]``.
+"""The engine as the load test runs it: ``python -m loadtest.engine_proc [--no-scheduler] [--workers N]``.
 
 The same composition as ``relais serve`` (``engine.app.build_engine`` handed to
 ``engine.server.start_server``, the scheduler's ``Dispatcher`` beside it), settings from the
 environment, stopped by SIGTERM/SIGINT. It exists so the load test and the benchmarks do not depend on
 what else the CLI wires (alert monitors, local sinks), and so ingest can be measured without the
 scheduler (``--no-scheduler``).
+
+``--workers N`` runs N such processes on the one port, as ``relais serve --workers N`` does
+(``cli.workers``): an operator runs about one per core. The scheduler runs in worker 0 only.
 """
 
 from __future__ import annotations
@@ -12,30 +15,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import signal
 
+from cli.workers import run_workers, shared_listen
 from common.clock import SystemClock
 from common.redis_client import connect
 from common.settings import Settings
 from engine.app import build_engine
 from engine.scheduler import Dispatcher
-from engine.server import start_server
+from engine.server import freeze_startup_heap, start_server
 
 
-async def serve(*, scheduler: bool) -> None:
-    settings = Settings.from_env()
+async def serve(settings: Settings, *, scheduler: bool, index: int = 0, workers: int = 1) -> None:
     if settings.redis_url is None:
         raise SystemExit("engine_proc needs REDIS_URL")
     redis = connect(settings.redis_url)
     clock = SystemClock()
     engine = build_engine(settings, redis, clock)
-    running = await start_server(settings, redis, register=engine.register)
+    running = await start_server(settings, redis, register=engine.register, reuse_port=workers > 1)
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # A worker ignores SIGINT: its supervisor passes the terminal's on as SIGTERM.
+    for sig in (signal.SIGTERM,) if workers > 1 else (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     dispatch = None
-    if scheduler:
+    if scheduler and index == 0:
         dispatcher = Dispatcher(redis, clock, settings.shards)
         for name, handler in engine.timers.items():
             dispatcher.register_timer(name, handler)
@@ -50,13 +57,26 @@ async def serve(*, scheduler: bool) -> None:
         await redis.aclose()
 
 
+def run_worker(settings: Settings, scheduler: bool, workers: int, index: int) -> None:
+    import uvloop
+
+    uvloop.run(serve(settings, scheduler=scheduler, index=index, workers=workers))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--no-scheduler", action="store_true", help="serve gRPC only (ingest benchmark)")
+    parser.add_argument(
+        "--workers", type=int, help="processes sharing the port (default: RELAIS_ENGINE_WORKERS, 1)"
+    )
     args = parser.parse_args()
-    import uvloop
-
-    uvloop.run(serve(scheduler=not args.no_scheduler))
+    settings = Settings.from_env()
+    workers = settings.engine.workers if args.workers is None else args.workers
+    if workers > 1:
+        shared = dataclasses.replace(settings, listen=shared_listen(settings.listen))
+        worker = functools.partial(run_worker, shared, not args.no_scheduler, workers)
+        raise SystemExit(run_workers(worker, workers, name="engine-proc"))
+    run_worker(settings, not args.no_scheduler, 1, 0)
 
 
 if __name__ == "__main__":

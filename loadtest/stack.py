@@ -2,10 +2,10 @@
 
 Each part is its own process, as in production and so the two cores are shared the way they would
 be: ``redis-server`` (``EmbeddedRedis``), the engine (``python -m loadtest.engine_proc``: the gRPC
-services and the scheduler; or ``relais serve`` with ``engine="cli"``) and one or more counting
-gateways (``python -m loadtest.sink_gateway``). Everything listens on 127.0.0.1 on free ports, keeps
-nothing on disk but the run's folder, and stops with the ``Stack`` (SIGTERM, then SIGKILL after a
-grace period) — also when the run fails.
+services and the scheduler; or ``relais serve`` with ``engine="cli"``; ``engine_workers`` processes on
+its one port) and one or more counting gateways (``python -m loadtest.sink_gateway``). Everything
+listens on 127.0.0.1 on free ports, keeps nothing on disk but the run's folder, and stops with the
+``Stack`` (SIGTERM, then SIGKILL after a grace period) — also when the run fails.
 
 The rate limits stay ON but far above the load (a load test measures the engine, not a throttle;
 the benchmark measures the limiter's cost separately): each recipient here gets dozens of notices
@@ -14,6 +14,7 @@ an hour, which the default cap of a few per recipient would spread over days.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from types import TracebackType
 from typing import IO
 
 import grpc
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.redis_server import EmbeddedRedis, free_port
@@ -52,7 +54,11 @@ class StackConfig:
     # "proc": python -m loadtest.engine_proc (the engine composition and scheduler); "cli": relais serve.
     engine: str = "proc"
     scheduler: bool = True
-    # Run the engine under pyinstrument; its text report is written here when the engine stops.
+    # Engine processes sharing its port (``--workers``); an operator runs about one per core, as the
+    # benchmark does (``loadtest.bench --engine-workers``).
+    engine_workers: int = 1
+    # Run the engine under pyinstrument (in one process: a profile follows one interpreter); its text
+    # report is written here when the engine stops.
     profile_to: Path | None = None
     # Extra RELAIS_* variables for the engine and the gateways (they win over the defaults here).
     env: Mapping[str, str] = field(default_factory=dict)
@@ -101,10 +107,15 @@ class Stack:
         )
         return base
 
+    @property
+    def engine_workers(self) -> int:
+        return 1 if self.config.profile_to is not None else self.config.engine_workers
+
     def engine_args(self) -> list[str]:
+        workers = ["--workers", str(self.engine_workers)]
         if self.config.engine == "cli":
-            return [str(Path(_python()).with_name("relais")), "serve"]
-        args = [_python(), "-m", "loadtest.engine_proc"]
+            return [str(Path(_python()).with_name("relais")), "serve", *workers]
+        args = [_python(), "-m", "loadtest.engine_proc", *workers]
         if self.config.profile_to is not None:
             profiler = ["-m", "pyinstrument", "-r", "text", "-o", str(self.config.profile_to)]
             args = [_python(), *profiler, "-m", "loadtest.engine_proc"]
@@ -130,7 +141,8 @@ class Stack:
         return self
 
     def wait_ready(self) -> None:
-        """Until the engine's health says SERVING; a part that exits early fails the start."""
+        """Until the engine's health says SERVING and every worker listens; a part that exits early
+        fails the start."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         with grpc.insecure_channel(self.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -138,7 +150,7 @@ class Stack:
                 self.check_alive()
                 try:
                     reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING and self._all_listen():
                         return
                 except grpc.RpcError:
                     pass
@@ -146,6 +158,16 @@ class Stack:
         raise RuntimeError(
             f"the engine did not become SERVING in {READY_TIMEOUT_S:.0f}s: see {self.log_hint()}"
         )
+
+    def _all_listen(self) -> bool:
+        """Every engine worker has its listener (the first to answer health may be alone so far)."""
+        port = int(self.target.rpartition(":")[2])
+        listening = 0
+        for proc in self.engine_processes():
+            with contextlib.suppress(psutil.Error):
+                conns = proc.net_connections("tcp")
+                listening += any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns)
+        return listening >= self.engine_workers
 
     def check_alive(self) -> None:
         for name, proc in self._processes():
@@ -160,7 +182,15 @@ class Stack:
         return [*named, *((f"gateway-{n}", p) for n, p in enumerate(self.gateways))]
 
     def engine_pid(self) -> int | None:
+        """The engine's process: with several workers, their supervisor (see ``engine_processes``)."""
         return self.engine.pid if self.engine is not None else None
+
+    def engine_processes(self) -> list[psutil.Process]:
+        """The engine's process and its workers, whose CPU and memory the engine's figures add up."""
+        if self.engine is None:
+            return []
+        top = psutil.Process(self.engine.pid)
+        return [top, *top.children(recursive=True)]
 
     def stop_gateways(self) -> None:
         """Stop the gateways first, so their sinks are flushed before anyone reads them."""

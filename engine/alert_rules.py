@@ -28,6 +28,7 @@ Every key is optional; a merchant's thresholds override the defaults field by fi
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -164,6 +165,10 @@ class _Outcome:
     due_ms: int | None = None
 
 
+# A rule that does not apply and needs no timer: one shared outcome, not one per parcel per rule.
+_NOTHING = _Outcome(False)
+
+
 def _duration(ms: int) -> str:
     hours = ms // HOUR_MS
     if hours < 72:
@@ -177,7 +182,7 @@ def _day(ms: int) -> str:
 
 def _never_scanned(f: ParcelFacts, now_ms: int, th: Thresholds) -> _Outcome:
     if f.first_scan_ms is not None or f.status not in NOT_YET_SCANNED:
-        return _Outcome(False)
+        return _NOTHING
     due_ms = f.created_ms + th.never_scanned_ms
     if now_ms < due_ms:
         return _Outcome(False, due_ms=due_ms)
@@ -186,7 +191,7 @@ def _never_scanned(f: ParcelFacts, now_ms: int, th: Thresholds) -> _Outcome:
 
 def _no_movement(f: ParcelFacts, now_ms: int, th: Thresholds) -> _Outcome:
     if f.status not in MOVING or f.last_event_ms is None:
-        return _Outcome(False)
+        return _NOTHING
     due_ms = f.last_event_ms + th.no_movement_ms
     if now_ms < due_ms:
         return _Outcome(False, due_ms=due_ms)
@@ -196,14 +201,14 @@ def _no_movement(f: ParcelFacts, now_ms: int, th: Thresholds) -> _Outcome:
 
 def _address_problem(f: ParcelFacts, now_ms: int, th: Thresholds) -> _Outcome:
     if f.status not in TROUBLE or f.exception_reason != types_pb2.EXCEPTION_REASON_ADDRESS_PROBLEM:
-        return _Outcome(False)
+        return _NOTHING
     what = "Delivery attempt failed" if f.status == types_pb2.TRACKING_STATUS_ATTEMPT_FAIL else "Exception"
     return _Outcome(True, f"{what}: address problem")
 
 
 def _waiting_at_pickup(f: ParcelFacts, now_ms: int, th: Thresholds) -> _Outcome:
     if f.status != types_pb2.TRACKING_STATUS_AVAILABLE_FOR_PICKUP:
-        return _Outcome(False)
+        return _NOTHING
     since_ms = f.pickup_since_ms if f.pickup_since_ms is not None else f.last_event_ms
     candidates = []
     if since_ms is not None:
@@ -211,7 +216,7 @@ def _waiting_at_pickup(f: ParcelFacts, now_ms: int, th: Thresholds) -> _Outcome:
     if f.pickup_deadline_ms is not None:
         candidates.append(f.pickup_deadline_ms - th.pickup_deadline_lead_ms)
     if not candidates:
-        return _Outcome(False)
+        return _NOTHING
     due_ms = min(candidates)
     if now_ms < due_ms:
         return _Outcome(False, due_ms=due_ms)
@@ -228,9 +233,10 @@ def _returned(f: ParcelFacts, now_ms: int, th: Thresholds) -> _Outcome:
         return _Outcome(True, "Returning to the sender")
     if f.status == types_pb2.TRACKING_STATUS_RETURNED_TO_SENDER:
         return _Outcome(True, "Returned to the sender")
-    return _Outcome(False)
+    return _NOTHING
 
 
+@functools.lru_cache(maxsize=1024)
 def day_end_ms(day: date) -> int:
     """The first instant after ``day`` (UTC)."""
     return int(datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=UTC).timestamp() * 1000)
@@ -238,7 +244,7 @@ def day_end_ms(day: date) -> int:
 
 def _late(f: ParcelFacts, now_ms: int, th: Thresholds) -> _Outcome:
     if f.promised_date is None or f.status in ARRIVED_OR_OVER:
-        return _Outcome(False)
+        return _NOTHING
     due_ms = day_end_ms(f.promised_date) + th.late_grace_ms
     if now_ms < due_ms:
         return _Outcome(False, due_ms=due_ms)

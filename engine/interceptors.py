@@ -205,9 +205,11 @@ class ErrorInterceptor(ServerInterceptor):
         parent = extract_trace_context(_metadata(handler_call_details)) if self._tracing else None
         service, _, name = method.lstrip("/").partition("/")
 
-        @contextlib.asynccontextmanager
-        async def guard(context: Context) -> AsyncIterator[None]:
-            with self._tracer.start_as_current_span(
+        def server_span() -> contextlib.AbstractContextManager[trace.Span]:
+            if not self._tracing:
+                # The no-op tracer's span costs ~6 us a call (a context attach and detach) for nothing.
+                return contextlib.nullcontext(trace.INVALID_SPAN)
+            return self._tracer.start_as_current_span(
                 method.lstrip("/"),
                 context=parent,
                 kind=SpanKind.SERVER,
@@ -215,7 +217,11 @@ class ErrorInterceptor(ServerInterceptor):
                 # Exception messages may carry personal data: never recorded on a span.
                 record_exception=False,
                 set_status_on_exception=False,
-            ) as span:
+            )
+
+        @contextlib.asynccontextmanager
+        async def guard(context: Context) -> AsyncIterator[None]:
+            with server_span() as span:
                 try:
                     yield
                 except (grpc.aio.AbortError, asyncio.CancelledError):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -182,10 +183,24 @@ def _set_slot(state: state_pb2.ParcelState, window: types_pb2.TimeWindow, occurr
     state.slot.version += 1
 
 
+# Planning preferences by a digest of the stored bytes: a recipient's parcels recur batch after batch,
+# and a changed preference is a new digest. Keyed by digest, not by the bytes, so no contact data
+# outlives an erasure in this cache. Bounded: cleared when full.
+_AUDIENCES: dict[bytes, Audience] = {}
+_AUDIENCES_MAX = 16_384
+
+
 def audience_of(raw: bytes | None) -> Audience | None:
     if raw is None:
         return None
-    return Audience.from_preferences(preferences_pb2.RecipientPreferences.FromString(raw))
+    digest = hashlib.blake2b(raw, digest_size=16).digest()
+    audience = _AUDIENCES.get(digest)
+    if audience is None:
+        if len(_AUDIENCES) >= _AUDIENCES_MAX:
+            _AUDIENCES.clear()
+        prefs = preferences_pb2.RecipientPreferences.FromString(raw)
+        audience = _AUDIENCES[digest] = Audience.from_preferences(prefs)
+    return audience
 
 
 @dataclass(slots=True)

@@ -4,7 +4,11 @@ Builds the engine core (``engine.app.build_engine``) on a private redis-server, 
 preferences, registers the parcels (untimed), then applies the ingest benchmark's batches straight to
 the ``Ingestor`` with ``STREAMS`` batches in flight, and prints this process's CPU time per event
 (``time.process_time``: the engine's own work, not Redis's nor the clients' encoding). Events are
-built and decoded before the clock starts, as a gRPC server would hand them over.
+built and decoded before the clock starts, as a gRPC server would hand them over. Beside it, the
+redis-server's own CPU per event (its ``INFO cpu``): what the Lua scripts cost.
+
+``--callgrind`` counts the engine's instructions per event instead (a child under valgrind, the
+measured part only): slow, but the figure does not move with the load of the machine.
 
 ``--telemetry compare`` alternates runs with tracing and metrics off (the default: OpenTelemetry's
 no-op) and on (the SDK recording every span and metric into memory): what the hot path pays for them.
@@ -16,8 +20,10 @@ import argparse
 import asyncio
 import cProfile
 import pstats
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from redis.asyncio import Redis
 from relais.v1 import parcel_pb2, tracking_pb2
@@ -31,6 +37,7 @@ from engine.app import build_engine
 from engine.ingest import Ingestor
 from engine.parcel_service import ParcelServicer
 from loadtest.bench import STREAMS, make_groups
+from loadtest.callgrind import instrument, run_module, total_instructions
 from loadtest.journeys import promised_date, registrations
 from loadtest.recipients import _into_redis
 
@@ -62,7 +69,14 @@ def recording_telemetry(settings: Settings) -> Telemetry:
 
 
 async def measure(
-    url: str, events: int, shards: int, prefix: str, *, profile: str = "", telemetry: bool = False
+    url: str,
+    events: int,
+    shards: int,
+    prefix: str,
+    *,
+    profile: str = "",
+    telemetry: bool = False,
+    instrumented: bool = False,
 ) -> tuple[float, float, int]:
     """(engine CPU seconds, redis-server CPU seconds, accepted events) for ingesting ``events`` events."""
     redis = connect(url)
@@ -91,11 +105,15 @@ async def measure(
                 streams[n % STREAMS].append(group.next_batch(seq, now_ms))
         profiler = cProfile.Profile() if profile else None
         redis_started = await redis_cpu_s(redis)
+        if instrumented:
+            instrument("on")
         started = time.process_time()
         if profiler is not None:
             profiler.enable()
         accepted = sum(await asyncio.gather(*(_stream(engine.ingestor, s) for s in streams)))
         cpu_s = time.process_time() - started
+        if instrumented:
+            instrument("off")
         redis_s = await redis_cpu_s(redis) - redis_started
         if profiler is not None:
             profiler.disable()
@@ -121,7 +139,18 @@ def main() -> None:
         default="off",
         help="tracing and metrics off, on (recorded in memory), or alternating run by run",
     )
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="count the engine's instructions per event under valgrind instead (slow, but not blurred "
+        "by a busy machine)",
+    )
+    parser.add_argument("--instrumented", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.callgrind:
+        for run in range(args.runs):
+            print(f"run {run}: {instructions_per_event(args.events, args.shards):,.0f} instructions/event")
+        return
     server = EmbeddedRedis()
     url = server.start()
     try:
@@ -129,7 +158,13 @@ def main() -> None:
             prefix = f"CPU{run}"
             telemetry = args.telemetry == "on" or (args.telemetry == "compare" and run % 2 == 1)
             run_cpu = measure(
-                url, args.events, args.shards, prefix, profile=args.profile, telemetry=telemetry
+                url,
+                args.events,
+                args.shards,
+                prefix,
+                profile=args.profile,
+                telemetry=telemetry,
+                instrumented=args.instrumented,
             )
             cpu_s, redis_s, accepted = asyncio.run(run_cpu)
             per_event_us = cpu_s / max(accepted, 1) * 1e6
@@ -141,6 +176,16 @@ def main() -> None:
             )
     finally:
         server.stop()
+
+
+def instructions_per_event(events: int, shards: int) -> float:
+    """One run in a child under callgrind, instrumented around the measured part only."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "callgrind.out"
+        args = ["--events", str(events), "--shards", str(shards), "--instrumented"]
+        stdout = run_module("loadtest.ingest_cpu", args, out)
+        accepted = int(stdout.split(" events applied")[0].rsplit(" ", 1)[1])
+        return total_instructions(out) / max(accepted, 1)
 
 
 if __name__ == "__main__":

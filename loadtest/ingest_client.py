@@ -86,13 +86,26 @@ def decode_seq(data: bytes) -> int:
 
 
 async def stream_batches(target: str, streams: Sequence[Sequence[Batch]], *, window: int = 8) -> StreamResult:
-    """Send every stream's batches concurrently; the clock runs from the first send to the last ack."""
-    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
-        await channel.channel_ready()
+    """Send every stream's batches concurrently, each stream on its own connection (as carriers'
+    systems are: an engine with several workers on one port spreads connections, not streams); the
+    clock runs from the first send to the last ack."""
+    options = [
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.max_receive_message_length", 64 << 20),
+        # Channels to one target share a connection unless each has its own subchannel pool.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    sending = [s for s in streams if s]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in sending]
+    try:
+        await asyncio.gather(*(c.channel_ready() for c in channels))
         started = time.perf_counter()
-        replies = await asyncio.gather(*(_one_stream(channel, s, window) for s in streams if s))
+        replies = await asyncio.gather(
+            *(_one_stream(c, s, window) for c, s in zip(channels, sending, strict=True))
+        )
         seconds = time.perf_counter() - started
+    finally:
+        await asyncio.gather(*(c.close(None) for c in channels))
     acks = [a for r in replies for a in r]
     return StreamResult(
         events=sum(n for s in streams for _, n in s),

@@ -59,6 +59,9 @@ STREAM_EVENTS = "/relais.v1.TrackingService/StreamEvents"
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Each user on its own connection, as separate client systems are: channels to one target share
+    # one otherwise, and an engine with several workers on one port spreads connections, not calls.
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 CALL_TIMEOUT_S = 30.0
 SETUP_CONCURRENCY = 64

@@ -252,7 +252,12 @@ async def bench_claim_and_send(results: Results, stack: Stack, shards: int, run_
         c, seconds, t, k = await claim_all(stack.redis_url, half, due_now)
         claimed, claim_s, trips, commands = claimed + c, claim_s + seconds, trips + t, commands + k
         sink = run_dir / ("sink-limits" if limits else "sink-nolimits")
-        sent.append(await drain_with_gateway(stack.redis_url, shards, sink, limits=limits))
+        # One gateway process per core, as an operator would run them (loadtest.gateway_bench).
+        from loadtest.gateway_bench import drain_with_gateways
+
+        drained = await drain_with_gateways(stack.redis_url, shards, sink, limits=limits)
+        sent.append((drained.sent, drained.seconds))
+        results.figures["gateway_processes"] = drained.processes
     (on, on_s), (off, off_s) = sent
     results.figures.update(
         {

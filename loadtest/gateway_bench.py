@@ -4,7 +4,15 @@
 benchmark's journeys (``loadtest.ingest_cpu``), the real ``Dispatcher`` claims every due notice into
 the outboxes — then one in-process ``Gateway`` drains them batch after batch into the counting sink,
 and prints this process's CPU time per notice (``time.process_time``: the gateway's own Python, not
-Redis's) and the Redis round trips per batch. ``--profile self|cum`` adds cProfile's top functions.
+Redis's) and the Redis round trips per batch. ``--profile self|cum`` adds cProfile's top functions;
+``--callgrind`` counts instructions per notice instead (valgrind), which a busy machine does not blur.
+
+``drain_with_gateways`` is ``make bench``'s gateway section: what an operator runs, one gateway
+process per core (``relais gateway``), here each the real ``Gateway`` loop with the counting sink
+under the catch-all name ``null``. The processes start, load everything and wait at a gate; then they
+drain the outboxes together, and the figure is the notices sent over the span from the gate opening to
+the last batch settled, with the number of processes beside it (and the span from the first send to
+the last, the in-process benchmark's before, printed for comparison).
 """
 
 from __future__ import annotations
@@ -16,10 +24,12 @@ import dataclasses
 import gc
 import os
 import pstats
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +42,8 @@ from common.settings import GatewaySettings, Settings
 from loadtest.counting_channel import CountingChannel
 from loadtest.redis_stats import RoundTrips
 from loadtest.stack import GENEROUS_LIMITS
+
+DRAIN_TIMEOUT_S = 600.0
 
 if TYPE_CHECKING:
     from gateway.render import Renderer
@@ -228,6 +240,153 @@ async def drain_child(redis_url: str, shards: int, *, limits: bool) -> None:
     print(figures.sent)
 
 
+# --- N gateway processes: make bench's section 3 -------------------------------------------------------
+
+READY = b"ready"
+DRAIN_POLL_S = 0.01
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Drained:
+    sent: int
+    # From the gate opening to the outbox found drained (every batch settled): the benchmark's span.
+    seconds: float
+    # From the first send to the last across the processes (the in-process benchmark's span before):
+    # it leaves out the first batches' work before their sends and the last ones' settling, which
+    # with batches of up to 4,096 notices, several in flight per process, is most of the work.
+    first_to_last_send_s: float
+    processes: int
+
+
+def gateway_processes() -> int:
+    """One per core, as an operator would run them (``RELAIS_BENCH_GATEWAYS`` to choose)."""
+    return int(os.environ.get("RELAIS_BENCH_GATEWAYS", "0")) or os.cpu_count() or 1
+
+
+async def _spawn_gateway(
+    redis_url: str, shards: int, sink: Path, *, limits: bool
+) -> asyncio.subprocess.Process:
+    args = ["--serve", str(sink), "--redis-url", redis_url, "--shards", str(shards)]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "loadtest.gateway_bench",
+        *args,
+        *([] if limits else ["--limits-off"]),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = await proc.stdout.readline()
+    if line.strip() != READY:
+        raise RuntimeError(f"gateway process {proc.pid} did not start (exit {await proc.wait()})")
+    return proc
+
+
+async def _wait_drained(redis_url: str, shards: int, procs: Sequence[asyncio.subprocess.Process]) -> None:
+    from loadtest.audit import backlog
+
+    redis = connect(redis_url)
+    started = time.perf_counter()
+    try:
+        while time.perf_counter() - started < DRAIN_TIMEOUT_S:
+            await asyncio.sleep(DRAIN_POLL_S)
+            if any(proc.returncode is not None for proc in procs):
+                raise RuntimeError("a gateway process exited before the outbox was drained")
+            if (await backlog(redis, shards, time.time_ns() // 1_000_000)).outbox_undelivered == 0:
+                return
+        raise RuntimeError(f"the outbox was not drained in {DRAIN_TIMEOUT_S:.0f} s")
+    finally:
+        await redis.aclose()
+
+
+async def drain_with_gateways(
+    redis_url: str, shards: int, sink: Path, *, limits: bool, processes: int | None = None
+) -> Drained:
+    """``processes`` gateway processes (default ``gateway_processes()``) drain the outboxes together
+    into counting sinks under ``sink``: notices sent, seconds from the gate opening to the last batch
+    settled, processes. Their start-up (imports, templates, scripts) is before the gate, not counted."""
+    from loadtest.counting_channel import read_deliveries
+
+    count = processes or gateway_processes()
+    procs = list(
+        await asyncio.gather(*(_spawn_gateway(redis_url, shards, sink, limits=limits) for _ in range(count)))
+    )
+    redis = connect(redis_url)
+    try:
+        redis_cpu_before = await redis_cpu_s(redis)
+        opened = time.perf_counter()
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            await proc.stdin.drain()
+        await _wait_drained(redis_url, shards, procs)
+        gate_to_drained_s = time.perf_counter() - opened
+        redis_cpu = await redis_cpu_s(redis) - redis_cpu_before
+    finally:
+        await redis.aclose()
+        for proc in procs:
+            if proc.returncode is None:
+                proc.terminate()
+        await asyncio.gather(*(proc.wait() for proc in procs))
+    gateways_cpu = sum([float(await proc.stdout.read()) for proc in procs if proc.stdout is not None])
+    deliveries = read_deliveries(sink)
+    if deliveries.duplicated:
+        raise RuntimeError(f"{len(deliveries.duplicated)} idempotency keys sent more than once")
+    times = deliveries.first_sent_ms.values()
+    span_s = (max(times) - min(times)) / 1000 if len(times) > 1 else 0.0
+    sent = deliveries.total
+    print(
+        f"  gateway: {count} processes, {sent} notices: {sent / gate_to_drained_s:,.0f}/s from the gate "
+        f"to all settled ({gate_to_drained_s:.2f} s), {sent / max(span_s, 1e-3):,.0f}/s from the first "
+        f"send to the last ({span_s:.2f} s); CPU per notice: gateways {gateways_cpu / sent * 1e6:.1f} µs, "
+        f"Redis {redis_cpu / sent * 1e6:.1f} µs; load average {os.getloadavg()[0]:.2f}",
+        file=sys.stderr,
+    )
+    return Drained(sent, gate_to_drained_s, span_s, count)
+
+
+async def serve_gated(sink: Path, redis_url: str, shards: int, *, limits: bool) -> None:
+    """One gateway process of ``drain_with_gateways``: starts, says it is ready, waits for the gate
+    (a line on stdin), then runs the real loop until SIGTERM."""
+    from gateway.worker import Gateway
+
+    redis = connect(redis_url)
+    channel = CountingChannel(sink)
+    gateway = Gateway(
+        gateway_settings(redis_url, shards, limits=limits), redis, SystemClock(), {"null": channel}
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.start()
+        sys.stdout.buffer.write(READY + b"\n")
+        sys.stdout.flush()
+        await loop.run_in_executor(None, sys.stdin.readline)
+        cpu_at_gate = time.process_time()
+        await gateway.run(stop)
+        # This process's CPU from the gate to the stop, for drain_with_gateways' CPU per notice.
+        sys.stdout.buffer.write(f"{time.process_time() - cpu_at_gate}\n".encode())
+        sys.stdout.flush()
+    finally:
+        await channel.aclose()
+        await redis.aclose()
+
+
+async def measure_throughput(redis_url: str, shards: int, events: int, processes: int | None) -> None:
+    """Limits on, then off: each on a fresh outbox drained by ``drain_with_gateways``."""
+    for limits in (True, False):
+        await _flush(redis_url)
+        await fill_outbox(redis_url, shards, events, f"GT{int(limits)}")
+        with tempfile.TemporaryDirectory() as sink:
+            drained = await drain_with_gateways(
+                redis_url, shards, Path(sink), limits=limits, processes=processes
+            )
+        print(f"limits {'on' if limits else 'off'}: {drained}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=40_000, help="tracking events ingested per run")
@@ -239,16 +398,31 @@ def main() -> None:
     parser.add_argument(
         "--callgrind", action="store_true", help="instructions per notice (valgrind) instead of CPU time"
     )
+    parser.add_argument(
+        "--throughput",
+        type=int,
+        metavar="PROCESSES",
+        help="notices/s of this many gateway processes draining together (0: one per core)",
+    )
     parser.add_argument("--drain", metavar="REDIS_URL", help=argparse.SUPPRESS)  # the callgrind child
     parser.add_argument("--limits-off", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", metavar="SINK_DIR", type=Path, help=argparse.SUPPRESS)  # a gated gateway
+    parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drain:
         asyncio.run(drain_child(args.drain, args.shards, limits=not args.limits_off))
         return
+    if args.serve:
+        import uvloop
+
+        uvloop.run(serve_gated(args.serve, args.redis_url, args.shards, limits=not args.limits_off))
+        return
     server = EmbeddedRedis()
     url = server.start()
     try:
-        if args.callgrind:
+        if args.throughput is not None:
+            asyncio.run(measure_throughput(url, args.shards, args.events, args.throughput or None))
+        elif args.callgrind:
             asyncio.run(measure_instructions(url, args.shards, args.events, args.runs))
         else:
             asyncio.run(measure_cpu(url, args.shards, args.events, args.runs, profile=args.profile))

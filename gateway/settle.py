@@ -2,8 +2,9 @@
 
 Outcomes are appended to the parcel hash (``a:<KIND>``, read by GetParcel), finished sends mark their
 idempotency keys ``sent``, retries and delays go back into the due set (only if the engine has not
-superseded the notice meanwhile), exhausted notices go to the dead-letter stream, and the outbox
-entries are acknowledged and deleted. Spent SMS segments ride in the same pipeline.
+superseded the notice meanwhile), exhausted notices go to the dead-letter stream, the merchants'
+counters (hashes of the shard) are incremented, and the outbox entries are acknowledged and deleted.
+Spent SMS segments (a key per merchant, not of a shard) ride in the same pipeline.
 """
 
 from __future__ import annotations
@@ -82,9 +83,6 @@ class Settlement:
         self._now_ms = now_ms
         self._shards: dict[int, _ShardOps] = defaultdict(_ShardOps)
         self._sms_segments: dict[str, int] = defaultdict(int)
-        # Merchants' daily counters, summed over the batch: a few HINCRBYs, not one per notice.
-        self._counts: dict[tuple[str, str], int] = defaultdict(int)
-        self._count_ttls_ms: dict[str, int] = {}
         # Sends counted per merchant, kind, channel and price: their counters are built at execute,
         # once per group rather than once per notice.
         self._sent: dict[_SentGroup, int] = defaultdict(int)
@@ -135,12 +133,6 @@ class Settlement:
     def spend_sms(self, budget_key: str, segments: int) -> None:
         self._sms_segments[budget_key] += max(1, segments)
 
-    def count(self, increments: list[Increment], times: int = 1) -> None:
-        for inc in increments:
-            self._counts[inc.key, inc.field] += inc.amount * times
-            if inc.ttl_ms is not None:
-                self._count_ttls_ms[inc.key] = inc.ttl_ms
-
     def count_sent(
         self, shard: int, notice: notice_pb2.Notice, channel: types_pb2.Channel.ValueType, accepted: Accepted
     ) -> None:
@@ -149,17 +141,29 @@ class Settlement:
         self._sent[shard, notice.merchant_id, notice.kind, channel, price] += 1
 
     def _count_sends(self) -> None:
+        """The batch's counters, summed per hash and field, into their shard's script call: a few
+        HINCRBYs per merchant, and one PEXPIRE per hash."""
+        counts: dict[int, dict[tuple[str, str], int]] = defaultdict(lambda: defaultdict(int))
+        ttls_ms: dict[int, dict[str, int]] = defaultdict(dict)
         for (shard, merchant_id, kind, channel, price), times in self._sent.items():
             segments, cost_micros, currency = price
             accepted = Accepted("", segments=segments, cost_micros=cost_micros, currency=currency)
-            self.count(sent_counters(shard, merchant_id, kind, channel, accepted, self._now_ms), times)
+            for inc in sent_counters(shard, merchant_id, kind, channel, accepted, self._now_ms):
+                counts[shard][inc.key, inc.field] += inc.amount * times
+                if inc.ttl_ms is not None:
+                    ttls_ms[shard][inc.key] = inc.ttl_ms
         self._sent.clear()
+        for shard, fields in counts.items():
+            for (key, name), amount in fields.items():
+                self._op(shard, "incr", name, amount, key=key)
+            for key, ttl_ms in ttls_ms[shard].items():
+                self._op(shard, "pexp", ttl_ms, key=key)
 
     async def execute(self, redis: Redis, *, load_scripts: bool = False) -> int:
         """One round trip; returns how many notices were dropped as superseded. ``load_scripts`` for
         callers off the hot path that did not load the script at start (the CLI)."""
         self._count_sends()
-        if not self._shards and not self._sms_segments and not self._counts:
+        if not self._shards and not self._sms_segments:
             return 0
         if load_scripts:
             await self._script.load()
@@ -172,9 +176,5 @@ class Settlement:
         for budget_key, segments in self._sms_segments.items():
             pipe.incrby(budget_key, segments)
             pipe.expire(budget_key, SMS_BUDGET_TTL_S)
-        for (key, name), amount in self._counts.items():
-            pipe.hincrby(key, name, amount)
-        for key, ttl_ms in self._count_ttls_ms.items():
-            pipe.pexpire(key, ttl_ms)
         replies = await pipe.execute()
         return sum(int(reply) for reply in replies[: len(self._shards)])

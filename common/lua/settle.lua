@@ -5,7 +5,8 @@
 -- (parcel hashes and idempotency keys, all of shard s).
 -- ARGV[1] = consumer group, ARGV[2] = retention of "sent" idempotency keys (ms), ARGV[3] = now (ms),
 -- then the ops, each a name followed by its arguments:
---   ack <entry id>                         XACK + XDEL the outbox entry: it is settled
+--   ack <entry id>                         XACK + XDEL the outbox entry: it is settled (the entries
+--                                          are acknowledged and deleted together, after the other ops)
 --   rec <kind> <bytes>           (1 key)   append a NoticeView(attempts=[...]) to the parcel's a:<kind>
 --   sent                         (1 key)   the idempotency key is done: never send it again
 --   free                         (1 key)   release a "sending" claim that did not send (limited, quiet)
@@ -13,6 +14,8 @@
 --                                          if the notice is still this version: new body, back in due
 --   dlq <kind> <version> <body> <reason>   (1 key)   park it in the dead-letter stream (same check)
 --   dlqdel <entry id>                      remove a replayed entry from the dead-letter stream
+--   incr <field> <amount>        (1 key)   HINCRBY a merchant's counter hash (counters of the shard)
+--   pexp <ms>                    (1 key)   PEXPIRE that hash: it is kept that long after this write
 -- A notice whose version changed (or whose body is gone: cancelled) was superseded by the engine and
 -- is dropped. Returns the number of notices dropped that way.
 local group = ARGV[1]
@@ -21,6 +24,18 @@ local now = ARGV[3]
 local a = 4
 local k = 4
 local dropped = 0
+local acked = {}
+-- XACK and XDEL take many ids: a few calls per batch instead of two per entry. Lua's unpack is
+-- bounded by its stack (8,000 values by default), hence the chunks.
+local ACK_CHUNK = 1000
+
+local function ack_all(ids)
+  for first = 1, #ids, ACK_CHUNK do
+    local last = math.min(first + ACK_CHUNK - 1, #ids)
+    redis.call('XACK', KEYS[1], group, unpack(ids, first, last))
+    redis.call('XDEL', KEYS[1], unpack(ids, first, last))
+  end
+end
 
 local function current(parcel, kind, version)
   local fields = redis.call('HMGET', parcel, 'nv:' .. kind, 'n:' .. kind)
@@ -30,8 +45,7 @@ end
 while a <= #ARGV do
   local op = ARGV[a]
   if op == 'ack' then
-    redis.call('XACK', KEYS[1], group, ARGV[a + 1])
-    redis.call('XDEL', KEYS[1], ARGV[a + 1])
+    acked[#acked + 1] = ARGV[a + 1]
     a = a + 2
   elseif op == 'rec' then
     local parcel = KEYS[k]
@@ -75,8 +89,17 @@ while a <= #ARGV do
   elseif op == 'dlqdel' then
     redis.call('XDEL', KEYS[3], ARGV[a + 1])
     a = a + 2
+  elseif op == 'incr' then
+    redis.call('HINCRBY', KEYS[k], ARGV[a + 1], ARGV[a + 2])
+    k = k + 1
+    a = a + 3
+  elseif op == 'pexp' then
+    redis.call('PEXPIRE', KEYS[k], ARGV[a + 1])
+    k = k + 1
+    a = a + 2
   else
     return redis.error_reply('settle: unknown op ' .. tostring(op))
   end
 end
+ack_all(acked)
 return dropped

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from redis.asyncio import Redis
 from relais.v1 import notice_pb2, types_pb2
 
-from gateway.settle import attempt_view, timestamp
+from common import keys
+from gateway.scripts import LuaScript
+from gateway.settle import Settlement, attempt_view, timestamp
 
 
 def test_attempt_view_is_the_serialised_notice_view() -> None:
@@ -24,3 +27,25 @@ def test_attempt_view_is_the_serialised_notice_view() -> None:
         both = notice_pb2.NoticeView()
         both.ParseFromString(attempt_view(earlier) + view)
         assert list(both.attempts) == [earlier, attempt]
+
+
+async def test_a_shard_acknowledges_and_deletes_thousands_of_entries_in_one_call(redis: Redis) -> None:
+    """The settle script acknowledges entries in chunks (Lua's unpack is bounded): more than a chunk
+    of one shard's entries all leave the stream and the group's pending list."""
+    shard, count = 2, 2_500
+    stream = keys.outbox(shard)
+    await redis.xgroup_create(stream, keys.OUTBOX_GROUP, id="0", mkstream=True)
+    pipe = redis.pipeline(transaction=False)
+    for n in range(count):
+        pipe.xadd(stream, {"n": str(n)})
+    await pipe.execute()
+    read = await redis.xreadgroup(keys.OUTBOX_GROUP, "t", {stream: ">"}, count=count)
+    settlement = Settlement(
+        LuaScript(redis, "settle"), group=keys.OUTBOX_GROUP, retention_ms=60_000, now_ms=1
+    )
+    for entry_id, _ in read[0][1]:
+        settlement.ack(shard, entry_id)
+
+    assert await settlement.execute(redis, load_scripts=True) == 0
+    assert await redis.xlen(stream) == 0
+    assert (await redis.xpending(stream, keys.OUTBOX_GROUP))["pending"] == 0

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from relais.v1 import notice_pb2, preferences_pb2, types_pb2
@@ -64,7 +63,7 @@ from gateway.outcome import Outcome, Verdict, backoff_ms, judge
 from gateway.render import Rendered
 from gateway.routing import SLOT_KINDS, ChannelKind, Route, RoutingPolicy, plan
 from gateway.scripts import LuaScript
-from gateway.settle import Settlement, timestamp
+from gateway.settle import Settlement, attempt_view_of, timestamp
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +141,6 @@ def _month_of_day(day: int) -> str:
 
 def _month(now_ms: int) -> str:
     return _month_of_day(now_ms // 86_400_000)
-
-
-@functools.lru_cache(maxsize=8)
-def _timestamp(ms: int) -> Timestamp:
-    """A batch records every attempt at the same instant; the message is copied where it is used."""
-    return timestamp(ms)
 
 
 def _quiet_window(prefs: preferences_pb2.RecipientPreferences) -> tuple[int, int] | None:
@@ -603,18 +596,12 @@ class Gateway:
         *,
         error: str = "",
     ) -> None:
-        notice = job.item.notice
-        attempt = notice_pb2.DeliveryAttempt(
-            channel=job.route.channel,
-            provider=provider,
-            provider_message_id=provider_message_id,
-            status=status,
-            attempted_at=_timestamp(batch.now_ms),
-            error=error,
-            idempotency_key=idempotency.idempotency_key(notice.notice_id, notice.version, job.route.channel),
-            version=notice.version,
+        notice, channel, version = job.item.notice, job.route.channel, job.item.notice.version
+        key = idempotency.idempotency_key(notice.notice_id, version, channel)
+        view = attempt_view_of(
+            channel, provider, provider_message_id, status, batch.now_ms, error, key, version
         )
-        batch.settlement.record(job.item.entry.shard, notice, attempt)
+        batch.settlement.record_view(job.item.entry.shard, notice, view)
         if status != notice_pb2.NOTICE_STATUS_SENT:
             record_send(self._telemetry.metrics, notice, job.route.channel, status, batch.now_ms)
             return

@@ -7,7 +7,7 @@ from relais.v1 import notice_pb2, types_pb2
 
 from common import keys
 from gateway.scripts import LuaScript
-from gateway.settle import Settlement, attempt_view, timestamp
+from gateway.settle import Settlement, attempt_view, attempt_view_of, timestamp
 
 
 def test_attempt_view_is_the_serialised_notice_view() -> None:
@@ -27,6 +27,54 @@ def test_attempt_view_is_the_serialised_notice_view() -> None:
         both = notice_pb2.NoticeView()
         both.ParseFromString(attempt_view(earlier) + view)
         assert list(both.attempts) == [earlier, attempt]
+
+
+def test_attempt_view_of_writes_protobufs_own_bytes() -> None:
+    """The hand-written view is byte for byte what protobuf serialises, zero fields left out."""
+    for channel, provider, message_id, status, at_ms, error, key, version in (
+        (
+            types_pb2.CHANNEL_EMAIL,
+            "email",
+            "m-1",
+            notice_pb2.NOTICE_STATUS_SENT,
+            1_700_000_000_123,
+            "",
+            "k",
+            3,
+        ),
+        (
+            types_pb2.CHANNEL_PUSH,
+            "fcm",
+            "",
+            notice_pb2.NOTICE_STATUS_RETRYING,
+            1_700_000_000_000,
+            "é" * 200,
+            "",
+            0,
+        ),
+        (
+            types_pb2.CHANNEL_SMS,
+            "",
+            "x" * 300,
+            notice_pb2.NOTICE_STATUS_FAILED,
+            0,
+            "timeout",
+            "p:1:sms",
+            2**31,
+        ),
+    ):
+        attempt = notice_pb2.DeliveryAttempt(
+            channel=channel,
+            provider=provider,
+            provider_message_id=message_id,
+            status=status,
+            attempted_at=timestamp(at_ms),
+            error=error,
+            idempotency_key=key,
+            version=version,
+        )
+        view = attempt_view_of(channel, provider, message_id, status, at_ms, error, key, version)
+        assert view == attempt_view(attempt)
 
 
 async def test_a_shard_acknowledges_and_deletes_thousands_of_entries_in_one_call(redis: Redis) -> None:

@@ -71,16 +71,19 @@ class Limiter:
         now_ms: int, entries: Sequence[Sequence[Limit]], amount: int
     ) -> tuple[list[str], list[Any]]:
         # Each distinct limit is sent once (key, interval, burst); entries name theirs by index, so
-        # a batch sharing a provider and a merchant costs a few arguments per entry.
-        index: dict[Limit, int] = {}
+        # a batch sharing a provider and a merchant costs a few arguments per entry. A limit is one
+        # Redis key, named by scope and ident (hashing the two strings, not the whole dataclass).
+        index: dict[tuple[str, str], int] = {}
+        distinct: list[Limit] = []
         shapes: list[Any] = []
         refs: list[Any] = []
         for limits in entries:
             refs.append(len(limits))
             for limit in limits:
-                position = index.get(limit)
+                position = index.get((limit.scope, limit.ident))
                 if position is None:
-                    position = index[limit] = len(index) + 1
+                    distinct.append(limit)
+                    position = index[limit.scope, limit.ident] = len(distinct)
                     shapes += (repr(limit.interval_ms), limit.burst)
                 refs.append(position)
-        return [limit.key for limit in index], [now_ms, amount, *shapes, *refs]
+        return [limit.key for limit in distinct], [now_ms, amount, *shapes, *refs]

@@ -54,9 +54,17 @@ def attempt_view(attempt: notice_pb2.DeliveryAttempt) -> bytes:
 
 _VIEW_ATTEMPTS = 10  # NoticeView.attempts
 _CHANNEL, _PROVIDER, _MESSAGE_ID, _STATUS, _AT, _ERROR, _KEY, _VERSION = range(1, 9)  # DeliveryAttempt
+_VARINT, _LENGTH_DELIMITED = 0, 2
+# One byte each (field numbers below 16): the tags written for every notice.
+_MESSAGE_ID_TAG, _ERROR_TAG, _KEY_TAG, _VIEW_TAG = (
+    bytes((number << 3 | _LENGTH_DELIMITED,)) for number in (_MESSAGE_ID, _ERROR, _KEY, _VIEW_ATTEMPTS)
+)
+_VERSION_TAG = bytes((_VERSION << 3 | _VARINT,))
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))  # lengths and versions mostly fit one byte
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -65,24 +73,29 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _number(field_number: int, value: int) -> bytes:
-    return _varint(field_number << 3) + _varint(value) if value else b""
+def _number(tag: bytes, value: int) -> bytes:
+    return tag + _varint(value) if value else b""
 
 
-def _text(field_number: int, value: str) -> bytes:
+def _text(tag: bytes, value: str) -> bytes:
     raw = value.encode()
-    return _varint(field_number << 3 | 2) + _varint(len(raw)) + raw if raw else b""
+    return tag + _varint(len(raw)) + raw if raw else b""
+
+
+def _tag(field_number: int, wire_type: int) -> bytes:
+    return _varint(field_number << 3 | wire_type)
 
 
 @functools.lru_cache(maxsize=64)
 def _head(channel: int, provider: str) -> bytes:
-    return _number(_CHANNEL, channel) + _text(_PROVIDER, provider)
+    return _number(_tag(_CHANNEL, _VARINT), channel) + _text(_tag(_PROVIDER, _LENGTH_DELIMITED), provider)
 
 
 @functools.lru_cache(maxsize=64)
 def _status_at(status: int, at_ms: int) -> bytes:
     stamp = timestamp(at_ms).SerializeToString()
-    return _number(_STATUS, status) + _varint(_AT << 3 | 2) + _varint(len(stamp)) + stamp
+    at = _tag(_AT, _LENGTH_DELIMITED) + _varint(len(stamp)) + stamp
+    return _number(_tag(_STATUS, _VARINT), status) + at
 
 
 def attempt_view_of(
@@ -99,14 +112,14 @@ def attempt_view_of(
     attempt = b"".join(
         (
             _head(channel, provider),
-            _text(_MESSAGE_ID, provider_message_id),
+            _text(_MESSAGE_ID_TAG, provider_message_id),
             _status_at(status, at_ms),
-            _text(_ERROR, error),
-            _text(_KEY, idempotency_key),
-            _number(_VERSION, version),
+            _text(_ERROR_TAG, error),
+            _text(_KEY_TAG, idempotency_key),
+            _number(_VERSION_TAG, version),
         )
     )
-    return _varint(_VIEW_ATTEMPTS << 3 | 2) + _varint(len(attempt)) + attempt
+    return _VIEW_TAG + _varint(len(attempt)) + attempt
 
 
 def sent_counters(

@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -61,7 +61,7 @@ from gateway.idempotency import Claim
 from gateway.limiter import Limit, Limiter
 from gateway.outcome import Outcome, Verdict, backoff_ms, judge
 from gateway.render import Rendered
-from gateway.routing import SLOT_KINDS, ChannelKind, Route, RoutingPolicy, plan
+from gateway.routing import SLOT_KINDS, ChannelKind, Route, RoutingPolicy, first_route
 from gateway.scripts import LuaScript
 from gateway.settle import Settlement, attempt_view_of, timestamp
 
@@ -103,6 +103,9 @@ class BatchStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+_RouteKey: TypeAlias = tuple[int, bool, tuple[ChannelKind, ...]]
+
+
 @dataclass(slots=True)
 class _Batch:
     """What the steps of one batch share: its instant, its writes and its tallies."""
@@ -114,6 +117,8 @@ class _Batch:
     sms_spent: dict[str, int] = field(default_factory=dict)
     # Sent attempts per channel, added to the metrics once per batch rather than once per notice.
     sent: Counter[ChannelKind] = field(default_factory=Counter)
+    # Routes that depend on the recipient alone, per (preferences' id, quiet, failed channels).
+    routes: dict[_RouteKey, tuple[preferences_pb2.RecipientPreferences, Route]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -189,7 +194,7 @@ class Gateway:
             min_idle_ms=self._lease_ms,
         )
         self._limiter = Limiter(redis)
-        self._shared_limits: dict[tuple[str, str], Limit] = {}
+        self._limits_by_name: dict[tuple[str, str], Limit] = {}
         self._budget_keys: dict[tuple[str, str], str] = {}
         self._settle = LuaScript(redis, "settle")
         self._claims = idempotency.Claims(redis, self._lease_ms)
@@ -351,10 +356,9 @@ class Gateway:
                 settlement.reschedule(shard, notice, send_ms)
                 stats.deferred_quiet += 1
                 return None
-        spent = batch.sms_spent.get(self._sms_budget_key(notice.merchant_id, now_ms), 0)
-        routes = plan(notice, prefs, self._policy, now_ms=now_ms, quiet=quiet, sms_spent_segments=spent)
-        if routes:
-            return _Job(item, routes[0], quiet)
+        route = self._route(notice, prefs, quiet, batch)
+        if route is not None:
+            return _Job(item, route, quiet)
         if notice.failed_channels:
             self._give_up(item, DEAD_LETTER, "every channel failed", now_ms, settlement)
             stats.dead_lettered += 1
@@ -362,6 +366,28 @@ class Gateway:
             self._give_up(item, SUPPRESSED, "no reachable channel", now_ms, settlement)
             stats.suppressed += 1
         return None
+
+    def _route(
+        self,
+        notice: notice_pb2.Notice,
+        prefs: preferences_pb2.RecipientPreferences,
+        quiet: bool,
+        batch: _Batch,
+    ) -> Route | None:
+        """The notice's best route; reused for the batch's other notices to the same recipient when it
+        did not depend on the notice (a recipient often has several notices in a batch)."""
+        key = (id(prefs), quiet, tuple(notice.failed_channels))
+        cached = batch.routes.get(key)
+        # The preferences themselves are compared too: an id is only unique among live objects.
+        if cached is not None and cached[0] is prefs:
+            return cached[1]
+        spent = batch.sms_spent.get(self._sms_budget_key(notice.merchant_id, batch.now_ms), 0)
+        route, general = first_route(
+            notice, prefs, self._policy, now_ms=batch.now_ms, quiet=quiet, sms_spent_segments=spent
+        )
+        if route is not None and general:
+            batch.routes[key] = (prefs, route)
+        return route
 
     def _quiet(self, prefs: preferences_pb2.RecipientPreferences, now_ms: int) -> bool:
         return is_quiet(now_ms, _quiet_window(prefs), self._zone(prefs))
@@ -372,33 +398,33 @@ class Gateway:
 
     # --- limits and claims: one round trip ------------------------------------------------------
 
-    def _shared_limit(self, scope: str, ident: str) -> Limit:
-        """Provider and merchant limits, built once per name: every batch names the same few."""
-        limit = self._shared_limits.get((scope, ident))
+    def _limit(self, scope: str, ident: str) -> Limit:
+        """Provider, merchant and recipient limits, each built once per name: every batch names the
+        same few providers and merchants, and a recipient often has several notices in one."""
+        limit = self._limits_by_name.get((scope, ident))
         if limit is None:
             s = self._settings
-            if len(self._shared_limits) > CACHE_MAX_ENTRIES:
-                self._shared_limits.clear()
+            if len(self._limits_by_name) > CACHE_MAX_ENTRIES:
+                self._limits_by_name.clear()
             if scope == "provider":
                 rate = s.provider_rate(ident)
                 limit = Limit(scope, ident, rate, max(1, int(rate)))  # a second's worth at once
-            else:
+            elif scope == "merchant":
                 limit = Limit(scope, ident, s.merchant_rate_per_s, s.merchant_burst)
-            self._shared_limits[(scope, ident)] = limit
+            else:
+                limit = Limit(scope, ident, s.recipient_rate_per_h / 3600, s.recipient_burst)
+            self._limits_by_name[(scope, ident)] = limit
         return limit
 
     def _limits(self, job: _Job) -> list[Limit]:
-        s = self._settings
         notice = job.item.notice
-        limits = [self._shared_limit("provider", t.provider) for t in job.route.targets]
+        limits = [self._limit("provider", t.provider) for t in job.route.targets]
         if len(limits) > 1:
             limits = list(dict.fromkeys(limits))
-        limits.append(self._shared_limit("merchant", notice.merchant_id))
+        limits.append(self._limit("merchant", notice.merchant_id))
         # A slot notice or a correction is the point of relais: never held back by the frequency cap.
         if notice.kind not in SLOT_KINDS:
-            limits.append(
-                Limit("recipient", notice.recipient_id, s.recipient_rate_per_h / 3600, s.recipient_burst)
-            )
+            limits.append(self._limit("recipient", notice.recipient_id))
         return limits
 
     async def _claim_and_limit(self, jobs: list[_Job], now_ms: int) -> None:
@@ -530,6 +556,9 @@ class Gateway:
         return fall_back
 
     def _outcome(self, job: _Job) -> Outcome:
+        claims, sent = job.claims, job.results
+        if len(claims) == 1 and claims[0] is Claim.CLAIMED and isinstance(sent[0], Accepted):
+            return Outcome(Verdict.SENT, accepted=sent[0], accepted_index=0)  # nearly every notice
         # A key sent before counts as accepted: the message reached the provider already.
         results = [
             Accepted("") if claim is Claim.SENT else result

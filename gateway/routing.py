@@ -10,8 +10,8 @@ first: it does not ring.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeAlias
 
@@ -54,6 +54,10 @@ class Route:
 
     channel: ChannelKind
     targets: tuple[Target, ...]
+    # True when the route depends on the recipient and the notice's failed channels alone: no SMS
+    # decision (the notice's worth, the budget) came before it. The gateway reuses such a route for
+    # the recipient's other notices in a batch.
+    general: bool = field(default=True, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,30 +159,6 @@ def _targets(
     return (Target(policy.providers["sms"], PhoneNumber(prefs.phone)),) if sms_allowed else ()
 
 
-def _routes(
-    notice: notice_pb2.Notice,
-    prefs: preferences_pb2.RecipientPreferences,
-    policy: RoutingPolicy,
-    *,
-    now_ms: int,
-    quiet: bool,
-    sms_spent_segments: int,
-) -> Iterator[tuple[Route, bool]]:
-    """The routes best first, each with whether it depends on the recipient and the notice's failed
-    channels alone: not once an SMS decision (the notice's worth, the budget) came before it."""
-    failed: Sequence[ChannelKind] = notice.failed_channels
-    general = True
-    for channel in channel_order(prefs, quiet=quiet):
-        if channel in failed:
-            continue
-        general = general and channel != SMS
-        targets = _targets(
-            channel, notice, prefs, policy, now_ms=now_ms, sms_spent_segments=sms_spent_segments
-        )
-        if targets:
-            yield Route(channel, targets), general
-
-
 def plan(
     notice: notice_pb2.Notice,
     prefs: preferences_pb2.RecipientPreferences,
@@ -187,25 +167,25 @@ def plan(
     now_ms: int,
     quiet: bool = False,
     sms_spent_segments: int = 0,
+    first_only: bool = False,
 ) -> list[Route]:
-    """The routes to try, best first; empty when no channel can reach the recipient."""
-    found = _routes(notice, prefs, policy, now_ms=now_ms, quiet=quiet, sms_spent_segments=sms_spent_segments)
-    return [route for route, _ in found]
-
-
-def first_route(
-    notice: notice_pb2.Notice,
-    prefs: preferences_pb2.RecipientPreferences,
-    policy: RoutingPolicy,
-    *,
-    now_ms: int,
-    quiet: bool = False,
-    sms_spent_segments: int = 0,
-) -> tuple[Route | None, bool]:
-    """``plan``'s first route (None when there is none), and whether it holds for any notice to this
-    recipient with the same failed channels and quietness (no SMS decision was needed to reach it)."""
-    found = _routes(notice, prefs, policy, now_ms=now_ms, quiet=quiet, sms_spent_segments=sms_spent_segments)
-    return next(found, (None, False))
+    """The routes to try, best first (only the best with ``first_only``); empty when no channel can
+    reach the recipient."""
+    failed: Sequence[ChannelKind] = notice.failed_channels
+    general = True
+    routes: list[Route] = []
+    for channel in channel_order(prefs, quiet=quiet):
+        if channel in failed:
+            continue
+        general = general and channel != SMS
+        targets = _targets(
+            channel, notice, prefs, policy, now_ms=now_ms, sms_spent_segments=sms_spent_segments
+        )
+        if targets:
+            routes.append(Route(channel, targets, general))
+            if first_only:
+                break
+    return routes
 
 
 def single_address(channel: ChannelKind) -> bool:

@@ -61,7 +61,7 @@ from gateway.idempotency import Claim
 from gateway.limiter import Limit, Limiter
 from gateway.outcome import Outcome, Verdict, backoff_ms, judge
 from gateway.render import Rendered
-from gateway.routing import SLOT_KINDS, ChannelKind, Route, RoutingPolicy, first_route
+from gateway.routing import SLOT_KINDS, ChannelKind, Route, RoutingPolicy, plan
 from gateway.scripts import LuaScript
 from gateway.settle import Settlement, attempt_view_of, timestamp
 
@@ -381,13 +381,16 @@ class Gateway:
         # The preferences themselves are compared too: an id is only unique among live objects.
         if cached is not None and cached[0] is prefs:
             return cached[1]
-        spent = batch.sms_spent.get(self._sms_budget_key(notice.merchant_id, batch.now_ms), 0)
-        route, general = first_route(
-            notice, prefs, self._policy, now_ms=batch.now_ms, quiet=quiet, sms_spent_segments=spent
+        now_ms = batch.now_ms
+        spent = batch.sms_spent.get(self._sms_budget_key(notice.merchant_id, now_ms), 0)
+        routes = plan(
+            notice, prefs, self._policy, now_ms=now_ms, quiet=quiet, sms_spent_segments=spent, first_only=True
         )
-        if route is not None and general:
-            batch.routes[key] = (prefs, route)
-        return route
+        if not routes:
+            return None
+        if routes[0].general:
+            batch.routes[key] = (prefs, routes[0])
+        return routes[0]
 
     def _quiet(self, prefs: preferences_pb2.RecipientPreferences, now_ms: int) -> bool:
         return is_quiet(now_ms, _quiet_window(prefs), self._zone(prefs))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relais.v1 import preferences_pb2, types_pb2
+from relais.v1 import notice_pb2, preferences_pb2, types_pb2
 
 from channels.base import ApnsToken, EmailAddress, FcmToken, PhoneNumber, WebPushSubscription
 from gateway.routing import (
@@ -14,7 +14,6 @@ from gateway.routing import (
     RoutingPolicy,
     Target,
     channel_order,
-    first_route,
     plan,
 )
 from tests.conftest import T0_MS
@@ -125,19 +124,19 @@ def test_local_sinks_take_every_kind_but_apns() -> None:
     assert dict(policy.providers) == {"email": "file", "sms": "file", "fcm": "file", "webpush": "file"}
 
 
-def test_first_route_says_whether_it_holds_for_the_recipients_other_notices() -> None:
+def test_the_first_route_says_whether_it_holds_for_the_recipients_other_notices() -> None:
     """The gateway reuses a route for a recipient's other notices only when no SMS decision (which
     weighs the notice and the budget) came before it."""
     cheap, valuable = make_notice("p", value_minor=0), make_notice("q", value_minor=50_000)
-    email_first = everything(channel_order=[EMAIL, SMS])
-    for notice in (cheap, valuable):
-        route, general = first_route(notice, email_first, ALL, now_ms=T0_MS)
-        assert (route.channel if route else None, general) == (EMAIL, True)
 
+    def first(
+        notice: notice_pb2.Notice, prefs: preferences_pb2.RecipientPreferences
+    ) -> list[tuple[int, bool]]:
+        return [(r.channel, r.general) for r in plan(notice, prefs, ALL, now_ms=T0_MS, first_only=True)]
+
+    email_first = everything(channel_order=[EMAIL, SMS])
+    assert first(cheap, email_first) == first(valuable, email_first) == [(EMAIL, True)]
     sms_first = everything(channel_order=[SMS, EMAIL])
-    routes = [first_route(n, sms_first, ALL, now_ms=T0_MS) for n in (cheap, valuable)]
-    assert [(route.channel if route else None, general) for route, general in routes] == [
-        (EMAIL, False),
-        (SMS, False),
-    ]
-    assert first_route(cheap, everything(email="", push_targets=[]), ALL, now_ms=T0_MS) == (None, False)
+    assert first(cheap, sms_first) == [(EMAIL, False)]
+    assert first(valuable, sms_first) == [(SMS, False)]
+    assert first(cheap, everything(email="", push_targets=[])) == []

@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import (
     AbstractConnection,
+    BlockingConnectionPool,
     Connection,
-    ConnectionPool,
     SSLConnection,
     UnixDomainSocketConnection,
 )
@@ -122,9 +122,18 @@ class RelaisRedis(Redis):
         )
 
 
+# How long a call waits for one of the pool's connections before it fails (UNAVAILABLE to gRPC callers).
+POOL_WAIT_S = 5.0
+
+
 def connect(url: str, *, max_connections: int = 64) -> Redis:
-    """Values are protobuf bytes, so responses are not decoded; commands are packed by hiredis."""
-    pool = ConnectionPool.from_url(url, decode_responses=False, max_connections=max_connections)
+    """Values are protobuf bytes, so responses are not decoded; commands are packed by hiredis.
+
+    The pool waits for a free connection (up to ``POOL_WAIT_S``) instead of failing at once: during a
+    stall more calls than ``max_connections`` are in flight, and they should queue, not error."""
+    pool = BlockingConnectionPool.from_url(
+        url, decode_responses=False, max_connections=max_connections, timeout=POOL_WAIT_S
+    )
     pool.connection_class = _PACKING.get(pool.connection_class, pool.connection_class)
     return RelaisRedis.from_pool(pool)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
+import socket
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -215,7 +217,10 @@ def setup_telemetry(
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    resource = Resource.create({"service.name": config.service_name})
+    # One instance per process: engine workers and gateways export the same series names, and a
+    # backend adds up (not overwrites) what several instances report.
+    instance = f"{socket.gethostname()}-{os.getpid()}"
+    resource = Resource.create({"service.name": config.service_name, "service.instance.id": instance})
     tracer_provider = TracerProvider(resource=resource)
     if span_exporter is not None:
         # Tests read spans right after the call: export synchronously.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import DataError, NoScriptError
@@ -76,3 +78,20 @@ async def test_pipelines_check_their_scripts_once_and_again_after_a_flush(redis:
     pipe = redis.pipeline(transaction=False)
     await echo(keys=[], args=["back"], client=pipe)
     assert await pipe.execute() == [b"back"]
+
+
+async def test_calls_beyond_the_pool_wait_for_a_connection(redis_url: str) -> None:
+    # Six calls holding a connection for 0.1 s each on a pool of two: they queue, none fails (a plain
+    # pool raised "Too many connections" for the third).
+    client = connect(redis_url, max_connections=2)
+
+    async def hold(i: int) -> object:
+        return await client.execute_command("BLPOP", f"relais:test:{{0}}:empty{i}", "0.1")  # type: ignore[no-untyped-call]
+
+    try:
+        replies = await asyncio.gather(*(hold(i) for i in range(6)))
+        assert replies == [None] * 6
+        assert len(client.connection_pool._in_use_connections) == 0
+        assert len(client.connection_pool._available_connections) == 2
+    finally:
+        await client.aclose()

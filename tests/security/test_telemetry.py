@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from typing import Any
 
 import grpc
@@ -126,6 +127,8 @@ async def test_spans_and_metrics_are_exported_over_otlp_when_an_endpoint_is_set(
     assert [span.name for span in spans] == ["ingest.batch"]
     resource = {a.key: a.value.string_value for a in collector.spans[0].resource_spans[0].resource.attributes}
     assert resource["service.name"] == "relais-test"
+    # Each process its own instance: engine workers and gateways report the same series.
+    assert resource["service.instance.id"].endswith(f"-{os.getpid()}")
     names = {
         m.name
         for r in collector.metrics

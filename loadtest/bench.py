@@ -647,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     if only - set(SECTIONS):
         parser.error(f"--only: unknown sections {', '.join(sorted(only - set(SECTIONS)))}")
     sizes = QUICK if args.quick else FULL
-    run_dir = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    # The pid too: two runs may start in the same second.
+    run_dir = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     import uvloop

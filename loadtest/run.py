@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -305,7 +306,7 @@ def run(profile: Profile, out: Path, *, engine: str = "proc") -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     profile, args = parse_args(argv)
-    out = args.out or RESULTS / f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or RESULTS / f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     summary = run(profile, out, engine=args.engine)
     (RESULTS / "loadtest-summary.json").write_text(json.dumps(summary, indent=2))
     print(report(summary))

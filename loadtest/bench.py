@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 from redis.asyncio import Redis
 from relais.v1 import parcel_pb2, parcel_pb2_grpc
 
@@ -192,18 +191,10 @@ async def bench_ingest(results: Results, sizes: Sizes, stack: Stack, run_dir: Pa
             "ingest_vs_echo": engine_result.events_per_s / echo_result.events_per_s
             if echo_result.events_per_s
             else None,
-            "engine_rss_bytes": _rss(stack.engine_pid()),
+            "engine_rss_bytes": stack.engine_rss_bytes(),
             "engine_rss_after_events": engine_result.events,
         }
     )
-
-
-def _rss(pid: int | None) -> int | None:
-    """The engine's resident memory: its process and its workers'."""
-    if pid is None:
-        return None
-    top = psutil.Process(pid)
-    return sum(int(p.memory_info().rss) for p in (top, *top.children(recursive=True)))
 
 
 # --- 2. scheduler ------------------------------------------------------------------------------------

@@ -28,8 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from common.redis_client import connect
 from loadtest.audit import Audit, Backlog, audit, wait_drained
 from loadtest.counting_channel import read_deliveries
@@ -56,6 +54,8 @@ class Profile:
     drain_timeout_s: float
     gateways: int
     shards: int
+    # Engine processes on its port: one per core for the full run, as an operator runs it.
+    engine_workers: int
 
 
 FULL = Profile(
@@ -73,6 +73,7 @@ FULL = Profile(
     drain_timeout_s=600,
     gateways=2,
     shards=16,
+    engine_workers=os.cpu_count() or 1,
 )
 QUICK = Profile(
     events=5_000,
@@ -89,6 +90,7 @@ QUICK = Profile(
     drain_timeout_s=60,
     gateways=1,
     shards=16,
+    engine_workers=1,
 )
 
 
@@ -148,15 +150,6 @@ def latency(stats_csv: Path, name: str) -> dict[str, float | int | None]:
                         "p99_ms": float(row["99%"]),
                     }
     return {"requests": 0, "failures": 0, "p50_ms": None, "p95_ms": None, "p99_ms": None}
-
-
-def rss_bytes(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except psutil.Error:
-        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +270,13 @@ def _ms(value: float | None) -> str:
 
 def run(profile: Profile, out: Path, *, engine: str = "proc") -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    config = StackConfig(run_dir=out, shards=profile.shards, gateways=profile.gateways, engine=engine)
+    config = StackConfig(
+        run_dir=out,
+        shards=profile.shards,
+        gateways=profile.gateways,
+        engine=engine,
+        engine_workers=profile.engine_workers,
+    )
     started = time.monotonic()
     with Stack(config) as stack:
         recipients_via = asyncio.run(_prepare(stack, profile))
@@ -295,7 +294,7 @@ def run(profile: Profile, out: Path, *, engine: str = "proc") -> dict[str, Any]:
             print(f"locust exited with {proc.returncode}: see {out / 'locust.log'}", file=sys.stderr)
         stack.check_alive()
         outcome = asyncio.run(_finish(stack, profile, recipients_via))
-        engine_rss = rss_bytes(stack.engine_pid())
+        engine_rss = stack.engine_rss_bytes()
     timings = {"setup_seconds": setup_s, "total_seconds": time.monotonic() - started}
     summary = summarize(profile, out, outcome, timings)
     summary["engine_rss_bytes"] = engine_rss

@@ -192,6 +192,13 @@ class Stack:
         top = psutil.Process(self.engine.pid)
         return [top, *top.children(recursive=True)]
 
+    def engine_rss_bytes(self) -> int | None:
+        """The engine's resident memory: its process and its workers' (None once it is gone)."""
+        try:
+            return sum(int(p.memory_info().rss) for p in self.engine_processes()) or None
+        except psutil.Error:
+            return None
+
     def stop_gateways(self) -> None:
         """Stop the gateways first, so their sinks are flushed before anyone reads them."""
         _terminate([p for _, p in self._processes() if p is not self.engine])

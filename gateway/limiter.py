@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
@@ -84,6 +85,6 @@ class Limiter:
                 if position is None:
                     distinct.append(limit)
                     position = index[limit.scope, limit.ident] = len(distinct)
-                    shapes += (repr(limit.interval_ms), limit.burst)
+                    shapes += (limit.interval_ms, limit.burst)
                 refs.append(position)
-        return [limit.key for limit in distinct], [now_ms, amount, *shapes, *refs]
+        return [limit.key for limit in distinct], [now_ms, amount, msgpack.packb(shapes), msgpack.packb(refs)]

@@ -61,6 +61,7 @@ from gateway.idempotency import Claim
 from gateway.limiter import Limit, Limiter
 from gateway.outcome import Outcome, Verdict, backoff_ms, judge
 from gateway.render import Rendered
+from gateway.render import Renderer as DefaultRenderer
 from gateway.routing import SLOT_KINDS, ChannelKind, Route, RoutingPolicy, plan
 from gateway.scripts import LuaScript
 from gateway.settle import Settlement, attempt_view_of, timestamp
@@ -169,8 +170,6 @@ class Gateway:
     ) -> None:
         self._telemetry = telemetry or noop_telemetry()
         if renderer is None:
-            from gateway.render import Renderer as DefaultRenderer
-
             renderer = DefaultRenderer(settings.gateway.templates_dir, link_base=settings.gateway.link_base)
         self._settings: GatewaySettings = settings.gateway
         self._shards = settings.shards
@@ -216,6 +215,9 @@ class Gateway:
     async def run(self, stop: asyncio.Event) -> None:
         """Until ``stop`` is set: read, process with at most ``max_in_flight`` batches at once."""
         await self.start()
+        # A long-running loop compiles its templates before its first batch, not during it.
+        if isinstance(self._renderer, DefaultRenderer):
+            self._renderer.warm()
         # What is loaded by now (modules, templates, locale data) lives as long as the process:
         # frozen, the collector stops walking it at every full collection of a batch's garbage
         # (about a sixth of the gateway's CPU per notice before).

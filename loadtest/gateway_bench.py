@@ -349,13 +349,15 @@ async def drain_with_gateways(
 async def serve_gated(sink: Path, redis_url: str, shards: int, *, limits: bool) -> None:
     """One gateway process of ``drain_with_gateways``: starts, says it is ready, waits for the gate
     (a line on stdin), then runs the real loop until SIGTERM."""
+    from gateway.render import Renderer
     from gateway.worker import Gateway
 
+    renderer = Renderer()
+    renderer.warm()  # as Gateway.run does before its first batch, here before the gate
     redis = connect(redis_url)
     channel = CountingChannel(sink)
-    gateway = Gateway(
-        gateway_settings(redis_url, shards, limits=limits), redis, SystemClock(), {"null": channel}
-    )
+    settings = gateway_settings(redis_url, shards, limits=limits)
+    gateway = Gateway(settings, redis, SystemClock(), {"null": channel}, renderer=renderer)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

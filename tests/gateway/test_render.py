@@ -495,3 +495,15 @@ def test_reused_messages_follow_every_fact() -> None:
                 for channel in CHANNELS:
                     expected = full.render(notice, channel=channel, locale="fr", time_zone=zone)
                     assert reusing.render(notice, channel=channel, locale="fr", time_zone=zone) == expected
+
+
+def test_a_warmed_renderer_writes_the_same_messages() -> None:
+    """``warm`` (what a gateway's loop does before its first batch) compiles every built-in template
+    of every language — a broken one fails here — and changes nothing a recipient reads."""
+    warmed = Renderer()
+    warmed.warm()
+    cold = Renderer()
+    for lang in ("fr-CH", "de", "it", "en"):
+        for kind in KINDS:
+            notice = make_notice(kind)
+            assert render_all(warmed, notice, lang) == render_all(cold, notice, lang), (lang, kind)

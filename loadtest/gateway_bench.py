@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import cProfile
 import dataclasses
-import gc
 import os
 import pstats
 import signal
@@ -116,7 +115,7 @@ async def drain_cpu(
 ) -> CpuFigures:
     """One gateway drains the outboxes, one batch at a time: its CPU time, Redis's, and round trips.
     Under callgrind the first batch (templates compiled, locale data loaded) is left out."""
-    from gateway.worker import Gateway
+    from gateway.worker import Gateway, tune_collector
 
     trips = RoundTrips()
     redis = counting_connect(redis_url, trips)
@@ -126,7 +125,7 @@ async def drain_cpu(
     profiler = cProfile.Profile() if profile else None
     try:
         await gateway.start()
-        gc.freeze()  # as Gateway.run does after its start
+        tune_collector()  # as Gateway.run does after its start
         if callgrind:
             await gateway.process(await gateway.outbox.read(block=False))
             _callgrind("on")

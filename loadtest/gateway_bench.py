@@ -24,7 +24,6 @@ import dataclasses
 import os
 import pstats
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from common.clock import SystemClock
 from common.redis_client import connect
 from common.redis_server import EmbeddedRedis
 from common.settings import GatewaySettings, Settings
+from loadtest.callgrind import instrument, run_module, total_instructions
 from loadtest.counting_channel import CountingChannel
 from loadtest.redis_stats import RoundTrips
 from loadtest.stack import GENEROUS_LIMITS
@@ -98,11 +98,6 @@ async def redis_cpu_s(redis: Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-def _callgrind(switch: str) -> None:
-    """Instrumentation on or off in this process when it runs under ``valgrind --tool=callgrind``."""
-    subprocess.run(["callgrind_control", "-i", switch, str(os.getpid())], check=True, capture_output=True)
-
-
 async def drain_cpu(
     redis_url: str,
     shards: int,
@@ -128,7 +123,7 @@ async def drain_cpu(
         tune_collector()  # as Gateway.run does after its start
         if callgrind:
             await gateway.process(await gateway.outbox.read(block=False))
-            _callgrind("on")
+            instrument("on")
         trips.count = 0
         batches = 0
         warm_sent = channel.sent
@@ -141,7 +136,7 @@ async def drain_cpu(
             batches += 1
         cpu_s = time.process_time() - started
         if callgrind:
-            _callgrind("off")
+            instrument("off")
         redis_s = await redis_cpu_s(redis) - redis_before
         if profiler is not None:
             profiler.disable()
@@ -188,13 +183,6 @@ async def measure_cpu(redis_url: str, shards: int, events: int, runs: int, *, pr
         _report(f"{label} (limits {'on' if limits else 'off'})", claimed, figures)
 
 
-def _total_instructions(callgrind_out: Path) -> int:
-    for line in callgrind_out.read_text().splitlines():
-        if line.startswith("totals:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{callgrind_out}: no totals line")
-
-
 async def measure_instructions(redis_url: str, shards: int, events: int, runs: int) -> None:
     """``runs`` runs alternating limits on and off: each drain in a child process under callgrind
     (instructions are what a busy machine does not blur); one line per run."""
@@ -204,30 +192,16 @@ async def measure_instructions(redis_url: str, shards: int, events: int, runs: i
         claimed = await fill_outbox(redis_url, shards, events, f"GI{run}")
         with tempfile.TemporaryDirectory() as scratch:
             out = Path(scratch) / "callgrind.out"
-            child = [
-                sys.executable,
-                "-m",
-                "loadtest.gateway_bench",
-                "--drain",
-                redis_url,
-                "--shards",
-                str(shards),
-            ]
-            valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
-            limit_args = [] if limits else ["--limits-off"]
-            proc = await asyncio.create_subprocess_exec(
-                *valgrind,
-                *child,
-                *limit_args,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-            stdout, _ = await proc.communicate()
+            args = ["--drain", redis_url, "--shards", str(shards), *([] if limits else ["--limits-off"])]
+            stdout = await asyncio.to_thread(run_module, "loadtest.gateway_bench", args, out)
             sent = int(stdout.split()[-1])
-            instructions = _total_instructions(out)
+            instructions = total_instructions(out)
+        if not sent:
+            print(f"run {run + 1}: all {claimed} notices fit in the first batch; ingest more events")
+            continue
         print(
             f"run {run + 1} (limits {'on' if limits else 'off'}): {claimed} claimed, {sent} measured "
-            f"(after the first batch): {instructions / max(sent, 1):,.0f} instructions per notice",
+            f"(after the first batch): {instructions / sent:,.0f} instructions per notice",
             flush=True,
         )
 

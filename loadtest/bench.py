@@ -38,10 +38,9 @@ from common import keys
 from common.clock import SystemClock
 from common.redis_client import connect
 from common.redis_server import free_port
-from common.settings import GatewaySettings, Settings
 from loadtest.arq_baseline import measure_arq
 from loadtest.audit import backlog, percentile
-from loadtest.counting_channel import CountingChannel, read_deliveries
+from loadtest.counting_channel import read_deliveries
 from loadtest.get_parcel_latency import measure_in_process as measure_get_parcel
 from loadtest.ingest_client import Batch, plan_streams, stream_batches
 from loadtest.journeys import (
@@ -56,7 +55,7 @@ from loadtest.journeys import (
 )
 from loadtest.recipients import set_up_recipients
 from loadtest.redis_stats import RoundTrips, command_stats, counting_client, used_memory
-from loadtest.stack import GENEROUS_LIMITS, Stack, StackConfig
+from loadtest.stack import Stack, StackConfig
 from loadtest.wire import encode_next
 
 RESULTS = Path(__file__).parent / "results"
@@ -354,37 +353,7 @@ async def bench_scheduler_scale(results: Results, sizes: Sizes, redis_url: str, 
         await redis.aclose()
 
 
-# --- 3. gateway ----------------------------------------------------------------------------------------
-
-
-async def drain_with_gateway(redis_url: str, shards: int, sink: Path, *, limits: bool) -> tuple[int, float]:
-    """Run the real gateway in-process into a counting sink until the outbox is drained: (sent,
-    seconds from its first send to its last — its start-up, templates loading, is not counted)."""
-    from gateway.worker import run_gateway
-
-    env = {**GENEROUS_LIMITS, "RELAIS_SHARDS": str(shards), "REDIS_URL": redis_url}
-    base = Settings.from_env(env)
-    gateway = GatewaySettings.from_env({**env, "RELAIS_GATEWAY_LIMITS_ENABLED": str(limits).lower()})
-    settings = dataclasses.replace(base, gateway=gateway)
-    redis = connect(redis_url)
-    channel = CountingChannel(sink)
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_gateway(settings, redis, SystemClock(), {"null": channel}, stop))
-    started = time.perf_counter()
-    try:
-        while not task.done() and time.perf_counter() - started < DRAIN_TIMEOUT_S:
-            await asyncio.sleep(0.05)
-            if (await backlog(redis, shards, time.time_ns() // 1_000_000)).outbox_undelivered == 0:
-                break
-        wall_s = time.perf_counter() - started
-        stop.set()
-        await task
-    finally:
-        await channel.aclose()
-        await redis.aclose()
-    times = read_deliveries(sink).first_sent_ms.values()
-    span_s = (max(times) - min(times)) / 1000 if len(times) > 1 else 0.0
-    return channel.sent, span_s if span_s > 0 else wall_s
+# --- 3. gateway: loadtest.gateway_bench.drain_with_gateways, called from bench_claim_and_send ----------
 
 
 # --- 4. end to end ---------------------------------------------------------------------------------------

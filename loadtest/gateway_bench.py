@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
 import dataclasses
 import os
-import pstats
 import signal
 import sys
 import tempfile
@@ -37,8 +35,9 @@ from common.clock import SystemClock
 from common.redis_client import connect
 from common.redis_server import EmbeddedRedis
 from common.settings import GatewaySettings, Settings
-from loadtest.callgrind import instrument, run_module, total_instructions
+from loadtest.callgrind import run_module, total_instructions
 from loadtest.counting_channel import CountingChannel
+from loadtest.meter import metered, redis_cpu_s
 from loadtest.redis_stats import RoundTrips
 from loadtest.stack import GENEROUS_LIMITS
 
@@ -93,11 +92,6 @@ class CpuFigures:
     round_trips: int
 
 
-async def redis_cpu_s(redis: Redis) -> float:
-    info: dict[str, Any] = await redis.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
 async def drain_cpu(
     redis_url: str,
     shards: int,
@@ -117,31 +111,19 @@ async def drain_cpu(
     channel = CountingChannel(sink)
     settings = gateway_settings(redis_url, shards, limits=limits)
     gateway = Gateway(settings, redis, SystemClock(), {"null": channel}, renderer=renderer)
-    profiler = cProfile.Profile() if profile else None
     try:
         await gateway.start()
         tune_collector()  # as Gateway.run does after its start
         if callgrind:
             await gateway.process(await gateway.outbox.read(block=False))
-            instrument("on")
         trips.count = 0
         batches = 0
         warm_sent = channel.sent
-        redis_before = await redis_cpu_s(redis)
-        started = time.process_time()
-        if profiler is not None:
-            profiler.enable()
-        while entries := await gateway.outbox.read(block=False):
-            await gateway.process(entries)
-            batches += 1
-        cpu_s = time.process_time() - started
-        if callgrind:
-            instrument("off")
-        redis_s = await redis_cpu_s(redis) - redis_before
-        if profiler is not None:
-            profiler.disable()
-            pstats.Stats(profiler).sort_stats("cumulative" if profile == "cum" else "tottime").print_stats(45)
-        return CpuFigures(channel.sent - warm_sent, batches, cpu_s, redis_s, trips.count)
+        async with metered(redis, profile=profile, instrumented=callgrind, top=45) as cost:
+            while entries := await gateway.outbox.read(block=False):
+                await gateway.process(entries)
+                batches += 1
+        return CpuFigures(channel.sent - warm_sent, batches, cost.cpu_s, cost.redis_s, trips.count)
     finally:
         await channel.aclose()
         await redis.aclose()

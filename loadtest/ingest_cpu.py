@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
-import pstats
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from redis.asyncio import Redis
 from relais.v1 import parcel_pb2, tracking_pb2
 
 from common.clock import SystemClock
@@ -37,8 +33,9 @@ from engine.app import build_engine
 from engine.ingest import Ingestor
 from engine.parcel_service import ParcelServicer
 from loadtest.bench import STREAMS, make_groups
-from loadtest.callgrind import instrument, run_module, total_instructions
+from loadtest.callgrind import run_module, total_instructions
 from loadtest.journeys import promised_date, registrations
+from loadtest.meter import metered
 from loadtest.recipients import _into_redis
 
 RECIPIENTS = 2000
@@ -50,12 +47,6 @@ async def _stream(ingestor: Ingestor, batches: Sequence[tracking_pb2.EventBatch]
     for batch in batches:
         accepted += (await ingestor.apply(batch)).accepted
     return accepted
-
-
-async def redis_cpu_s(redis: Redis) -> float:
-    """The redis-server's own CPU time so far (its ``INFO cpu``), to show what the Lua side costs."""
-    info = await redis.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def recording_telemetry(settings: Settings) -> Telemetry:
@@ -103,22 +94,9 @@ async def measure(
             while not group.done:
                 seq += 1
                 streams[n % STREAMS].append(group.next_batch(seq, now_ms))
-        profiler = cProfile.Profile() if profile else None
-        redis_started = await redis_cpu_s(redis)
-        if instrumented:
-            instrument("on")
-        started = time.process_time()
-        if profiler is not None:
-            profiler.enable()
-        accepted = sum(await asyncio.gather(*(_stream(engine.ingestor, s) for s in streams)))
-        cpu_s = time.process_time() - started
-        if instrumented:
-            instrument("off")
-        redis_s = await redis_cpu_s(redis) - redis_started
-        if profiler is not None:
-            profiler.disable()
-            sort = "cumulative" if profile == "cum" else "tottime"
-            pstats.Stats(profiler).sort_stats(sort).print_stats(60)
+        async with metered(redis, profile=profile, instrumented=instrumented, top=60) as cost:
+            accepted = sum(await asyncio.gather(*(_stream(engine.ingestor, s) for s in streams)))
+        cpu_s, redis_s = cost.cpu_s, cost.redis_s
         return cpu_s, redis_s, accepted
     finally:
         recording.shutdown()

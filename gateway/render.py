@@ -49,14 +49,7 @@ from jinja2 import (
 )
 from relais.v1 import notice_pb2, types_pb2
 
-from channels.sms_encoding import (
-    GSM7_BASIC,
-    GSM7_EXTENSION,
-    GSM7_SEGMENT_SEPTETS,
-    GSM7_SINGLE_SEPTETS,
-    UCS2_SEGMENT_UNITS,
-    UCS2_SINGLE_UNITS,
-)
+from channels.sms_encoding import GSM7_BASIC, GSM7_EXTENSION, split
 from common.errors import RelaisError
 
 BUILTIN_TEMPLATES: Final = Path(__file__).parent / "templates"
@@ -236,14 +229,10 @@ def sms_units(text: str) -> tuple[bool, int]:
 
 
 def sms_segments(text: str) -> int:
-    """How many segments an SMS of this text costs (GSM 03.38 / UCS-2 concatenation rules)."""
-    gsm, units = sms_units(text)
-    single, multi = (
-        (GSM7_SINGLE_SEPTETS, GSM7_SEGMENT_SEPTETS) if gsm else (UCS2_SINGLE_UNITS, UCS2_SEGMENT_UNITS)
-    )
-    if units <= single:
-        return 1
-    return -(-units // multi)
+    """How many segments an SMS of this text costs: the SMS channel's own count
+    (``channels.sms_encoding.split``: GSM 03.38 / UCS-2 concatenation, an extension character never
+    split across two segments), so what rendering fits is what the provider bills."""
+    return split(text).count
 
 
 def fit_sms(text: str, max_segments: int = SMS_MAX_SEGMENTS) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from relais.v1 import notice_pb2, types_pb2
 
+from channels.sms_encoding import split
 from gateway.render import (
     Rendered,
     Renderer,
@@ -364,6 +365,9 @@ def test_gsm7_counting_and_substitution() -> None:
     assert sms_segments("a" * 307) == 3
     assert sms_units("€[") == (True, 4)  # extension characters cost an escape each
     assert sms_segments("é" * 160) == 1  # é is in the GSM-7 basic set
+    # 306 septets, but the escaped € cannot straddle two segments: three, as the provider bills.
+    straddling = "a" * 152 + "€" + "a" * 152
+    assert sms_segments(straddling) == split(straddling).count == 3
     assert sms_segments("ê" * 70) == 1  # ê is not: UCS-2, 70 a segment
     assert sms_segments("ê" * 71) == 2
     typographic = "être reçu \u2013 l\u2019adresse\u2026 \u00abok\u00bb\u202fsi"

@@ -265,7 +265,7 @@ async def bench_claim_and_send(results: Results, stack: Stack, shards: int, run_
 
 # Claim-rate rounds at each pending size, interleaved: one round claims ``claim_small`` notices, so
 # one round is a few tens of milliseconds; the median of several tells more than one.
-CLAIM_ROUNDS = 7
+CLAIM_ROUNDS = 21
 
 
 async def fill_due(

@@ -29,7 +29,6 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import msgpack
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
@@ -40,7 +39,7 @@ from common.clock import Clock
 from common.counters import Increment
 from common.errors import RelaisError
 from common.keys import kind_name
-from common.redis_client import register
+from common.redis_client import lua_array, register
 from common.settings import Settings
 from common.telemetry import inject_trace_context
 from engine.counting import count_change, parse_counted
@@ -345,13 +344,6 @@ def parse_read(
     return records
 
 
-def pack_items(items: Sequence[bytes | int]) -> bytes:
-    """The apply script's one argument: the items as one MessagePack array, bytes as raw strings
-    (Redis's ``cmsgpack`` predates the bin type). One argument instead of dozens per parcel, because
-    packing each argument costs the client more than the whole script costs Redis."""
-    return msgpack.packb(items, use_bin_type=False)
-
-
 def shard_call(shard: int, entries: Sequence[tuple[str, ParcelChange]]) -> tuple[list[str], bytes]:
     """The apply script's KEYS (due set, parcel hashes, then the counter hashes the entries name, each
     once) and its blob, for one shard's entries."""
@@ -364,7 +356,9 @@ def shard_call(shard: int, entries: Sequence[tuple[str, ParcelChange]]) -> tuple
             index[key] = len(call_keys)
         return index[key]
 
-    return call_keys, pack_items([item for _pid, change in entries for item in change.argv(key_index)])
+    # The apply script's one argument: one instead of dozens per parcel, because packing each
+    # argument costs the client more than the whole script costs Redis.
+    return call_keys, lua_array([item for _pid, change in entries for item in change.argv(key_index)])
 
 
 # Changes a parcel's state in place; False when nothing changed (nothing is written then).

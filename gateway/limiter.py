@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from common import keys
+from common.redis_client import lua_array
 from gateway.scripts import LuaScript
 
 
@@ -87,4 +87,4 @@ class Limiter:
                     position = index[limit.scope, limit.ident] = len(distinct)
                     shapes += (limit.interval_ms, limit.burst)
                 refs.append(position)
-        return [limit.key for limit in distinct], [now_ms, amount, msgpack.packb(shapes), msgpack.packb(refs)]
+        return [limit.key for limit in distinct], [now_ms, amount, lua_array(shapes), lua_array(refs)]

@@ -540,7 +540,6 @@ async def run(
     return results
 
 
-AT_10K = "claim_notices_per_s_at_10k_pending"
 ROWS = (
     ("ingest events/s (acked)", "ingest_events_per_s", "echo_events_per_s", "echo server"),
     ("claims/s (engine's notices)", "claim_notices_per_s", "arq_jobs_per_s", "arq jobs/s"),

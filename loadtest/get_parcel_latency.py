@@ -33,6 +33,7 @@ from relais.v1 import parcel_pb2, parcel_pb2_grpc
 from common import keys
 from common.redis_client import connect
 from loadtest.audit import percentile
+from loadtest.meter import process_tree
 
 CHANNELS = 16
 
@@ -66,9 +67,8 @@ def tree_cpu_s(pid: int | None) -> float:
     """CPU seconds (user + system) of a process and its children so far; 0 without a pid."""
     if pid is None:
         return 0.0
-    top = psutil.Process(pid)
     total = 0.0
-    for proc in (top, *top.children(recursive=True)):
+    for proc in process_tree(pid):
         try:
             times = proc.cpu_times()
         except psutil.NoSuchProcess:

@@ -96,8 +96,7 @@ async def measure(
                 streams[n % STREAMS].append(group.next_batch(seq, now_ms))
         async with metered(redis, profile=profile, instrumented=instrumented, top=60) as cost:
             accepted = sum(await asyncio.gather(*(_stream(engine.ingestor, s) for s in streams)))
-        cpu_s, redis_s = cost.cpu_s, cost.redis_s
-        return cpu_s, redis_s, accepted
+        return cost.cpu_s, cost.redis_s, accepted
     finally:
         recording.shutdown()
         await redis.aclose()

@@ -1,6 +1,7 @@
 """What one measured stretch of a benchmark costs: this process's CPU time, the redis-server's own CPU
 time (its ``INFO cpu``), and, on request, a cProfile of it or callgrind's instructions
-(``loadtest.callgrind``). ``loadtest.ingest_cpu`` and ``loadtest.gateway_bench`` measure with it.
+(``loadtest.callgrind``). ``loadtest.ingest_cpu`` and ``loadtest.gateway_bench`` measure with it;
+``process_tree`` is what the engine's figures add up over (its workers).
 """
 
 from __future__ import annotations
@@ -13,9 +14,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 from redis.asyncio import Redis
 
 from loadtest.callgrind import instrument
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and its children: an engine with its workers, whose CPU and memory add up."""
+    top = psutil.Process(pid)
+    return [top, *top.children(recursive=True)]
 
 
 async def redis_cpu_s(redis: Redis) -> float:

@@ -31,6 +31,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.redis_server import EmbeddedRedis, free_port
+from loadtest.meter import process_tree
 
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0
@@ -187,10 +188,7 @@ class Stack:
 
     def engine_processes(self) -> list[psutil.Process]:
         """The engine's process and its workers, whose CPU and memory the engine's figures add up."""
-        if self.engine is None:
-            return []
-        top = psutil.Process(self.engine.pid)
-        return [top, *top.children(recursive=True)]
+        return process_tree(self.engine.pid) if self.engine is not None else []
 
     def engine_rss_bytes(self) -> int | None:
         """The engine's resident memory: its process and its workers' (None once it is gone)."""

@@ -3,6 +3,8 @@ scripts."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
@@ -14,12 +16,13 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import (
     AbstractConnection,
-    BlockingConnectionPool,
     Connection,
+    ConnectionPool,
     SSLConnection,
     UnixDomainSocketConnection,
 )
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError
 
 LUA_DIR = Path(__file__).parent / "lua"
@@ -127,14 +130,84 @@ class RelaisRedis(Redis):
 POOL_WAIT_S = 5.0
 
 
+class WaitingConnectionPool(ConnectionPool):
+    """A pool whose callers wait their turn (first come, first served, up to ``timeout`` seconds)
+    when every connection is in use, instead of failing with "Too many connections".
+
+    redis-py's ``BlockingConnectionPool`` waits too, but every command pays for it: a condition
+    acquired on the way in and out, and a zero-timeout read that must be cancelled to learn that the
+    connection holds no stray reply. That was 40% of a single command's client CPU (93 -> 56 us).
+    Here a free connection is taken and given back with no await, and a released connection goes
+    straight to the oldest waiter. The stray-reply read is not needed: redis-py disconnects a
+    connection whose exchange was interrupted (error, timeout or cancellation), so a connection back
+    in the pool is between replies. One that Redis closed meanwhile shows it on its stream (end of
+    file, seen by the event loop without a read of ours) and is reopened when it is taken.
+    """
+
+    def __init__(self, *args: Any, timeout: float = POOL_WAIT_S, **kwargs: Any) -> None:
+        self._waiters: deque[asyncio.Future[AbstractConnection]] = deque()
+        super().__init__(*args, **kwargs)
+        self.timeout = timeout
+
+    async def get_connection(
+        self, command_name: Any = None, *keys: Any, **options: Any
+    ) -> AbstractConnection:
+        full = not self._available_connections and len(self._in_use_connections) >= self.max_connections
+        if full or self._waiters:
+            connection = await self._wait_for_connection()
+        else:
+            connection = self.get_available_connection()  # type: ignore[no-untyped-call]
+        reader = connection._reader
+        if reader is not None and reader.at_eof():
+            # Redis closed it while it sat here (restart, idle timeout, CLIENT KILL): open a new one.
+            await connection.disconnect(nowait=True)
+        if not connection.is_connected:
+            try:
+                await self.ensure_connection(connection)
+            except BaseException:
+                await self.release(connection)
+                raise
+        return connection
+
+    async def _wait_for_connection(self) -> AbstractConnection:
+        turn: asyncio.Future[AbstractConnection] = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        taken = False
+        try:
+            async with asyncio.timeout(self.timeout):
+                connection = await turn
+            taken = True
+            return connection
+        except TimeoutError as exc:
+            raise RedisConnectionError(f"no Redis connection free within {self.timeout:g} s") from exc
+        finally:
+            if not taken and turn.done() and not turn.cancelled():
+                # Handed a connection, then cancelled before taking it: it goes to the next caller.
+                self._give_back(turn.result())
+            elif not taken:
+                turn.cancel()
+                if turn in self._waiters:
+                    self._waiters.remove(turn)
+
+    async def release(self, connection: AbstractConnection) -> None:
+        self._give_back(connection)
+
+    def _give_back(self, connection: AbstractConnection) -> None:
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(connection)  # stays in use: it is that caller's now
+                return
+        self._in_use_connections.remove(connection)
+        self._available_connections.append(connection)
+
+
 def connect(url: str, *, max_connections: int = 64) -> Redis:
     """Values are protobuf bytes, so responses are not decoded; commands are packed by hiredis.
 
     The pool waits for a free connection (up to ``POOL_WAIT_S``) instead of failing at once: during a
     stall more calls than ``max_connections`` are in flight, and they should queue, not error."""
-    pool = BlockingConnectionPool.from_url(
-        url, decode_responses=False, max_connections=max_connections, timeout=POOL_WAIT_S
-    )
+    pool = WaitingConnectionPool.from_url(url, decode_responses=False, max_connections=max_connections)
     pool.connection_class = _PACKING.get(pool.connection_class, pool.connection_class)
     return RelaisRedis.from_pool(pool)
 

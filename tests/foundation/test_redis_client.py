@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError
 
 from common.redis_client import PackingConnection, connect, pack_command
@@ -91,7 +92,93 @@ async def test_calls_beyond_the_pool_wait_for_a_connection(redis_url: str) -> No
     try:
         replies = await asyncio.gather(*(hold(i) for i in range(6)))
         assert replies == [None] * 6
-        assert len(client.connection_pool._in_use_connections) == 0
-        assert len(client.connection_pool._available_connections) == 2
+        assert_all_free(client, 2)
+    finally:
+        await client.aclose()
+
+
+async def test_waiting_callers_are_served_in_arrival_order(redis_url: str) -> None:
+    client = connect(redis_url, max_connections=1)
+    served: list[int] = []
+
+    async def call(i: int) -> None:
+        await client.execute_command("BLPOP", f"relais:test:{{0}}:order{i}", "0.02")  # type: ignore[no-untyped-call]
+        served.append(i)
+
+    try:
+        first = asyncio.create_task(call(0))
+        await asyncio.sleep(0.005)  # the first holds the only connection; the rest queue behind it
+        rest = []
+        for i in range(1, 5):
+            rest.append(asyncio.create_task(call(i)))
+            await asyncio.sleep(0)
+        await asyncio.gather(first, *rest)
+        assert served == [0, 1, 2, 3, 4]
+    finally:
+        await client.aclose()
+
+
+def hold(client: Redis, seconds: float) -> asyncio.Future[object]:
+    """A call that keeps one connection busy for ``seconds`` (a BLPOP on an empty list)."""
+    return asyncio.ensure_future(client.execute_command("BLPOP", "relais:test:{0}:held", seconds))  # type: ignore[no-untyped-call]
+
+
+def assert_all_free(client: Redis, connections: int) -> None:
+    pool = client.connection_pool
+    assert len(pool._in_use_connections) == 0
+    assert len(pool._available_connections) == connections
+
+
+@pytest.mark.parametrize("gives_up", ["timeout", "cancelled"])
+async def test_a_caller_who_gives_up_waiting_leaves_no_trace(redis_url: str, gives_up: str) -> None:
+    client = connect(redis_url, max_connections=1)
+    client.connection_pool.timeout = 0.05  # type: ignore[attr-defined]
+    try:
+        held = hold(client, 0.1)
+        await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(client.get("relais:test:{0}:k"))
+        if gives_up == "timeout":
+            with pytest.raises(RedisConnectionError, match=r"no Redis connection free within 0\.05 s"):
+                await waiting
+        else:
+            await asyncio.sleep(0.01)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        assert await held is None
+        # The next call takes the free connection at once: nobody is left queued before it.
+        assert await client.set("relais:test:{0}:k", 1)
+        assert_all_free(client, 1)
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_handed_over_then_cancelled_goes_to_the_next_caller(redis_url: str) -> None:
+    client = connect(redis_url, max_connections=1)
+    pool = client.connection_pool
+    try:
+        mine = await pool.get_connection()
+        cancelled = asyncio.create_task(pool.get_connection())
+        after = asyncio.ensure_future(client.set("relais:test:{0}:k", 3))
+        await asyncio.sleep(0.01)
+        await pool.release(mine)  # handed to the first waiter...
+        cancelled.cancel()  # ...which is cancelled before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert await asyncio.wait_for(after, 1.0)
+        assert_all_free(client, 1)
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_redis_closed_is_reopened_when_taken(redis: Redis, redis_url: str) -> None:
+    client = connect(redis_url, max_connections=1)
+    try:
+        assert await client.set("relais:test:{0}:k", 4)
+        await client.client_setname("closed-while-idle")
+        victim = next(c for c in await client.client_list() if c["name"] == "closed-while-idle")
+        await redis.client_kill_filter(_id=victim["id"])
+        await asyncio.sleep(0.05)  # idle in the pool while the event loop sees the end of the stream
+        assert await client.get("relais:test:{0}:k") == b"4"
     finally:
         await client.aclose()

@@ -32,7 +32,7 @@ from common.clock import Clock, SystemClock
 from common.settings import Settings
 from common.telemetry import Telemetry, noop_telemetry
 from engine.auth import check_open_listener, server_credentials
-from engine.interceptors import build_interceptors
+from engine.interceptors import GuardedRegistry, build_guards
 from engine.services import SERVICE_NAMES
 
 log = logging.getLogger(__name__)
@@ -89,31 +89,31 @@ async def start_server(
     redis: Redis,
     *,
     register: Sequence[Callable[[grpc.aio.Server], None]] = (),
-    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
     clock: Clock | None = None,
     telemetry: Telemetry | None = None,
     reuse_port: bool = False,
 ) -> EngineServer:
     """Start listening. ``register`` are callables ``(server) -> None`` that add the relais services.
 
-    Every call first goes through ``engine.interceptors`` (spans, errors, then keys and quotas when
-    ``RELAIS_KEYS_FILE`` is set); without keys only a loopback address is accepted. TLS (and mutual
-    TLS) when ``RELAIS_TLS_CERT``/``RELAIS_TLS_KEY`` (``RELAIS_TLS_CLIENT_CA``) are set.
+    Every call first goes through the guards of ``engine.interceptors`` (spans, errors, then keys
+    and quotas when ``RELAIS_KEYS_FILE`` is set); without keys only a loopback address is accepted.
+    TLS (and mutual TLS) when ``RELAIS_TLS_CERT``/``RELAIS_TLS_KEY`` (``RELAIS_TLS_CLIENT_CA``) are set.
 
     Health stays NOT_SERVING until Redis answers a PING.
     """
     security = settings.security
     check_open_listener(settings.listen, security.keys_file)
-    guards = build_interceptors(settings, redis, clock or SystemClock(), telemetry or noop_telemetry())
-    options = server_options(settings, reuse_port=reuse_port)
-    server = grpc.aio.server(options=options, interceptors=[*guards, *interceptors])
+    guards = build_guards(settings, redis, clock or SystemClock(), telemetry or noop_telemetry())
+    server = grpc.aio.server(options=server_options(settings, reuse_port=reuse_port))
+    # The services register on a stand-in that wraps their handlers in the guards on the way.
+    registry = GuardedRegistry(server, guards)
     health_servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registry)
     for add in register:
-        add(server)
+        add(registry)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
+        registry,
     )
     credentials = server_credentials(security.tls_cert, security.tls_key, security.tls_client_ca)
     if credentials is None:

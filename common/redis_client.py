@@ -219,9 +219,17 @@ def lua_array(items: Sequence[bytes | str | int | float]) -> bytes:
     return msgpack.packb(items, use_bin_type=False)
 
 
+INCLUDE = "-- #include "
+
+
 @cache
 def lua_source(name: str) -> str:
-    return (LUA_DIR / f"{name}.lua").read_text()
+    """``common/lua/<name>.lua``, with each ``-- #include <other>`` line replaced by that file: Redis
+    runs each script alone, so what several scripts share (a Lua function) is pasted in."""
+    lines = (LUA_DIR / f"{name}.lua").read_text().splitlines(keepends=True)
+    return "".join(
+        lua_source(line.removeprefix(INCLUDE).strip()) if line.startswith(INCLUDE) else line for line in lines
+    )
 
 
 def register(redis: Redis, name: str) -> AsyncScript:

@@ -7,11 +7,11 @@ recipient's parcel ids the re-planning on a preference change walks: a hash of p
 than a set, since Redis keeps a small hash as a listpack (a few bytes a parcel) and a set of strings as a
 hashtable (~80 bytes a parcel).
 
-``GetParcel`` answers from ONE pipelined round trip: the parcel's read script (version, state, which
-notices are still due), the gateway's attempts fields of its hash (an HMGET of every kind's field, not
-HGETALL: the hash also holds the state, which the script already returned, and the notice bodies, a
-few kB a parcel GetParcel does not show) and its alert hash. Another merchant's parcel is NOT_FOUND,
-like an unknown one: nobody can probe which tracking numbers exist.
+``GetParcel`` answers from ONE script call (``view_parcel.lua``): the parcel's version, state, which
+notices are still due, the gateway's attempts fields of its hash (not the whole hash: it also holds
+the notice bodies, a few kB a parcel GetParcel does not show) and its alert hash. One command, not a
+pipeline of three: redis-py's pipeline machinery cost more client CPU than the call itself.
+Another merchant's parcel is NOT_FOUND, like an unknown one: nobody can probe which tracking numbers exist.
 """
 
 from __future__ import annotations
@@ -26,10 +26,19 @@ from relais.v1 import notice_pb2, parcel_pb2, parcel_pb2_grpc, state_pb2, types_
 from common import keys
 from common.clock import Clock
 from common.keys import kind_name
+from common.redis_client import register
 from engine import auth
 from engine.alert_store import parse_parcel_alerts
-from engine.state import DAY_MS, ParcelRecord, ParcelStore, attempts_field, full_timeline, parse_read
-from engine.validation import MAX_BATCH_PARCELS, Problem, check_registration
+from engine.state import (
+    DAY_MS,
+    ParcelRecord,
+    ParcelStore,
+    add_full_timeline,
+    attempts_field,
+    load_state,
+    parse_kinds,
+)
+from engine.validation import MAX_BATCH_PARCELS, Problem, check_registration, set_stamp_ms
 
 Context = grpc.aio.ServicerContext[object, object]
 
@@ -57,7 +66,7 @@ def notice_view(
         status_reason=mark.status_reason,
     )
     if mark.due_ms:
-        view.scheduled_at.FromMilliseconds(mark.due_ms)
+        set_stamp_ms(view.scheduled_at, mark.due_ms)
     if mark.HasField("slot"):
         view.slot.CopyFrom(mark.slot)
     if mark.HasField("previous_slot"):
@@ -94,8 +103,8 @@ def parcel_view(record: ParcelRecord, attempts: Mapping[str, bytes]) -> parcel_p
         status=state.status,
         substatus=state.substatus,
         exception_reason=state.exception_reason,
-        timeline=full_timeline(state),
     )
+    add_full_timeline(state, view.timeline)
     if state.HasField("slot"):
         view.current_slot.CopyFrom(state.slot)
     if state.HasField("pickup_point"):
@@ -106,11 +115,11 @@ def parcel_view(record: ParcelRecord, attempts: Mapping[str, bytes]) -> parcel_p
         raw = attempts.get(kind_name(mark.kind))
         view.notices.append(notice_view(record.parcel_id, mark, record.pending, raw))
     if state.created_ms:
-        view.created_at.FromMilliseconds(state.created_ms)
+        set_stamp_ms(view.created_at, state.created_ms)
     if state.updated_ms:
-        view.updated_at.FromMilliseconds(state.updated_ms)
+        set_stamp_ms(view.updated_at, state.updated_ms)
     if state.expires_ms:
-        view.expires_at.FromMilliseconds(state.expires_ms)
+        set_stamp_ms(view.expires_at, state.expires_ms)
     return view
 
 
@@ -134,6 +143,7 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
         self._store = store
         self._redis: Redis = store.redis
         self._clock = clock
+        self._view = register(self._redis, "view_parcel")
 
     def _screen(
         self, parcels: Sequence[parcel_pb2.ParcelRegistration]
@@ -226,16 +236,21 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
     async def get_parcel(self, parcel_id: str) -> parcel_pb2.ParcelView | None:
         """The parcel's whole story in one round trip; None when unknown (or expired)."""
         shard = self._store.shard(parcel_id)
-        pipe = self._redis.pipeline(transaction=False)
-        await self._store.queue_read(pipe, shard, [parcel_id])
-        pipe.hmget(keys.parcel(shard, parcel_id), _ATTEMPT_FIELDS)
-        pipe.hgetall(keys.alerts(shard, parcel_id))
-        read, raw_attempts, alerts = await pipe.execute()
-        record = parse_read(shard, [parcel_id], read)[parcel_id]
-        if not record.exists:
+        call_keys = [keys.due(shard), keys.parcel(shard, parcel_id), keys.alerts(shard, parcel_id)]
+        reply = await self._view(keys=call_keys, args=[parcel_id, *_ATTEMPT_FIELDS])
+        if reply is None:
             return None
+        raw_version, raw_state, raw_pending, raw_attempts, flat_alerts = reply
+        record = ParcelRecord(
+            parcel_id,
+            shard,
+            int(raw_version),
+            load_state(parcel_id, raw_state),
+            parse_kinds(raw_pending),
+        )
         attempts = {name: raw for name, raw in zip(_ATTEMPT_KINDS, raw_attempts, strict=True) if raw}
         view = parcel_view(record, attempts)
+        alerts = dict(zip(flat_alerts[::2], flat_alerts[1::2], strict=True))
         view.open_alerts.extend(parse_parcel_alerts(alerts).unresolved())
         return view
 

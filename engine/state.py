@@ -26,7 +26,7 @@ import asyncio
 import functools
 import hashlib
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableSequence, Sequence
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -131,7 +131,7 @@ def apply_event(
     if not state.carrier:
         state.carrier = event.carrier
     entry = parcel_pb2.TimelineEntry(event=event)
-    # Stored without what the parcel already says (its id, its carrier): ``full_timeline`` puts them
+    # Stored without what the parcel already says (its id, its carrier): ``add_full_timeline`` puts them
     # back for readers. A few dozen bytes per event, and parcels are many.
     stored = entry.event
     stored.ClearField("parcel_id")
@@ -151,17 +151,17 @@ def apply_event(
     return True
 
 
-def full_timeline(state: state_pb2.ParcelState) -> list[parcel_pb2.TimelineEntry]:
-    """The timeline with each event's parcel id and carrier as the carrier sent them."""
-    entries: list[parcel_pb2.TimelineEntry] = []
-    for stored in state.timeline:
-        entry = parcel_pb2.TimelineEntry()
-        entry.CopyFrom(stored)
-        entry.event.parcel_id = state.parcel_id
-        if not entry.event.carrier:
-            entry.event.carrier = state.carrier
-        entries.append(entry)
-    return entries
+def add_full_timeline(
+    state: state_pb2.ParcelState, timeline: MutableSequence[parcel_pb2.TimelineEntry]
+) -> None:
+    """Append the timeline to ``timeline``, each event with its parcel id and carrier as the carrier
+    sent them (copied once, straight into the reply)."""
+    timeline.extend(state.timeline)
+    for entry in timeline:
+        event = entry.event
+        event.parcel_id = state.parcel_id
+        if not event.carrier:
+            event.carrier = state.carrier
 
 
 def _set_status(state: state_pb2.ParcelState, event: tracking_pb2.TrackingEvent, occurred_ms: int) -> None:
@@ -329,6 +329,11 @@ def load_state(parcel_id: str, raw: bytes | None) -> state_pb2.ParcelState:
     return state
 
 
+def parse_kinds(raw: bytes | None) -> frozenset[str]:
+    """Notice kind names as the read scripts join them (``pending_kinds.lua``)."""
+    return frozenset(raw.decode().split(",")) if raw else frozenset()
+
+
 def parse_read(
     shard: int, parcel_ids: Sequence[str], reply: Sequence[bytes | None]
 ) -> dict[str, ParcelRecord]:
@@ -336,10 +341,15 @@ def parse_read(
     for i, pid in enumerate(parcel_ids):
         raw_version, raw_state, raw_pending, raw_mark, raw_counted = reply[5 * i : 5 * i + 5]
         state = load_state(pid, raw_state)
-        pending = frozenset(raw_pending.decode().split(",")) if raw_pending else frozenset()
         mark = raw_mark.decode() if raw_mark else ""
         records[pid] = ParcelRecord(
-            pid, shard, int(raw_version or 0), state, pending, mark, parse_counted(raw_counted)
+            pid,
+            shard,
+            int(raw_version or 0),
+            state,
+            parse_kinds(raw_pending),
+            mark,
+            parse_counted(raw_counted),
         )
     return records
 

@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError
 
-from common.redis_client import PackingConnection, connect, pack_command
+from common.redis_client import INCLUDE, LUA_DIR, PackingConnection, connect, lua_source, pack_command
 
 
 def test_pack_command_matches_the_protocol() -> None:
@@ -182,3 +182,12 @@ async def test_a_connection_redis_closed_is_reopened_when_taken(redis: Redis, re
         assert await client.get("relais:test:{0}:k") == b"4"
     finally:
         await client.aclose()
+
+
+def test_every_script_has_its_includes_pasted_in() -> None:
+    for path in LUA_DIR.glob("*.lua"):
+        lines = lua_source(path.stem).splitlines()
+        assert not [line for line in lines if line.startswith(INCLUDE)], path.name
+    # The shared function reaches both read scripts.
+    assert "local function pending_kinds" in lua_source("read_parcels")
+    assert "local function pending_kinds" in lua_source("view_parcel")

@@ -4,7 +4,8 @@
 benchmark's journeys (``loadtest.ingest_cpu``), the real ``Dispatcher`` claims every due notice into
 the outboxes — then one in-process ``Gateway`` drains them batch after batch into the counting sink,
 and prints this process's CPU time per notice (``time.process_time``: the gateway's own Python, not
-Redis's) and the Redis round trips per batch. ``--profile self|cum`` adds cProfile's top functions;
+Redis's), the Redis round trips per batch and the commands Redis ran per notice (``INFO
+commandstats``: those inside the Lua scripts included). ``--profile self|cum`` adds cProfile's top functions;
 ``--callgrind`` counts instructions per notice instead (valgrind), which a busy machine does not blur.
 
 ``drain_with_gateways`` is ``make bench``'s gateway section: what an operator runs, one gateway
@@ -38,7 +39,7 @@ from common.settings import GatewaySettings, Settings
 from loadtest.callgrind import run_module, total_instructions
 from loadtest.counting_channel import CountingChannel
 from loadtest.meter import metered, redis_cpu_s
-from loadtest.redis_stats import RoundTrips
+from loadtest.redis_stats import CommandStats, RoundTrips, command_stats
 from loadtest.stack import GENEROUS_LIMITS
 
 DRAIN_TIMEOUT_S = 600.0
@@ -90,6 +91,8 @@ class CpuFigures:
     cpu_s: float
     redis_cpu_s: float
     round_trips: int
+    # What Redis ran while the gateway drained (the meter's own INFO calls left out).
+    commands: CommandStats
 
 
 async def drain_cpu(
@@ -116,6 +119,7 @@ async def drain_cpu(
         tune_collector()  # as Gateway.run does after its start
         if callgrind:
             await gateway.process(await gateway.outbox.read(block=False))
+        commands_before = await command_stats(redis)
         trips.count = 0
         batches = 0
         warm_sent = channel.sent
@@ -123,7 +127,10 @@ async def drain_cpu(
             while entries := await gateway.outbox.read(block=False):
                 await gateway.process(entries)
                 batches += 1
-        return CpuFigures(channel.sent - warm_sent, batches, cost.cpu_s, cost.redis_s, trips.count)
+        round_trips = trips.count
+        ran = (await command_stats(redis)).minus(commands_before).calls
+        commands = CommandStats({name: count for name, count in ran.items() if name != "info"})
+        return CpuFigures(channel.sent - warm_sent, batches, cost.cpu_s, cost.redis_s, round_trips, commands)
     finally:
         await channel.aclose()
         await redis.aclose()
@@ -137,12 +144,23 @@ async def _flush(redis_url: str) -> None:
         await redis.aclose()
 
 
+# Commands run fewer times than this per notice (once a batch or a shard) are left out of the detail.
+COMMAND_DETAIL_MIN = 0.01
+
+
 def _report(label: str, claimed: int, figures: CpuFigures) -> None:
     sent = max(figures.sent, 1)
+    calls = figures.commands.calls
+    detail = ", ".join(
+        f"{name} {count / sent:.2f}"
+        for name, count in sorted(calls.items(), key=lambda item: -item[1])
+        if count / sent >= COMMAND_DETAIL_MIN
+    )
     print(
         f"{label}: {claimed} claimed, {figures.sent} sent in {figures.batches} batches; CPU per notice: "
         f"gateway {figures.cpu_s / sent * 1e6:.1f} µs, Redis {figures.redis_cpu_s / sent * 1e6:.1f} µs; "
-        f"{figures.round_trips / max(figures.batches, 1):.1f} round trips per batch",
+        f"{figures.round_trips / max(figures.batches, 1):.1f} round trips per batch; "
+        f"{figures.commands.total / sent:.2f} Redis commands per notice ({detail})",
         flush=True,
     )
 

@@ -36,10 +36,12 @@ from opentelemetry.metrics import (
 from opentelemetry.trace import NoOpTracerProvider, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from relais.v1 import notice_pb2, types_pb2
 
 from common import keys
+from common.redis_client import register
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -96,8 +98,8 @@ class Metrics:
     retries: Counter
     dead_letters: Counter
     outbox_depth: ObservableGauge
-    # Last known outbox length per shard, observed by the gauge's callback at export time (the
-    # callback is synchronous, so whoever reads the length with XLEN stores it here).
+    # Last known unsettled outbox entries per shard, observed by the gauge's callback at export time
+    # (the callback is synchronous, so whoever reads them from Redis stores them here).
     _outbox_depths: dict[int, int] = field(default_factory=dict)
 
     @classmethod
@@ -134,7 +136,7 @@ class Metrics:
                 "relais.outbox.depth",
                 callbacks=[observe_depths],
                 unit="{notice}",
-                description="Entries waiting in each shard's outbox stream",
+                description="Outbox entries not yet settled per shard (unread, or read and unacknowledged)",
             ),
             _outbox_depths=depths,
         )
@@ -342,19 +344,25 @@ def record_send(
 async def watch_outbox_depth(
     redis: Redis, shards: int, metrics: Metrics, stop: asyncio.Event, *, interval_s: float = 10.0
 ) -> None:
-    """Keep the outbox-depth gauge current: every shard's XLEN in one pipelined round trip per
-    interval (the gauge's callback runs at export time and cannot await Redis)."""
+    """Keep the outbox-depth gauge current: every shard's unsettled entries in one pipelined round
+    trip per interval (the gauge's callback runs at export time and cannot await Redis)."""
+    depth_script = register(redis, "outbox_depth")
     while True:
-        await sample_outbox_depth(redis, shards, metrics)
+        await sample_outbox_depth(redis, shards, metrics, depth_script)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
             return
 
 
-async def sample_outbox_depth(redis: Redis, shards: int, metrics: Metrics) -> None:
+async def sample_outbox_depth(
+    redis: Redis, shards: int, metrics: Metrics, depth_script: AsyncScript | None = None
+) -> None:
+    """Each shard's entries not yet settled (``outbox_depth.lua``), not its XLEN: the gateways trim
+    settled entries lazily, in bulk, so the stream holds some for a while (``settle.lua``)."""
+    script = depth_script or register(redis, "outbox_depth")
     pipe = redis.pipeline(transaction=False)
     for shard in range(shards):
-        pipe.xlen(keys.outbox(shard))
+        await script(keys=[keys.outbox(shard)], args=[keys.OUTBOX_GROUP], client=pipe)
     try:
         depths = await pipe.execute()
     except RedisError:

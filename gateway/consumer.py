@@ -1,10 +1,11 @@
 """The outbox streams, read through one consumer group by any number of gateway processes.
 
 Each process reads every shard's stream in one blocking ``XREADGROUP`` under its own consumer name.
-An entry stays pending until its batch is settled (XACK + XDEL in the settle script). Entries of a
-gateway that died stay pending too: after the send timeout they are idle long enough that another
-gateway takes them over with ``XAUTOCLAIM`` (``min-idle-time`` = send timeout), so a crash delays
-notices but loses none.
+An entry stays pending until its batch is settled (XACK in the settle script, which then trims the
+stream up to its oldest pending entry: never an entry pending or not yet delivered). Entries of a
+gateway that died stay pending too, and in the stream: after the send timeout they are idle long
+enough that another gateway takes them over with ``XAUTOCLAIM`` (``min-idle-time`` = send timeout),
+so a crash delays notices but loses none.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Outcomes are appended to the parcel hash (``a:<KIND>``, read by GetParcel), finished sends mark their
 idempotency keys ``sent``, retries and delays go back into the due set (only if the engine has not
 superseded the notice meanwhile), exhausted notices go to the dead-letter stream, the merchants'
-counters (hashes of the shard) are incremented, and the outbox entries are acknowledged and deleted.
+counters (hashes of the shard) are incremented, and the outbox entries are acknowledged (then trimmed
+off the stream in bulk, once no entry before them is pending).
 Spent SMS segments (a key per merchant, not of a shard) ride in the same pipeline.
 """
 

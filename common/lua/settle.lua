@@ -1,12 +1,13 @@
 -- Settle a batch of one shard's notices in one call: record outcomes, mark sends done, reschedule
--- retries, dead-letter, and acknowledge the outbox entries.
+-- retries, dead-letter, acknowledge the outbox entries and trim the settled ones off the stream.
 --
 -- KEYS[1] = outbox:{s}, KEYS[2] = due:{s}, KEYS[3] = dlq:{s}, then the keys the ops name, in op order
 -- (parcel hashes and idempotency keys, all of shard s).
 -- ARGV[1] = consumer group, ARGV[2] = retention of "sent" idempotency keys (ms), ARGV[3] = now (ms),
 -- then the ops, each a name followed by its arguments:
---   ack <entry id>                         XACK + XDEL the outbox entry: it is settled (the entries
---                                          are acknowledged and deleted together, after the other ops)
+--   ack <entry id>                         XACK the outbox entry: it is settled (the entries are
+--                                          acknowledged together, after the other ops, then the
+--                                          stream is trimmed: see trim_settled)
 --   rec <kind> <bytes>           (1 key)   append a NoticeView(attempts=[...]) to the parcel's a:<kind>
 --   sent                         (1 key)   the idempotency key is done: never send it again
 --   free                         (1 key)   release a "sending" claim that did not send (limited, quiet)
@@ -25,16 +26,77 @@ local a = 4
 local k = 4
 local dropped = 0
 local acked = {}
--- XACK and XDEL take many ids: a few calls per batch instead of two per entry. Lua's unpack is
--- bounded by its stack (8,000 values by default), hence the chunks.
+-- XACK takes many ids: a few calls per batch instead of one per entry. Lua's unpack is bounded by
+-- its stack (8,000 values by default), hence the chunks.
 local ACK_CHUNK = 1000
 
 local function ack_all(ids)
   for first = 1, #ids, ACK_CHUNK do
     local last = math.min(first + ACK_CHUNK - 1, #ids)
     redis.call('XACK', KEYS[1], group, unpack(ids, first, last))
-    redis.call('XDEL', KEYS[1], unpack(ids, first, last))
   end
+end
+
+-- Stream ids compare as (milliseconds, sequence) numbers, not as strings ('9-0' < '10-0').
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq), ms, seq
+end
+
+local function id_below(a, b)
+  local a_ms, a_seq = id_parts(a)
+  local b_ms, b_seq = id_parts(b)
+  return a_ms < b_ms or (a_ms == b_ms and a_seq < b_seq)
+end
+
+-- The id just after this one: XTRIM MINID keeps its argument, and the last delivered entry may go.
+-- (A sequence too long for a Lua number is not incremented: that entry is kept, which is safe.)
+local function next_id(id)
+  local _, _, ms, seq = id_parts(id)
+  if #seq > 15 then
+    return id
+  end
+  return ms .. '-' .. string.format('%d', tonumber(seq) + 1)
+end
+
+-- The group's last delivered id, nil if the group is not there.
+local function last_delivered(stream)
+  local groups = redis.pcall('XINFO', 'GROUPS', stream)
+  if groups.err then
+    return nil
+  end
+  for _, info in ipairs(groups) do
+    local fields = {}
+    for i = 1, #info, 2 do
+      fields[info[i]] = info[i + 1]
+    end
+    if fields['name'] == group then
+      return fields['last-delivered-id']
+    end
+  end
+  return nil
+end
+
+-- Settled entries leave the stream in bulk, one XTRIM per call instead of one XDEL per entry (an
+-- XDEL seeks its entry inside a node of up to 100; a trim drops whole nodes). Below the trim point
+-- every entry is certainly settled: it is at or before the group's last delivered id (delivered;
+-- entries are delivered in id order) and before the oldest entry still pending (so acknowledged).
+-- A pending entry - in a batch in flight, or a dead gateway's waiting for XAUTOCLAIM - and an entry
+-- never delivered stay. "~" drops whole nodes only, leaving settled entries that share a node with
+-- the trim point for a later call: cheaper, and the depth gauge counts from the group, not XLEN.
+-- There is one group on the outbox (the gateways'): a trim would not wait for another.
+local function trim_settled(stream)
+  local delivered = last_delivered(stream)
+  if delivered == nil then
+    return
+  end
+  local trim_to = next_id(delivered)
+  local pending = redis.call('XPENDING', stream, group)
+  local oldest_pending = pending[2]
+  if oldest_pending and id_below(oldest_pending, trim_to) then
+    trim_to = oldest_pending
+  end
+  redis.call('XTRIM', stream, 'MINID', '~', trim_to)
 end
 
 local function current(parcel, kind, version)
@@ -101,5 +163,8 @@ while a <= #ARGV do
     return redis.error_reply('settle: unknown op ' .. tostring(op))
   end
 end
-ack_all(acked)
+if #acked > 0 then
+  ack_all(acked)
+  trim_settled(KEYS[1])
+end
 return dropped

@@ -145,7 +145,7 @@ async def due_ms(redis: Redis, notice: notice_pb2.Notice) -> int | None:
 
 
 async def outbox_left(redis: Redis) -> int:
-    """Entries still in any outbox stream (settled ones are deleted)."""
+    """Entries still in any outbox stream (settled ones are trimmed once none before them is pending)."""
     pipe = redis.pipeline(transaction=False)
     for shard in range(SHARDS):
         pipe.xlen(keys.outbox(shard))

@@ -110,12 +110,12 @@ while a <= #ARGV do
     acked[#acked + 1] = ARGV[a + 1]
     a = a + 2
   elseif op == 'rec' then
-    local parcel = KEYS[k]
-    -- A parcel removed after retention is not brought back by a late outcome.
-    if redis.call('EXISTS', parcel) == 1 then
-      local field = 'a:' .. ARGV[a + 1]
-      local before = redis.call('HGET', parcel, field) or ''
-      redis.call('HSET', parcel, field, before .. ARGV[a + 2])
+    local parcel, field = KEYS[k], 'a:' .. ARGV[a + 1]
+    -- A parcel removed after retention is not brought back by a late outcome. Most notices record
+    -- their kind's first attempt: HSETNX writes it in the one scan of the hash that HSET would make,
+    -- and only a field already there is read and written again (HGET + HSET).
+    if redis.call('EXISTS', parcel) == 1 and redis.call('HSETNX', parcel, field, ARGV[a + 2]) == 0 then
+      redis.call('HSET', parcel, field, redis.call('HGET', parcel, field) .. ARGV[a + 2])
     end
     k = k + 1
     a = a + 3

@@ -97,3 +97,31 @@ async def test_a_shard_acknowledges_and_deletes_thousands_of_entries_in_one_call
     assert await settlement.execute(redis, load_scripts=True) == 0
     assert await redis.xlen(stream) == 0
     assert (await redis.xpending(stream, keys.OUTBOX_GROUP))["pending"] == 0
+
+
+async def test_outcomes_append_to_a_parcel_and_never_bring_one_back(redis: Redis) -> None:
+    """Each recorded attempt is appended to the parcel's earlier ones; a parcel gone (removed after
+    retention: no hash, so no version) gets nothing, and no hash is created for it."""
+    shard = 3
+    here = notice_pb2.Notice(parcel_id="p-here", kind=types_pb2.NOTICE_KIND_SHIPPED, version=2)
+    gone = notice_pb2.Notice(parcel_id="p-gone", kind=types_pb2.NOTICE_KIND_SHIPPED, version=2)
+    await redis.hset(keys.parcel(shard, here.parcel_id), "v", 5)
+    attempts = [
+        notice_pb2.DeliveryAttempt(status=status, attempted_at=timestamp(at_ms), version=2)
+        for status, at_ms in (
+            (notice_pb2.NOTICE_STATUS_FAILED, 1_000),
+            (notice_pb2.NOTICE_STATUS_SENT, 2_000),
+        )
+    ]
+    for attempt in attempts:
+        settlement = Settlement(
+            LuaScript(redis, "settle"), group=keys.OUTBOX_GROUP, retention_ms=60_000, now_ms=1
+        )
+        settlement.record(shard, here, attempt)
+        settlement.record(shard, gone, attempt)
+        await settlement.execute(redis, load_scripts=True)
+
+    view = notice_pb2.NoticeView()
+    view.ParseFromString(await redis.hget(keys.parcel(shard, here.parcel_id), "a:SHIPPED") or b"")
+    assert list(view.attempts) == attempts
+    assert await redis.exists(keys.parcel(shard, gone.parcel_id)) == 0

@@ -27,6 +27,7 @@ from cli.stack import engine_loops
 from cli.workers import run_workers, shared_listen
 from common import logs
 from common.clock import SystemClock
+from common.collector import tune_collector
 from common.errors import RelaisError
 from common.redis_client import connect
 from common.redis_server import EmbeddedRedis
@@ -34,7 +35,7 @@ from common.settings import Settings
 from common.telemetry import setup_telemetry
 from engine.app import build_engine
 from engine.auth import Principal, add_key, describe_listener
-from engine.server import freeze_startup_heap, install_signal_handlers, start_server
+from engine.server import install_signal_handlers, start_server
 from gateway import commands as gateway_commands
 
 log = logging.getLogger("relais")
@@ -83,7 +84,7 @@ async def serve(
             settings, redis, register=engine.register, telemetry=telemetry, reuse_port=worker.count > 1
         )
         install_signal_handlers(running, asyncio.Event(), worker.signals)
-        freeze_startup_heap()
+        tune_collector()
         sec = settings.security
         log.info(
             "relais engine listening on %s (port %d, worker %d of %d), %s, gateway %s; %s",

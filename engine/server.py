@@ -12,7 +12,6 @@ started by mistake on the same address fails loudly instead of taking half the t
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -143,14 +142,6 @@ async def _serve_once_redis_answers(running: EngineServer, redis: Redis) -> None
         if not running.draining:
             await running.set_serving(True)
         return
-
-
-def freeze_startup_heap() -> None:
-    """Move everything start-up allocated (modules, descriptors, servicers: ~50k objects) out of the
-    collector's reach, once the process is ready to serve: a full collection then walks only what
-    serving allocates, instead of pausing the event loop over the whole start-up heap."""
-    gc.collect()
-    gc.freeze()
 
 
 def install_signal_handlers(

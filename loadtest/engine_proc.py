@@ -21,11 +21,12 @@ import signal
 
 from cli.workers import run_workers, shared_listen
 from common.clock import SystemClock
+from common.collector import tune_collector
 from common.redis_client import connect
 from common.settings import Settings
 from engine.app import build_engine
 from engine.scheduler import Dispatcher
-from engine.server import freeze_startup_heap, start_server
+from engine.server import start_server
 
 
 async def serve(settings: Settings, *, scheduler: bool, index: int = 0, workers: int = 1) -> None:
@@ -35,7 +36,7 @@ async def serve(settings: Settings, *, scheduler: bool, index: int = 0, workers:
     clock = SystemClock()
     engine = build_engine(settings, redis, clock)
     running = await start_server(settings, redis, register=engine.register, reuse_port=workers > 1)
-    freeze_startup_heap()
+    tune_collector()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # A worker ignores SIGINT: its supervisor passes the terminal's on as SIGTERM.

@@ -24,6 +24,7 @@ from channels.base import Accepted
 from common import counters, keys
 from common.counters import Increment
 from common.keys import kind_name
+from common.redis_client import lua_array
 from gateway.scripts import LuaScript
 
 # An SMS budget counter outlives its month by a few days, for an operator to read.
@@ -40,6 +41,7 @@ _SentGroup: TypeAlias = tuple[
 class _ShardOps:
     keys: list[str] = field(default_factory=list)
     args: list[Any] = field(default_factory=list)
+    acked: list[bytes] = field(default_factory=list)
 
 
 def attempt_view(attempt: notice_pb2.DeliveryAttempt) -> bytes:
@@ -172,7 +174,7 @@ class Settlement:
             ops.keys.append(key)
 
     def ack(self, shard: int, entry_id: bytes) -> None:
-        self._op(shard, "ack", entry_id)
+        self._shards[shard].acked.append(entry_id)
 
     def record(self, shard: int, notice: notice_pb2.Notice, attempt: notice_pb2.DeliveryAttempt) -> None:
         self.record_view(shard, notice, attempt_view(attempt))
@@ -251,9 +253,8 @@ class Settlement:
         pipe = redis.pipeline(transaction=False)
         for shard, ops in self._shards.items():
             fixed = [keys.outbox(shard), keys.due(shard), keys.dead_letters(shard)]
-            self._script.queue(
-                pipe, fixed + ops.keys, [self._group, self._retention_ms, self._now_ms, *ops.args]
-            )
+            args = [self._group, self._retention_ms, self._now_ms, lua_array(ops.args), lua_array(ops.acked)]
+            self._script.queue(pipe, fixed + ops.keys, args)
         for budget_key, segments in self._sms_segments.items():
             pipe.incrby(budget_key, segments)
             pipe.expire(budget_key, SMS_BUDGET_TTL_S)

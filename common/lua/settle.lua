@@ -4,10 +4,10 @@
 -- KEYS[1] = outbox:{s}, KEYS[2] = due:{s}, KEYS[3] = dlq:{s}, then the keys the ops name, in op order
 -- (parcel hashes and idempotency keys, all of shard s).
 -- ARGV[1] = consumer group, ARGV[2] = retention of "sent" idempotency keys (ms), ARGV[3] = now (ms),
--- then the ops, each a name followed by its arguments:
---   ack <entry id>                         XACK the outbox entry: it is settled (the entries are
---                                          acknowledged together, after the other ops, then the
---                                          stream is trimmed: see trim_settled)
+-- ARGV[4] = the ops, ARGV[5] = the outbox entry ids to acknowledge: each a MessagePack array, which
+-- Redis's cmsgpack unpacks in C (a batch's thousands of separate arguments each cost the client a
+-- formatted length and Redis an object). The entries are acknowledged after the ops, then the stream
+-- is trimmed (see trim_settled). Each op is a name followed by its arguments:
 --   rec <kind> <bytes>           (1 key)   append a NoticeView(attempts=[...]) to the parcel's a:<kind>
 --   sent                         (1 key)   the idempotency key is done: never send it again
 --   free                         (1 key)   release a "sending" claim that did not send (limited, quiet)
@@ -22,10 +22,11 @@
 local group = ARGV[1]
 local retention_ms = ARGV[2]
 local now = ARGV[3]
-local a = 4
+local ops = cmsgpack.unpack(ARGV[4])
+local acked = cmsgpack.unpack(ARGV[5])
+local a = 1
 local k = 4
 local dropped = 0
-local acked = {}
 -- XACK takes many ids: a few calls per batch instead of one per entry. Lua's unpack is bounded by
 -- its stack (8,000 values by default), hence the chunks.
 local ACK_CHUNK = 1000
@@ -104,18 +105,15 @@ local function current(parcel, kind, version)
   return fields[1] == version and fields[2] ~= false
 end
 
-while a <= #ARGV do
-  local op = ARGV[a]
-  if op == 'ack' then
-    acked[#acked + 1] = ARGV[a + 1]
-    a = a + 2
-  elseif op == 'rec' then
-    local parcel, field = KEYS[k], 'a:' .. ARGV[a + 1]
+while a <= #ops do
+  local op = ops[a]
+  if op == 'rec' then
+    local parcel, field = KEYS[k], 'a:' .. ops[a + 1]
     -- A parcel removed after retention is not brought back by a late outcome. Most notices record
     -- their kind's first attempt: HSETNX writes it in the one scan of the hash that HSET would make,
     -- and only a field already there is read and written again (HGET + HSET).
-    if redis.call('EXISTS', parcel) == 1 and redis.call('HSETNX', parcel, field, ARGV[a + 2]) == 0 then
-      redis.call('HSET', parcel, field, redis.call('HGET', parcel, field) .. ARGV[a + 2])
+    if redis.call('EXISTS', parcel) == 1 and redis.call('HSETNX', parcel, field, ops[a + 2]) == 0 then
+      redis.call('HSET', parcel, field, redis.call('HGET', parcel, field) .. ops[a + 2])
     end
     k = k + 1
     a = a + 3
@@ -131,9 +129,9 @@ while a <= #ARGV do
     a = a + 1
   elseif op == 'resched' then
     local parcel = KEYS[k]
-    if current(parcel, ARGV[a + 1], ARGV[a + 2]) then
-      redis.call('HSET', parcel, 'n:' .. ARGV[a + 1], ARGV[a + 5])
-      redis.call('ZADD', KEYS[2], ARGV[a + 4], ARGV[a + 3])
+    if current(parcel, ops[a + 1], ops[a + 2]) then
+      redis.call('HSET', parcel, 'n:' .. ops[a + 1], ops[a + 5])
+      redis.call('ZADD', KEYS[2], ops[a + 4], ops[a + 3])
     else
       dropped = dropped + 1
     end
@@ -141,22 +139,22 @@ while a <= #ARGV do
     a = a + 6
   elseif op == 'dlq' then
     local parcel = KEYS[k]
-    if current(parcel, ARGV[a + 1], ARGV[a + 2]) then
-      redis.call('XADD', KEYS[3], '*', 'n', ARGV[a + 3], 'reason', ARGV[a + 4], 'at', now)
+    if current(parcel, ops[a + 1], ops[a + 2]) then
+      redis.call('XADD', KEYS[3], '*', 'n', ops[a + 3], 'reason', ops[a + 4], 'at', now)
     else
       dropped = dropped + 1
     end
     k = k + 1
     a = a + 5
   elseif op == 'dlqdel' then
-    redis.call('XDEL', KEYS[3], ARGV[a + 1])
+    redis.call('XDEL', KEYS[3], ops[a + 1])
     a = a + 2
   elseif op == 'incr' then
-    redis.call('HINCRBY', KEYS[k], ARGV[a + 1], ARGV[a + 2])
+    redis.call('HINCRBY', KEYS[k], ops[a + 1], ops[a + 2])
     k = k + 1
     a = a + 3
   elseif op == 'pexp' then
-    redis.call('PEXPIRE', KEYS[k], ARGV[a + 1])
+    redis.call('PEXPIRE', KEYS[k], ops[a + 1])
     k = k + 1
     a = a + 2
   else

@@ -8,6 +8,7 @@ from relais.v1 import notice_pb2, types_pb2
 from common import keys
 from gateway.scripts import LuaScript
 from gateway.settle import Settlement, attempt_view, attempt_view_of, timestamp
+from tests.gateway.support import hget, hset
 
 
 def test_attempt_view_is_the_serialised_notice_view() -> None:
@@ -105,7 +106,7 @@ async def test_outcomes_append_to_a_parcel_and_never_bring_one_back(redis: Redis
     shard = 3
     here = notice_pb2.Notice(parcel_id="p-here", kind=types_pb2.NOTICE_KIND_SHIPPED, version=2)
     gone = notice_pb2.Notice(parcel_id="p-gone", kind=types_pb2.NOTICE_KIND_SHIPPED, version=2)
-    await redis.hset(keys.parcel(shard, here.parcel_id), "v", 5)
+    await hset(redis, keys.parcel(shard, here.parcel_id), "v", 5)
     attempts = [
         notice_pb2.DeliveryAttempt(status=status, attempted_at=timestamp(at_ms), version=2)
         for status, at_ms in (
@@ -122,6 +123,6 @@ async def test_outcomes_append_to_a_parcel_and_never_bring_one_back(redis: Redis
         await settlement.execute(redis, load_scripts=True)
 
     view = notice_pb2.NoticeView()
-    view.ParseFromString(await redis.hget(keys.parcel(shard, here.parcel_id), "a:SHIPPED") or b"")
+    view.ParseFromString(await hget(redis, keys.parcel(shard, here.parcel_id), "a:SHIPPED") or b"")
     assert list(view.attempts) == attempts
     assert await redis.exists(keys.parcel(shard, gone.parcel_id)) == 0

@@ -171,7 +171,10 @@ def plan(
 ) -> list[Route]:
     """The routes to try, best first (only the best with ``first_only``); empty when no channel can
     reach the recipient."""
-    failed: Sequence[ChannelKind] = notice.failed_channels
+    # A tuple, checked once per channel: upb's repeated field would be iterated by index to an
+    # IndexError at every check.
+    failed_channels = notice.failed_channels
+    failed: Sequence[ChannelKind] = tuple(failed_channels) if failed_channels else ()
     general = True
     routes: list[Route] = []
     for channel in channel_order(prefs, quiet=quiet):

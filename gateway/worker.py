@@ -62,7 +62,7 @@ from gateway.limiter import Limit, Limiter
 from gateway.outcome import Outcome, Verdict, backoff_ms, judge
 from gateway.render import Rendered
 from gateway.render import Renderer as DefaultRenderer
-from gateway.routing import SLOT_KINDS, ChannelKind, Route, RoutingPolicy, plan
+from gateway.routing import SLOT_KINDS, ChannelKind, Route, RoutingPolicy, plan, single_address
 from gateway.scripts import LuaScript
 from gateway.settle import Settlement, attempt_view_of, timestamp
 
@@ -358,7 +358,10 @@ class Gateway:
             self._give_up(item, SUPPRESSED, "no preferences", now_ms, settlement)
             stats.suppressed += 1
             return None
-        if notice.kind in prefs.muted_kinds:
+        # upb's repeated fields iterate by index until an IndexError, which costs more than the
+        # check itself: an empty one (nearly always) is not iterated.
+        muted = prefs.muted_kinds
+        if muted and notice.kind in muted:
             self._give_up(item, SUPPRESSED, "kind muted by the recipient", now_ms, settlement)
             stats.suppressed += 1
             return None
@@ -390,7 +393,8 @@ class Gateway:
     ) -> Route | None:
         """The notice's best route; reused for the batch's other notices to the same recipient when it
         did not depend on the notice (a recipient often has several notices in a batch)."""
-        key = (id(prefs), quiet, tuple(notice.failed_channels))
+        failed = notice.failed_channels
+        key = (id(prefs), quiet, tuple(failed) if failed else ())
         cached = batch.routes.get(key)
         # The preferences themselves are compared too: an id is only unique among live objects.
         if cached is not None and cached[0] is prefs:
@@ -562,6 +566,12 @@ class Gateway:
                 stats.limited += 1
                 self._telemetry.metrics.limited(LimitScope.SEND)
                 continue
+            claims, results = job.claims, job.results
+            if len(claims) == 1 and claims[0] is Claim.CLAIMED and isinstance(results[0], Accepted):
+                # Nearly every notice: one address, claimed and accepted (no Outcome to judge).
+                settlement.sent(shard, job.keys[0])
+                self._settle_sent(job, results[0], 0, batch)
+                continue
             outcome = self._outcome(job)
             if outcome.dead:
                 dead_by_recipient[notice.recipient_id].extend(outcome.dead)
@@ -572,10 +582,8 @@ class Gateway:
             await self._remove_dead(dead_by_recipient, jobs)
         return fall_back
 
-    def _outcome(self, job: _Job) -> Outcome:
-        claims, sent = job.claims, job.results
-        if len(claims) == 1 and claims[0] is Claim.CLAIMED and isinstance(sent[0], Accepted):
-            return Outcome(Verdict.SENT, accepted=sent[0], accepted_index=0)  # nearly every notice
+    @staticmethod
+    def _outcome(job: _Job) -> Outcome:
         # A key sent before counts as accepted: the message reached the provider already.
         results = [
             Accepted("") if claim is Claim.SENT else result
@@ -591,19 +599,11 @@ class Gateway:
             stats.elsewhere += 1
             return False
         if outcome.verdict is Verdict.SENT:
-            accepted = outcome.accepted
-            assert accepted is not None
+            assert outcome.accepted is not None
             for key, claim, result in zip(job.keys, job.claims, job.results, strict=True):
                 if claim is Claim.CLAIMED:
                     (settlement.sent if isinstance(result, Accepted) else settlement.free)(shard, key)
-            provider = job.route.targets[outcome.accepted_index].provider
-            self._record(job, notice_pb2.NOTICE_STATUS_SENT, batch, provider, accepted.provider_message_id)
-            settlement.count_sent(shard, notice, job.route.channel, accepted)
-            if job.route.channel == types_pb2.CHANNEL_SMS:
-                budget_key = self._sms_budget_key(notice.merchant_id, now_ms)
-                settlement.spend_sms(budget_key, accepted.segments)
-                batch.sms_spent[budget_key] = batch.sms_spent.get(budget_key, 0) + max(1, accepted.segments)
-            stats.sent += 1
+            self._settle_sent(job, outcome.accepted, outcome.accepted_index, batch)
             return False
         for key, claim in zip(job.keys, job.claims, strict=True):
             if claim is Claim.CLAIMED:
@@ -632,6 +632,18 @@ class Gateway:
         stats.retrying += 1
         return False
 
+    def _settle_sent(self, job: _Job, accepted: Accepted, accepted_index: int, batch: _Batch) -> None:
+        """Record and count a notice a provider accepted (its keys already marked sent or freed)."""
+        shard, notice, channel = job.item.entry.shard, job.item.notice, job.route.channel
+        provider = job.route.targets[accepted_index].provider
+        self._record(job, notice_pb2.NOTICE_STATUS_SENT, batch, provider, accepted.provider_message_id)
+        batch.settlement.count_sent(shard, notice, channel, accepted)
+        if channel == types_pb2.CHANNEL_SMS:
+            budget_key = self._sms_budget_key(notice.merchant_id, batch.now_ms)
+            batch.settlement.spend_sms(budget_key, accepted.segments)
+            batch.sms_spent[budget_key] = batch.sms_spent.get(budget_key, 0) + max(1, accepted.segments)
+        batch.stats.sent += 1
+
     def _record(
         self,
         job: _Job,
@@ -643,7 +655,12 @@ class Gateway:
         error: str = "",
     ) -> None:
         notice, channel, version = job.item.notice, job.route.channel, job.item.notice.version
-        key = idempotency.idempotency_key(notice.notice_id, version, channel)
+        # The notice's key for the channel: the one its send claimed, unless a push to several devices
+        # claimed one per device.
+        if single_address(channel):
+            key = job.keys[0]
+        else:
+            key = idempotency.idempotency_key(notice.notice_id, version, channel)
         view = attempt_view_of(
             channel, provider, provider_message_id, status, batch.now_ms, error, key, version
         )

@@ -27,7 +27,7 @@ from cli.stack import engine_loops
 from cli.workers import run_workers, shared_listen
 from common import logs
 from common.clock import SystemClock
-from common.collector import tune_collector
+from common.collector import ENGINE_YOUNG_THRESHOLD, tune_collector
 from common.errors import RelaisError
 from common.redis_client import connect
 from common.redis_server import EmbeddedRedis
@@ -84,7 +84,7 @@ async def serve(
             settings, redis, register=engine.register, telemetry=telemetry, reuse_port=worker.count > 1
         )
         install_signal_handlers(running, asyncio.Event(), worker.signals)
-        tune_collector()
+        tune_collector(ENGINE_YOUNG_THRESHOLD)
         sec = settings.security
         log.info(
             "relais engine listening on %s (port %d, worker %d of %d), %s, gateway %s; %s",

@@ -21,7 +21,7 @@ import signal
 
 from cli.workers import run_workers, shared_listen
 from common.clock import SystemClock
-from common.collector import tune_collector
+from common.collector import ENGINE_YOUNG_THRESHOLD, tune_collector
 from common.redis_client import connect
 from common.settings import Settings
 from engine.app import build_engine
@@ -36,7 +36,7 @@ async def serve(settings: Settings, *, scheduler: bool, index: int = 0, workers:
     clock = SystemClock()
     engine = build_engine(settings, redis, clock)
     running = await start_server(settings, redis, register=engine.register, reuse_port=workers > 1)
-    tune_collector()
+    tune_collector(ENGINE_YOUNG_THRESHOLD)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # A worker ignores SIGINT: its supervisor passes the terminal's on as SIGTERM.

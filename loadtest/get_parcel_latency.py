@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 from relais.v1 import parcel_pb2, parcel_pb2_grpc
 
 from common import keys
-from common.collector import tune_collector
+from common.collector import ENGINE_YOUNG_THRESHOLD, tune_collector
 from common.redis_client import connect
 from loadtest.audit import percentile
 from loadtest.meter import process_tree
@@ -173,7 +173,7 @@ async def _main(args: argparse.Namespace) -> None:
         await redis.aclose()
     # What set-up allocated stays put: the collector then walks only the calls' own objects, and
     # rarely (the engine's settings).
-    tune_collector()
+    tune_collector(ENGINE_YOUNG_THRESHOLD)
     result = await measure(
         args.target,
         ids,

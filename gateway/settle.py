@@ -232,11 +232,17 @@ class Settlement:
         self._sms_segments[budget_key] += max(1, segments)
 
     def count_sent(
-        self, shard: int, notice: notice_pb2.Notice, channel: types_pb2.Channel.ValueType, accepted: Accepted
+        self,
+        shard: int,
+        merchant_id: str,
+        kind: types_pb2.NoticeKind.ValueType,
+        channel: types_pb2.Channel.ValueType,
+        accepted: Accepted,
     ) -> None:
-        """Count a notice the provider accepted (``sent_counters``), summed with the batch's others."""
+        """Count a notice of ``merchant_id`` and ``kind`` a provider accepted (``sent_counters``), summed
+        with the batch's others."""
         price = (accepted.segments, accepted.cost_micros, accepted.currency)
-        self._sent[shard, notice.merchant_id, notice.kind, channel, price] += 1
+        self._sent[shard, merchant_id, kind, channel, price] += 1
 
     def _count_sends(self) -> None:
         """The batch's counters, summed per hash and field, into their shard's script call: a few

@@ -126,6 +126,11 @@ class _Batch:
 class _Item:
     entry: Entry
     notice: notice_pb2.Notice
+    # Read from the notice once: each read of a protobuf field looks its name up and makes a new
+    # object, and the batch's steps ask for these several times each.
+    kind: types_pb2.NoticeKind.ValueType
+    merchant_id: str
+    recipient_id: str
     prefs: preferences_pb2.RecipientPreferences | None = None
 
 
@@ -313,7 +318,7 @@ class Gateway:
                 log.error("outbox entry %s of shard %d is not a Notice; dropped", entry.entry_id, entry.shard)
                 settlement.ack(entry.shard, entry.entry_id)
                 continue
-            items.append(_Item(entry, notice))
+            items.append(_Item(entry, notice, notice.kind, notice.merchant_id, notice.recipient_id))
         return items
 
     def _sms_budget_key(self, merchant_id: str, now_ms: int) -> str:
@@ -327,8 +332,10 @@ class Gateway:
 
     async def _load(self, items: list[_Item], now_ms: int) -> dict[str, int]:
         """Preferences and SMS budgets of the batch, one round trip. Returns segments spent per key."""
-        recipient_ids = list({item.notice.recipient_id for item in items})
-        budget_keys = list({self._sms_budget_key(item.notice.merchant_id, now_ms) for item in items})
+        recipient_ids = list({item.recipient_id for item in items})
+        budget_keys = [
+            self._sms_budget_key(merchant_id, now_ms) for merchant_id in {i.merchant_id for i in items}
+        ]
         pipe = self._redis.pipeline(transaction=False)
         ordered = recipients.queue_load(pipe, recipient_ids, self._shards)
         for budget_key in budget_keys:
@@ -337,7 +344,7 @@ class Gateway:
         loads = len(replies) - len(budget_keys)
         prefs = recipients.parse_loaded(ordered, replies[:loads])
         for item in items:
-            item.prefs = prefs[item.notice.recipient_id]
+            item.prefs = prefs[item.recipient_id]
         spent = replies[loads:]
         return {key: int(value or 0) for key, value in zip(budget_keys, spent, strict=True)}
 
@@ -361,7 +368,7 @@ class Gateway:
         # upb's repeated fields iterate by index until an IndexError, which costs more than the
         # check itself: an empty one (nearly always) is not iterated.
         muted = prefs.muted_kinds
-        if muted and notice.kind in muted:
+        if muted and item.kind in muted:
             self._give_up(item, SUPPRESSED, "kind muted by the recipient", now_ms, settlement)
             stats.suppressed += 1
             return None
@@ -438,14 +445,14 @@ class Gateway:
         return limit
 
     def _limits(self, job: _Job) -> list[Limit]:
-        notice = job.item.notice
+        item = job.item
         limits = [self._limit("provider", t.provider) for t in job.route.targets]
         if len(limits) > 1:
             limits = list(dict.fromkeys(limits))
-        limits.append(self._limit("merchant", notice.merchant_id))
+        limits.append(self._limit("merchant", item.merchant_id))
         # A slot notice or a correction is the point of relais: never held back by the frequency cap.
-        if notice.kind not in SLOT_KINDS:
-            limits.append(self._limit("recipient", notice.recipient_id))
+        if item.kind not in SLOT_KINDS:
+            limits.append(self._limit("recipient", item.recipient_id))
         return limits
 
     async def _claim_and_limit(self, jobs: list[_Job], now_ms: int) -> None:
@@ -634,12 +641,12 @@ class Gateway:
 
     def _settle_sent(self, job: _Job, accepted: Accepted, accepted_index: int, batch: _Batch) -> None:
         """Record and count a notice a provider accepted (its keys already marked sent or freed)."""
-        shard, notice, channel = job.item.entry.shard, job.item.notice, job.route.channel
+        item, channel = job.item, job.route.channel
         provider = job.route.targets[accepted_index].provider
         self._record(job, notice_pb2.NOTICE_STATUS_SENT, batch, provider, accepted.provider_message_id)
-        batch.settlement.count_sent(shard, notice, channel, accepted)
+        batch.settlement.count_sent(item.entry.shard, item.merchant_id, item.kind, channel, accepted)
         if channel == types_pb2.CHANNEL_SMS:
-            budget_key = self._sms_budget_key(notice.merchant_id, batch.now_ms)
+            budget_key = self._sms_budget_key(item.merchant_id, batch.now_ms)
             batch.settlement.spend_sms(budget_key, accepted.segments)
             batch.sms_spent[budget_key] = batch.sms_spent.get(budget_key, 0) + max(1, accepted.segments)
         batch.stats.sent += 1

@@ -12,7 +12,7 @@ by ``T``. Over any window of ``w`` seconds at most ``b + w * rate`` pass: the ra
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
@@ -31,18 +31,16 @@ class Limit:
     ident: str
     rate_per_s: float
     burst: int
+    # Derived once: a limit is built once per name and named in many batches. The key names the
+    # limit (scope and ident) in Redis and in a batch.
+    key: str = field(init=False, repr=False, compare=False)
+    interval_ms: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.rate_per_s <= 0 or self.burst < 1:
             raise ValueError(f"limit {self.scope}: rate_per_s must be > 0 and burst >= 1")
-
-    @property
-    def key(self) -> str:
-        return keys.rate_limit(self.scope, self.ident)
-
-    @property
-    def interval_ms(self) -> float:
-        return 1000.0 / self.rate_per_s
+        object.__setattr__(self, "key", keys.rate_limit(self.scope, self.ident))
+        object.__setattr__(self, "interval_ms", 1000.0 / self.rate_per_s)
 
 
 class Limiter:
@@ -73,18 +71,16 @@ class Limiter:
     ) -> tuple[list[str], list[Any]]:
         # Each distinct limit is sent once (key, interval, burst); entries name theirs by index, so
         # a batch sharing a provider and a merchant costs a few arguments per entry. A limit is one
-        # Redis key, named by scope and ident (hashing the two strings, not the whole dataclass).
-        index: dict[tuple[str, str], int] = {}
-        distinct: list[Limit] = []
+        # Redis key, which names it here too (a string whose hash Python keeps, not the dataclass).
+        index: dict[str, int] = {}
         shapes: list[Any] = []
         refs: list[Any] = []
         for limits in entries:
             refs.append(len(limits))
             for limit in limits:
-                position = index.get((limit.scope, limit.ident))
+                position = index.get(limit.key)
                 if position is None:
-                    distinct.append(limit)
-                    position = index[limit.scope, limit.ident] = len(distinct)
+                    position = index[limit.key] = len(index) + 1
                     shapes += (limit.interval_ms, limit.burst)
                 refs.append(position)
-        return [limit.key for limit in distinct], [now_ms, amount, lua_array(shapes), lua_array(refs)]
+        return list(index), [now_ms, amount, lua_array(shapes), lua_array(refs)]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import random
 from collections import Counter, defaultdict
@@ -43,6 +42,7 @@ from channels.base import (
 )
 from common import keys
 from common.clock import Clock
+from common.collector import GATEWAY_YOUNG_THRESHOLD, tune_collector
 from common.keys import channel_name
 from common.quiet_hours import allowed_send_ms, is_quiet
 from common.settings import GatewaySettings, Settings
@@ -154,21 +154,6 @@ def _month(now_ms: int) -> str:
     return _month_of_day(now_ms // 86_400_000)
 
 
-# The collector's first threshold: allocations of containers (net of those freed) between two
-# collections. A batch keeps ~20 per notice alive until it is settled, ~80k for 4,096 notices; at
-# Python's default of 700 the collector ran hundreds of times a batch, walking them again each time.
-GC_THRESHOLD = 100_000
-
-
-def tune_collector() -> None:
-    """For a process that runs the gateway's loop: what is loaded by now (modules, templates, locale
-    data) lives as long as the process, so it is frozen out of the collector's walks, and collections
-    wait for a batch's worth of allocations. Measured with gc callbacks on the benchmark's drain: the
-    collector took 10-17% of the gateway's CPU with the defaults, about 0 after."""
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, 20, 20)
-
-
 def _quiet_window(prefs: preferences_pb2.RecipientPreferences) -> tuple[int, int] | None:
     if not prefs.HasField("quiet_hours"):
         return None
@@ -238,7 +223,7 @@ class Gateway:
         # A long-running loop compiles its templates before its first batch, not during it.
         if isinstance(self._renderer, DefaultRenderer):
             self._renderer.warm()
-        tune_collector()
+        tune_collector(GATEWAY_YOUNG_THRESHOLD)
         permits = asyncio.Semaphore(self._settings.max_in_flight)
         tasks: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()

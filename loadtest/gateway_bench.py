@@ -107,7 +107,8 @@ async def drain_cpu(
 ) -> CpuFigures:
     """One gateway drains the outboxes, one batch at a time: its CPU time, Redis's, and round trips.
     Under callgrind the first batch (templates compiled, locale data loaded) is left out."""
-    from gateway.worker import Gateway, tune_collector
+    from common.collector import GATEWAY_YOUNG_THRESHOLD, tune_collector
+    from gateway.worker import Gateway
 
     trips = RoundTrips()
     redis = counting_connect(redis_url, trips)
@@ -116,7 +117,7 @@ async def drain_cpu(
     gateway = Gateway(settings, redis, SystemClock(), {"null": channel}, renderer=renderer)
     try:
         await gateway.start()
-        tune_collector()  # as Gateway.run does after its start
+        tune_collector(GATEWAY_YOUNG_THRESHOLD)  # as Gateway.run does after its start
         if callgrind:
             await gateway.process(await gateway.outbox.read(block=False))
         commands_before = await command_stats(redis)

@@ -1,3 +1,4 @@
+-- #include group_info
 -- The outbox entries of one shard not yet settled: read by no gateway yet, or read and not yet
 -- acknowledged. The settle script trims settled entries lazily (whole stream nodes, and never past
 -- the oldest pending entry), so XLEN over-counts; the consumer group says what is unsettled.
@@ -7,17 +8,7 @@ local length = redis.call('XLEN', stream)
 if length == 0 then
   return 0
 end
-local info = nil
-for _, entry in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-  local fields = {}
-  for i = 1, #entry, 2 do
-    fields[entry[i]] = entry[i + 1]
-  end
-  if fields['name'] == group then
-    info = fields
-    break
-  end
-end
+local info = group_info(stream, group)
 if info == nil then
   return length -- no gateway has read this stream yet: every entry waits
 end

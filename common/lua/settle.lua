@@ -1,3 +1,4 @@
+-- #include group_info
 -- Settle a batch of one shard's notices in one call: record outcomes, mark sends done, reschedule
 -- retries, dead-letter, acknowledge the outbox entries and trim the settled ones off the stream.
 --
@@ -60,24 +61,6 @@ local function next_id(id)
   return ms .. '-' .. string.format('%d', tonumber(seq) + 1)
 end
 
--- The group's last delivered id, nil if the group is not there.
-local function last_delivered(stream)
-  local groups = redis.pcall('XINFO', 'GROUPS', stream)
-  if groups.err then
-    return nil
-  end
-  for _, info in ipairs(groups) do
-    local fields = {}
-    for i = 1, #info, 2 do
-      fields[info[i]] = info[i + 1]
-    end
-    if fields['name'] == group then
-      return fields['last-delivered-id']
-    end
-  end
-  return nil
-end
-
 -- Settled entries leave the stream in bulk, one XTRIM per call instead of one XDEL per entry (an
 -- XDEL seeks its entry inside a node of up to 100; a trim drops whole nodes). Below the trim point
 -- every entry is certainly settled: it is at or before the group's last delivered id (delivered;
@@ -87,11 +70,11 @@ end
 -- the trim point for a later call: cheaper, and the depth gauge counts from the group, not XLEN.
 -- There is one group on the outbox (the gateways'): a trim would not wait for another.
 local function trim_settled(stream)
-  local delivered = last_delivered(stream)
-  if delivered == nil then
+  local info = group_info(stream, group)
+  if info == nil then
     return
   end
-  local trim_to = next_id(delivered)
+  local trim_to = next_id(info['last-delivered-id'])
   local pending = redis.call('XPENDING', stream, group)
   local oldest_pending = pending[2]
   if oldest_pending and id_below(oldest_pending, trim_to) then

@@ -395,16 +395,20 @@ class _GuardedGenericHandler(GenericHandler):
     def __init__(self, inner: GenericHandler, wrap: Callable[[str, Any], Any]) -> None:
         self._inner = inner
         self._wrap = wrap
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
-        if method not in self._wrapped:
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
             handler = self._inner.service(handler_call_details)
-            self._wrapped[method] = None if handler is None else self._wrap(method, handler)
-        return self._wrapped[method]
+            if handler is None:
+                # Not remembered: callers choose the method names, and unknown ones are unbounded.
+                return None
+            wrapped = self._wrapped[method] = self._wrap(method, handler)
+        return wrapped
 
 
 class GuardedRegistry(grpc.aio.Server):

@@ -116,3 +116,18 @@ async def test_redis_away_is_unavailable_not_internal(clock: ManualClock) -> Non
                 assert info.value.details() == "storage unavailable; retry later"
     finally:
         await dead.aclose()
+
+
+async def test_an_unknown_method_is_unimplemented_and_the_server_keeps_serving(
+    redis: Redis, clock: ManualClock
+) -> None:
+    async with serving(settings_with(SecuritySettings()), redis, clock, [add_probes]) as running:  # noqa: SIM117
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            for n in range(3):
+                unknown = channel.unary_unary(f"/relais.v1.ParcelService/NoSuchMethod{n}", None, None)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await unknown(b"", timeout=5)
+                assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            stub = parcel_pb2_grpc.ParcelServiceStub(channel)
+            view = await stub.GetParcel(parcel_pb2.GetParcelRequest(parcel_id="p1"), timeout=5)
+            assert view.parcel_id == "p1"

@@ -20,12 +20,12 @@ import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from redis.asyncio import Redis
 from relais.v1 import notice_pb2
 
 from common import keys
+from common.redis_client import register
 from loadtest.counting_channel import Deliveries
 
 PARCEL_MATCH = f"{keys.PREFIX}p:*"
@@ -46,36 +46,23 @@ class Backlog:
 
 
 async def backlog(redis: Redis, shards: int, now_ms: int) -> Backlog:
-    """One pipelined look at every shard's due set and outbox."""
+    """One pipelined look at every shard's due set and outbox. An outbox entry counts until it is
+    settled (``outbox_depth.lua``, the gauge's own count): not yet read, or read and not yet
+    acknowledged."""
+    depth = register(redis, "outbox_depth")
     pipe = redis.pipeline(transaction=False)
     for s in range(shards):
         pipe.zcount(keys.due(s), "-inf", now_ms)
         pipe.zcard(keys.due(s))
-        pipe.xinfo_groups(keys.outbox(s))
-        pipe.xlen(keys.outbox(s))
-    replies = await pipe.execute(raise_on_error=False)
+        await depth(keys=[keys.outbox(s)], args=[keys.OUTBOX_GROUP], client=pipe)
+    replies = await pipe.execute()
     due_now = later = undelivered = 0
     for s in range(shards):
-        now_count, total, groups, length = replies[4 * s : 4 * s + 4]
+        now_count, total, unsettled = replies[3 * s : 3 * s + 3]
         due_now += int(now_count)
         later += int(total) - int(now_count)
-        undelivered += _undelivered(groups, int(length) if isinstance(length, int) else 0)
+        undelivered += int(unsettled)
     return Backlog(due_now=due_now, scheduled_later=later, outbox_undelivered=undelivered)
-
-
-def _undelivered(groups: Any, length: int) -> int:
-    """Entries the gateways' group has not read (lag) plus those read but not acknowledged."""
-    if isinstance(groups, Exception) or not groups:
-        return length  # no stream or no group yet: every entry still waits
-    for group in groups:
-        if _text(group.get("name")) == keys.OUTBOX_GROUP:
-            lag = group.get("lag")
-            return int(group.get("pending", 0)) + (int(lag) if lag is not None else 0)
-    return length
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def wait_drained(

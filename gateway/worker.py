@@ -58,7 +58,7 @@ from common.telemetry import (
 from gateway import idempotency, recipients
 from gateway.consumer import Entry, Outbox, default_consumer_name
 from gateway.idempotency import Claim
-from gateway.limiter import Limit, Limiter
+from gateway.limiter import Limit, LimitBatch, Limiter, Rate
 from gateway.outcome import Outcome, Verdict, backoff_ms, judge
 from gateway.render import Rendered
 from gateway.render import Renderer as DefaultRenderer
@@ -198,7 +198,11 @@ class Gateway:
             min_idle_ms=self._lease_ms,
         )
         self._limiter = Limiter(redis)
-        self._limits_by_name: dict[tuple[str, str], Limit] = {}
+        self._shared_limits_by_name: dict[tuple[str | tuple[str, ...], str], tuple[Limit, ...]] = {}
+        self._merchant_rate = Rate(self._settings.merchant_rate_per_s, self._settings.merchant_burst)
+        self._recipient_rate = Rate(
+            self._settings.recipient_rate_per_h / 3600, self._settings.recipient_burst
+        )
         self._budget_keys: dict[tuple[str, str], str] = {}
         self._settle = LuaScript(redis, "settle")
         self._claims = idempotency.Claims(redis, self._lease_ms)
@@ -411,39 +415,41 @@ class Gateway:
 
     # --- limits and claims: one round trip ------------------------------------------------------
 
-    def _limit(self, scope: str, ident: str) -> Limit:
-        """Provider, merchant and recipient limits, each built once per name: every batch names the
-        same few providers and merchants, and a recipient often has several notices in one."""
-        limit = self._limits_by_name.get((scope, ident))
-        if limit is None:
-            s = self._settings
-            if len(self._limits_by_name) > CACHE_MAX_ENTRIES:
-                self._limits_by_name.clear()
-            if scope == "provider":
-                rate = s.provider_rate(ident)
-                limit = Limit(scope, ident, rate, max(1, int(rate)))  # a second's worth at once
-            elif scope == "merchant":
-                limit = Limit(scope, ident, s.merchant_rate_per_s, s.merchant_burst)
-            else:
-                limit = Limit(scope, ident, s.recipient_rate_per_h / 3600, s.recipient_burst)
-            self._limits_by_name[(scope, ident)] = limit
-        return limit
+    def _shared_limits(self, route: Route, merchant_id: str) -> tuple[Limit, ...]:
+        """The provider and merchant limits of a send, one tuple per combination, built once: every
+        batch names the same few (the limiter recognises a tuple by identity)."""
+        targets = route.targets
+        providers = (
+            targets[0].provider if len(targets) == 1 else tuple(dict.fromkeys(t.provider for t in targets))
+        )
+        key = (providers, merchant_id)
+        shared = self._shared_limits_by_name.get(key)
+        if shared is None:
+            if len(self._shared_limits_by_name) > CACHE_MAX_ENTRIES:
+                self._shared_limits_by_name.clear()
+            names = (providers,) if isinstance(providers, str) else providers
+            limits = [Limit("provider", name, self._provider_rate(name)) for name in names]
+            limits.append(Limit("merchant", merchant_id, self._merchant_rate))
+            shared = self._shared_limits_by_name[key] = tuple(limits)
+        return shared
 
-    def _limits(self, job: _Job) -> list[Limit]:
-        item = job.item
-        limits = [self._limit("provider", t.provider) for t in job.route.targets]
-        if len(limits) > 1:
-            limits = list(dict.fromkeys(limits))
-        limits.append(self._limit("merchant", item.merchant_id))
-        # A slot notice or a correction is the point of relais: never held back by the frequency cap.
-        if item.kind not in SLOT_KINDS:
-            limits.append(self._limit("recipient", item.recipient_id))
-        return limits
+    def _provider_rate(self, provider: str) -> Rate:
+        rate = self._settings.provider_rate(provider)
+        return Rate(rate, max(1, int(rate)))  # a second's worth at once
+
+    def _limit_batch(self, jobs: Sequence[_Job]) -> LimitBatch:
+        batch = LimitBatch("recipient", self._recipient_rate)
+        for job in jobs:
+            item = job.item
+            # A slot notice or a correction is the point of relais: never held back by the frequency cap.
+            personal = None if item.kind in SLOT_KINDS else item.recipient_id
+            batch.add(self._shared_limits(job.route, item.merchant_id), personal)
+        return batch
 
     async def _claim_and_limit(self, jobs: list[_Job], now_ms: int) -> None:
         pipe = self._redis.pipeline(transaction=False)
         if self._settings.limits_enabled:
-            self._limiter.queue(pipe, now_ms, [self._limits(job) for job in jobs])
+            self._limiter.queue(pipe, now_ms, self._limit_batch(jobs))
         by_shard: dict[int, list[str]] = defaultdict(list)
         for job in jobs:
             notice = job.item.notice

@@ -134,6 +134,9 @@ class GatewaySettings:
     block_ms: int = 200
     # How often crashed gateways' entries are looked for (XAUTOCLAIM).
     reclaim_interval_s: float = 5.0
+    # An outbox entry handed out this many times without being settled (its batches kept failing) goes
+    # to the dead-letter stream at the next reclaim.
+    max_deliveries: int = 5
     # How long a "sent" idempotency key is kept: a resend within it is recognised.
     idempotency_retention_s: int = 7 * 24 * 3600
     # SMS only for notices worth it: declared value at least this (minor units, any currency)...
@@ -183,6 +186,7 @@ class GatewaySettings:
             reclaim_interval_s=_float(
                 env, p + "RECLAIM_INTERVAL_S", cls.reclaim_interval_s, low=0.01, high=3600.0
             ),
+            max_deliveries=_int(env, p + "MAX_DELIVERIES", cls.max_deliveries, low=2, high=1000),
             idempotency_retention_s=_int(
                 env, p + "IDEMPOTENCY_RETENTION_S", cls.idempotency_retention_s, low=60, high=90 * 86400
             ),

@@ -6,6 +6,11 @@ stream up to its oldest pending entry: never an entry pending or not yet deliver
 gateway that died stay pending too, and in the stream: after the send timeout they are idle long
 enough that another gateway takes them over with ``XAUTOCLAIM`` (``min-idle-time`` = send timeout),
 so a crash delays notices but loses none.
+
+A reclaimed entry carries how many times the group delivered it (``XPENDING``): an entry whose
+batches keep failing (a notice that makes the gateway raise) is told apart from one whose gateway
+died, so the gateway can isolate it and, in the end, dead-letter it instead of retrying it forever,
+which would also hold the stream's trimming behind it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class Entry:
     entry_id: bytes
     # The Notice bytes; None when the entry has no ``n`` field (malformed: acknowledged and dropped).
     body: bytes | None
+    # Times the group handed it out, this one included (1 for a first read).
+    deliveries: int = 1
 
 
 def default_consumer_name() -> str:
@@ -78,7 +85,8 @@ class Outbox:
         return entries
 
     async def reclaim(self) -> list[Entry]:
-        """Entries other consumers left pending longer than the send timeout, now ours."""
+        """Entries other consumers left pending longer than the send timeout, now ours, each with its
+        delivery count. Two round trips: the claims, then the counts of the shards that had any."""
         pipe = self._redis.pipeline(transaction=False)
         for name, shard in self._streams.items():
             pipe.xautoclaim(
@@ -89,13 +97,27 @@ class Outbox:
                 start_id=self._cursors[shard],
                 count=self._batch_size,
             )
-        entries: list[Entry] = []
-        for shard, reply in zip(self._streams.values(), await pipe.execute(), strict=True):
+        claimed: dict[str, list[tuple[bytes, bytes | None]]] = {}
+        for (name, shard), reply in zip(self._streams.items(), await pipe.execute(), strict=True):
             # [next cursor, claimed entries, ids deleted meanwhile (Redis drops those from the PEL)]
             self._cursors[shard] = reply[0]
-            entries.extend(
-                Entry(shard, entry_id, fields.get(b"n"))
-                for entry_id, fields in reply[1]
-                if entry_id is not None
+            found = [(entry_id, fields.get(b"n")) for entry_id, fields in reply[1] if entry_id is not None]
+            if found:
+                claimed[name] = found
+        if not claimed:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for name, found in claimed.items():
+            # Our pending entries between the first and the last claimed: the claimed ones, and at most
+            # the batches this consumer has in flight (their ids are newer, so rarely in the range).
+            # One missing from the reply counts as a second delivery; the next reclaim counts it again.
+            first, last = found[0][0], found[-1][0]
+            pipe.xpending_range(
+                name, keys.OUTBOX_GROUP, first, last, 2 * len(found) + self._batch_size, self._consumer
             )
+        entries: list[Entry] = []
+        for (name, found), pending in zip(claimed.items(), await pipe.execute(), strict=True):
+            counts = {row["message_id"]: row["times_delivered"] for row in pending}
+            shard = self._streams[name]
+            entries.extend(Entry(shard, entry_id, body, counts.get(entry_id, 2)) for entry_id, body in found)
         return entries

@@ -217,7 +217,7 @@ class Gateway:
 
     async def run_once(self, *, block: bool = False, reclaim: bool = False) -> BatchStats:
         """Read one batch (reclaimed entries first if asked) and process it: for tests and tools."""
-        entries = await self.outbox.reclaim() if reclaim else []
+        entries = await self._triage(await self.outbox.reclaim()) if reclaim else []
         entries = entries or await self.outbox.read(block=block)
         return await self.process(entries)
 
@@ -238,7 +238,7 @@ class Gateway:
                 entries: list[Entry] = []
                 if loop.time() >= next_reclaim:
                     next_reclaim = loop.time() + self._settings.reclaim_interval_s
-                    entries = await self.outbox.reclaim()
+                    entries = await self._triage(await self.outbox.reclaim())
                 entries = entries or await self.outbox.read()
             except (RedisError, OSError) as exc:
                 permits.release()
@@ -264,19 +264,73 @@ class Gateway:
         finally:
             permits.release()
 
+    async def _triage(self, entries: list[Entry]) -> list[Entry]:
+        """Sort reclaimed entries; returns those to process as one batch.
+
+        At its second delivery an entry's gateway most likely died: it goes back in a batch. Later,
+        its batches failed before, maybe because of it: it is processed alone, so it holds back no
+        other notice. Handed out more than ``max_deliveries`` times, it goes to the dead-letter
+        stream, where an operator sees it and can replay it once the gateway is fixed.
+        """
+        batch: list[Entry] = []
+        exhausted: list[Entry] = []
+        for entry in entries:
+            if entry.deliveries > self._settings.max_deliveries:
+                exhausted.append(entry)
+            elif entry.deliveries > 2:
+                try:
+                    await self.process([entry])
+                except (RedisError, OSError):
+                    raise
+                except Exception:
+                    log.exception(
+                        "outbox entry %s of shard %d failed again (delivery %d of %d); left for reclaim",
+                        entry.entry_id.decode(),
+                        entry.shard,
+                        entry.deliveries,
+                        self._settings.max_deliveries,
+                    )
+            else:
+                batch.append(entry)
+        if exhausted:
+            await self._dead_letter_exhausted(exhausted)
+        return batch
+
+    async def _dead_letter_exhausted(self, entries: list[Entry]) -> None:
+        now_ms = self._clock.now_ms()
+        settlement = self._settlement(now_ms)
+        reason = f"not settled after {self._settings.max_deliveries} deliveries: the gateway failed on it"
+        items = self._parse(entries, settlement)
+        for item in items:
+            log.error(
+                "outbox entry %s of shard %d (notice %s) failed %d times; moved to the dead-letter stream",
+                item.entry.entry_id.decode(),
+                item.entry.shard,
+                item.notice.notice_id,
+                item.entry.deliveries - 1,
+            )
+            self._give_up(item, notice_pb2.NOTICE_STATUS_DEAD_LETTER, reason, now_ms, settlement)
+            settlement.ack(item.entry.shard, item.entry.entry_id)
+        await settlement.execute(self._redis)
+        for item in items:
+            self._telemetry.metrics.dead_lettered(item.kind)
+
     # --- one batch ------------------------------------------------------------------------------
+
+    def _settlement(self, now_ms: int) -> Settlement:
+        return Settlement(
+            self._settle,
+            group=keys.OUTBOX_GROUP,
+            retention_ms=self._settings.idempotency_retention_s * 1000,
+            now_ms=now_ms,
+        )
 
     async def process(self, entries: Sequence[Entry]) -> BatchStats:
         stats = BatchStats()
         if not entries:
             return stats
         now_ms = self._clock.now_ms()
-        settlement = Settlement(
-            self._settle,
-            group=keys.OUTBOX_GROUP,
-            retention_ms=self._settings.idempotency_retention_s * 1000,
-            now_ms=now_ms,
-        )
+        settlement = self._settlement(now_ms)
         batch = _Batch(now_ms, settlement, stats)
         items = self._parse(entries, settlement)
         batch.sms_spent = await self._load(items, now_ms)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 from relais.v1 import notice_pb2, preferences_pb2, types_pb2
 
@@ -13,7 +15,7 @@ from channels.base import EmailAddress, FcmToken, PermanentFailure, PhoneNumber,
 from common import keys
 from common.clock import ManualClock
 from gateway.dlq import list_dead_letters, replay
-from gateway.worker import Gateway
+from gateway.worker import BatchStats, Gateway
 from tests.conftest import T0_MS
 from tests.gateway.support import (
     SHARDS,
@@ -447,3 +449,52 @@ async def test_crashed_consumers_entries_are_reclaimed(redis: Redis, clock: Manu
     assert (await survivor.run_once(reclaim=True)).sent == 1
     assert len(chans["email"].sent) == 1
     assert await outbox_left(redis) == 0
+
+
+class _Brittle(Gateway):
+    """A gateway with a bug that one notice triggers: every batch holding it raises."""
+
+    def _plan_one(self, item: Any, batch: Any) -> Any:
+        if item.notice.notice_id.startswith("p-poison"):
+            raise RuntimeError("a bug this notice triggers")
+        return super()._plan_one(item, batch)
+
+
+async def test_a_notice_that_fails_every_batch_is_isolated_then_dead_lettered(
+    redis: Redis, clock: ManualClock
+) -> None:
+    chans = channels()
+    gateway = _Brittle(settings(send_timeout_s=0.05, max_deliveries=4), redis, clock, chans, consumer="test")
+    await gateway.start()
+    await put_prefs(redis, prefs(email="m@example.ch"))
+    for parcel_id in ("p-1", "p-poison", "p-2"):
+        await queue_notice(redis, make_notice(parcel_id))
+
+    async def redelivered() -> BatchStats:
+        await asyncio.sleep(0.1)  # XAUTOCLAIM measures idle time on the server's clock
+        return await gateway.run_once(reclaim=True)
+
+    # Delivery 1, and 2 (reclaimed together: their gateway may just have died): the batch fails.
+    with pytest.raises(RuntimeError):
+        await gateway.run_once()
+    with pytest.raises(RuntimeError):
+        await redelivered()
+    assert chans["email"].sent == []
+    # Delivery 3: each alone. The others go out; the poison stays pending, holding back nothing else.
+    await redelivered()
+    assert sorted(m.idempotency_key for m in chans["email"].sent) == [
+        "p-1:SHIPPED:1:email",
+        "p-2:SHIPPED:1:email",
+    ]
+    assert await list_dead_letters(redis, SHARDS) == []
+    await redelivered()  # delivery 4: alone again, fails again
+    assert await list_dead_letters(redis, SHARDS) == []
+    # Delivery 5 is past the limit of 4: to the dead-letter stream, recorded on the notice, settled.
+    await redelivered()
+    (letter,) = await list_dead_letters(redis, SHARDS)
+    assert letter.notice.notice_id.startswith("p-poison")
+    assert "after 4 deliveries" in letter.reason
+    (attempt,) = await attempts(redis, letter.notice)
+    assert attempt.status == notice_pb2.NOTICE_STATUS_DEAD_LETTER
+    assert await outbox_left(redis) == 0
+    assert len(chans["email"].sent) == 2

@@ -59,7 +59,8 @@ class LimitBatch:
     is recognised by identity, so the caller builds each once and reuses it (the gateway keeps one per
     provider and merchant). Every personal limit has the batch's one personal rate, so a personal limit
     costs its key alone: a batch of thousands of recipients sends one key each and two numbers per
-    entry, and builds no object per recipient.
+    entry, and builds no object per recipient. The personal scope is not one of the shared limits'
+    (the gateway's are ``provider`` and ``merchant``), so no key is both.
     """
 
     __slots__ = (

@@ -198,7 +198,7 @@ class Gateway:
             min_idle_ms=self._lease_ms,
         )
         self._limiter = Limiter(redis)
-        self._shared_limits_by_name: dict[tuple[str | tuple[str, ...], str], tuple[Limit, ...]] = {}
+        self._shared_limits_by_name: dict[tuple[tuple[str, ...], str], tuple[Limit, ...]] = {}
         self._merchant_rate = Rate(self._settings.merchant_rate_per_s, self._settings.merchant_burst)
         self._recipient_rate = Rate(
             self._settings.recipient_rate_per_h / 3600, self._settings.recipient_burst
@@ -474,15 +474,14 @@ class Gateway:
         batch names the same few (the limiter recognises a tuple by identity)."""
         targets = route.targets
         providers = (
-            targets[0].provider if len(targets) == 1 else tuple(dict.fromkeys(t.provider for t in targets))
+            (targets[0].provider,) if len(targets) == 1 else tuple(dict.fromkeys(t.provider for t in targets))
         )
         key = (providers, merchant_id)
         shared = self._shared_limits_by_name.get(key)
         if shared is None:
             if len(self._shared_limits_by_name) > CACHE_MAX_ENTRIES:
                 self._shared_limits_by_name.clear()
-            names = (providers,) if isinstance(providers, str) else providers
-            limits = [Limit("provider", name, self._provider_rate(name)) for name in names]
+            limits = [Limit("provider", name, self._provider_rate(name)) for name in providers]
             limits.append(Limit("merchant", merchant_id, self._merchant_rate))
             shared = self._shared_limits_by_name[key] = tuple(limits)
         return shared

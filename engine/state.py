@@ -258,12 +258,20 @@ def change_of(record: ParcelRecord, result: Plan, *, now_ms: int, settings: Sett
     """Turn a planned parcel into the fields, due-set moves and TTL its apply-script entry writes."""
     state = record.state
     if state.status in FINISHED:
+        state.idle_ttl_day = 0
         if not state.expires_ms:
             state.expires_ms = now_ms + settings.retention_days * DAY_MS
         ttl_ms = max(state.expires_ms - now_ms, 1)
     else:
         state.expires_ms = 0
-        ttl_ms = settings.engine.idle_retention_days * DAY_MS
+        # An active parcel expires once abandoned for the idle retention. Pushing that back on the
+        # first write of each UTC day only (a day early at worst) spares Redis a PEXPIRE per event.
+        today = now_ms // DAY_MS
+        if state.idle_ttl_day == today:
+            ttl_ms = 0
+        else:
+            state.idle_ttl_day = today
+            ttl_ms = settings.engine.idle_retention_days * DAY_MS
     change = ParcelChange(expected_version=record.version, ttl_ms=ttl_ms)
     pid = record.parcel_id
     change.checks.extend(keys.notice_id(pid, kind_name(kind)).encode() for kind in result.checked)

@@ -49,3 +49,25 @@ async def test_counted_once_under_the_merchant_registered_later(redis: Redis, cl
     assert day == [b"1", b"1", b"1"]
     assert await redis.hmget(keys.stats_total(shard), counted) == day  # type: ignore[misc]
     assert await redis.pttl(keys.stats(shard, "acme", day_of(T0_MS))) > 0
+
+
+async def test_a_daily_counter_keeps_the_expiry_it_was_made_with(redis: Redis, clock: ManualClock) -> None:
+    """The TTL of a day's counters is set when the hash is made, not pushed back by every count."""
+    engine = build_engine(SETTINGS, redis, clock)
+    servicer = ParcelServicer(engine.store, clock)
+    shard = keys.shard_of("P1", SETTINGS.shards)
+    second = next(p for p in (f"P{n}" for n in range(2, 200)) if keys.shard_of(p, SETTINGS.shards) == shard)
+    day_key = keys.stats(shard, "acme", day_of(T0_MS))
+    clock.set_ms(T0_MS + HOUR_MS)
+    for n, pid in enumerate(("P1", second)):
+        registration = parcel_pb2.ParcelRegistration(
+            parcel_id=pid, merchant_id="acme", carrier="swisspost", recipient_id="acme/r1"
+        )
+        await servicer.RegisterParcels(parcel_pb2.RegisterParcelsRequest(parcels=[registration]), None)  # type: ignore[arg-type]
+        scanned = event(f"e{n}", pid, S.TRACKING_STATUS_IN_TRANSIT, T0_MS)
+        await engine.ingestor.apply(tracking_pb2.EventBatch(seq=n, events=[scanned]))
+        if n == 0:
+            assert await redis.pttl(day_key) > 2 * HOUR_MS  # made with the day's retention
+            await redis.pexpire(day_key, HOUR_MS)
+    assert await redis.hget(day_key, "shipped") == b"2"  # type: ignore[misc]
+    assert 0 < await redis.pttl(day_key) <= HOUR_MS

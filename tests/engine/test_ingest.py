@@ -10,7 +10,7 @@ from relais.v1 import notice_pb2, parcel_pb2, preferences_pb2, state_pb2, tracki
 from common import keys
 from common.clock import ManualClock
 from engine.planner import window_ms
-from engine.state import DAY_MS, body_field, load_state, version_field, withdrawn_field
+from engine.state import DAY_MS, ParcelChange, body_field, load_state, version_field, withdrawn_field
 from tests.conftest import T0_MS
 from tests.engine.core_support import (
     HOUR_MS,
@@ -193,6 +193,51 @@ async def test_finished_parcel_expires_after_retention(redis: Redis, clock: Manu
     ttl_ms = await redis.pttl(keys.parcel(shard, "P8"))
     assert SETTINGS.retention_days * DAY_MS - MIN_MS < ttl_ms <= SETTINGS.retention_days * DAY_MS
     assert (await state_of(redis, "P8")).expires_ms == T0_MS + SETTINGS.retention_days * DAY_MS
+
+
+async def test_idle_expiry_moves_on_at_the_first_write_of_a_day(redis: Redis, clock: ManualClock) -> None:
+    engine = engine_for(redis, clock)
+    key = keys.parcel(keys.shard_of("P9", SETTINGS.shards), "P9")
+    idle_ms = SETTINGS.engine.idle_retention_days * DAY_MS
+    await engine.ingestor.apply(batch(1, event("e1", "P9", T.TRACKING_STATUS_IN_TRANSIT, T0_MS)))
+    assert idle_ms - MIN_MS < await redis.pttl(key) <= idle_ms
+    # As if the expiry had been set long ago: later writes the same day leave it where it is...
+    await redis.pexpire(key, HOUR_MS)
+    clock.set_ms(T0_MS + HOUR_MS)
+    await engine.ingestor.apply(batch(2, event("e2", "P9", T.TRACKING_STATUS_IN_TRANSIT, T0_MS + 1)))
+    assert 0 < await redis.pttl(key) <= HOUR_MS
+    # ...and the first write of the next UTC day pushes it back by the whole idle retention.
+    clock.set_ms(T0_MS + DAY_MS)
+    await engine.ingestor.apply(batch(3, event("e3", "P9", T.TRACKING_STATUS_IN_TRANSIT, T0_MS + 2)))
+    assert idle_ms - MIN_MS < await redis.pttl(key) <= idle_ms
+    assert (await state_of(redis, "P9")).idle_ttl_day == (T0_MS + DAY_MS) // DAY_MS
+
+
+async def test_due_set_moves_only_for_parcels_that_passed_their_check(
+    redis: Redis, clock: ManualClock
+) -> None:
+    """The apply script makes a shard's due-set moves together at the end (in slices of a few thousand
+    values): a conflicting parcel's moves are left out, the others' all made."""
+    store = engine_for(redis, clock).store
+    a, b = [pid for pid in (f"Q{n}" for n in range(100)) if store.shard(pid) == 0][:2]
+    due = keys.due(0)
+    await redis.zadd(due, {f"{a}:OLD": 1, f"{b}:OLD": 1})
+
+    def change(pid: str, expected_version: int, adds: int) -> ParcelChange:
+        moved = ParcelChange(expected_version=expected_version, ttl_ms=0, sets=[b"v", b"1"])
+        for n in range(adds):
+            moved.adds += [str(n).encode(), f"{pid}:NEW{n}".encode()]
+        moved.rems.append(f"{pid}:OLD".encode())
+        return moved
+
+    # ``a`` expects version 7 but is new (0): a conflict. ``b``'s 3,000 adds take two ZADD slices.
+    conflicts = await store.write({a: (0, change(a, 7, 1)), b: (0, change(b, 0, 3000))})
+    assert conflicts == {a}
+    assert await redis.zscore(due, f"{a}:OLD") == 1
+    assert await redis.zscore(due, f"{a}:NEW0") is None
+    assert await redis.zscore(due, f"{b}:OLD") is None
+    assert await redis.zcard(due) == 1 + 3000
+    assert await redis.zscore(due, f"{b}:NEW2999") == 2999
 
 
 async def test_batch_costs_constant_round_trips(redis: Redis, clock: ManualClock) -> None:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -47,9 +48,13 @@ def free_port() -> int:
 class EmbeddedRedis:
     """Starts redis-server as a child process; ``url`` is valid between ``start`` and ``stop``."""
 
-    def __init__(self, binary: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, binary: Path | None = None, port: int | None = None, *, wrapper: Sequence[str] = ()
+    ) -> None:
         self._binary = binary
         self._port = port
+        # A command that runs redis-server under it (valgrind for ``loadtest.ingest_cpu``).
+        self._wrapper = tuple(wrapper)
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -59,12 +64,19 @@ class EmbeddedRedis:
             raise RedisUnavailableError("the embedded Redis is not running")
         return f"redis://127.0.0.1:{self._port}/0"
 
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RedisUnavailableError("the embedded Redis is not running")
+        return self._process.pid
+
     def start(self) -> str:
         binary = self._binary or find_redis_server()
         self._port = self._port or free_port()
         self._workdir = tempfile.TemporaryDirectory(prefix="relais-redis-")
         # fmt: off
         args = [
+            *self._wrapper,
             str(binary),
             "--port", str(self._port),
             "--bind", "127.0.0.1",

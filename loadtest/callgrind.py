@@ -14,9 +14,15 @@ import sys
 from pathlib import Path
 
 
-def instrument(switch: str) -> None:
-    """Instrumentation ``on`` or ``off`` in this process, which runs under callgrind."""
-    subprocess.run(["callgrind_control", "-i", switch, str(os.getpid())], check=True, capture_output=True)
+def instrument(switch: str, pid: int | None = None) -> None:
+    """Instrumentation ``on`` or ``off`` in a process that runs under callgrind (by default this one)."""
+    target = os.getpid() if pid is None else pid
+    subprocess.run(["callgrind_control", "-i", switch, str(target)], check=True, capture_output=True)
+
+
+def wrapper(out: Path) -> list[str]:
+    """The command prefix that runs a program under callgrind, instrumentation off at start."""
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
 
 
 def total_instructions(callgrind_out: Path) -> int:
@@ -28,14 +34,5 @@ def total_instructions(callgrind_out: Path) -> int:
 
 def run_module(module: str, args: list[str], out: Path) -> str:
     """``python -m module args`` under callgrind, instrumentation off at start; its stdout."""
-    command = [
-        "valgrind",
-        "--tool=callgrind",
-        "--instr-atstart=no",
-        f"--callgrind-out-file={out}",
-        sys.executable,
-        "-m",
-        module,
-        *args,
-    ]
+    command = [*wrapper(out), sys.executable, "-m", module, *args]
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout

@@ -124,7 +124,9 @@ async def drain_cpu(
         trips.count = 0
         batches = 0
         warm_sent = channel.sent
-        async with metered(redis, profile=profile, instrumented=callgrind, top=45) as cost:
+        async with metered(
+            redis, profile=profile, instrumented=(os.getpid(),) if callgrind else (), top=45
+        ) as cost:
             while entries := await gateway.outbox.read(block=False):
                 await gateway.process(entries)
                 batches += 1

@@ -9,6 +9,8 @@ redis-server's own CPU per event (its ``INFO cpu``): what the Lua scripts cost.
 
 ``--callgrind`` counts the engine's instructions per event instead (a child under valgrind, the
 measured part only): slow, but the figure does not move with the load of the machine.
+``--redis-callgrind`` counts the redis-server's instead (it runs under valgrind, the engine does not):
+what the scripts cost Redis, for comparing two versions of them.
 
 ``--telemetry compare`` alternates runs with tracing and metrics off (the default: OpenTelemetry's
 no-op) and on (the SDK recording every span and metric into memory): what the hot path pays for them.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +37,7 @@ from engine.ingest import Ingestor
 from engine.parcel_service import ParcelServicer
 from loadtest.bench import STREAMS, make_groups
 from loadtest.callgrind import run_module, total_instructions
+from loadtest.callgrind import wrapper as callgrind_wrapper
 from loadtest.journeys import promised_date, registrations
 from loadtest.meter import metered
 from loadtest.recipients import _into_redis
@@ -67,7 +71,7 @@ async def measure(
     *,
     profile: str = "",
     telemetry: bool = False,
-    instrumented: bool = False,
+    instrumented: Sequence[int] = (),
 ) -> tuple[float, float, int]:
     """(engine CPU seconds, redis-server CPU seconds, accepted events) for ingesting ``events`` events."""
     redis = connect(url)
@@ -122,11 +126,21 @@ def main() -> None:
         help="count the engine's instructions per event under valgrind instead (slow, but not blurred "
         "by a busy machine)",
     )
+    parser.add_argument(
+        "--redis-callgrind",
+        action="store_true",
+        help="count the redis-server's instructions per event under valgrind (what the scripts cost it)",
+    )
     parser.add_argument("--instrumented", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.callgrind:
         for run in range(args.runs):
             print(f"run {run}: {instructions_per_event(args.events, args.shards):,.0f} instructions/event")
+        return
+    if args.redis_callgrind:
+        for run in range(args.runs):
+            per_event = redis_instructions_per_event(args.events, args.shards, f"RCG{run}")
+            print(f"run {run}: redis-server {per_event:,.0f} instructions/event")
         return
     server = EmbeddedRedis()
     url = server.start()
@@ -141,7 +155,7 @@ def main() -> None:
                 prefix,
                 profile=args.profile,
                 telemetry=telemetry,
-                instrumented=args.instrumented,
+                instrumented=(os.getpid(),) if args.instrumented else (),
             )
             cpu_s, redis_s, accepted = asyncio.run(run_cpu)
             per_event_us = cpu_s / max(accepted, 1) * 1e6
@@ -162,6 +176,21 @@ def instructions_per_event(events: int, shards: int) -> float:
         args = ["--events", str(events), "--shards", str(shards), "--instrumented"]
         stdout = run_module("loadtest.ingest_cpu", args, out)
         accepted = int(stdout.split(" events applied")[0].rsplit(" ", 1)[1])
+        return total_instructions(out) / max(accepted, 1)
+
+
+def redis_instructions_per_event(events: int, shards: int, prefix: str) -> float:
+    """One run against a redis-server under callgrind, instrumented around the measured part only."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "callgrind.out"
+        server = EmbeddedRedis(wrapper=callgrind_wrapper(out))
+        url = server.start()
+        try:
+            _cpu_s, _redis_s, accepted = asyncio.run(
+                measure(url, events, shards, prefix, instrumented=(server.pid,))
+            )
+        finally:
+            server.stop()  # callgrind writes its counts as redis-server exits
         return total_instructions(out) / max(accepted, 1)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import cProfile
 import pstats
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -40,15 +40,16 @@ class Metered:
 
 @asynccontextmanager
 async def metered(
-    redis: Redis, *, profile: str = "", instrumented: bool = False, top: int = 50
+    redis: Redis, *, profile: str = "", instrumented: Sequence[int] = (), top: int = 50
 ) -> AsyncIterator[Metered]:
     """Measure the body. ``profile``: print cProfile's ``top`` functions sorted by ``self`` or
-    ``cum`` time. ``instrumented``: switch callgrind's instrumentation on for the body only."""
+    ``cum`` time. ``instrumented``: processes under callgrind (this one, a redis-server) whose
+    instrumentation is on for the body only."""
     figures = Metered()
     profiler = cProfile.Profile() if profile else None
     redis_before = await redis_cpu_s(redis)
-    if instrumented:
-        instrument("on")
+    for pid in instrumented:
+        instrument("on", pid)
     started = time.process_time()
     if profiler is not None:
         profiler.enable()
@@ -58,8 +59,8 @@ async def metered(
         figures.cpu_s = time.process_time() - started
         if profiler is not None:
             profiler.disable()
-        if instrumented:
-            instrument("off")
+        for pid in instrumented:
+            instrument("off", pid)
     figures.redis_s = await redis_cpu_s(redis) - redis_before
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("cumulative" if profile == "cum" else "tottime").print_stats(top)

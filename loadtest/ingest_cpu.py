@@ -4,7 +4,8 @@ Builds the engine core (``engine.app.build_engine``) on a private redis-server, 
 preferences, registers the parcels (untimed), then applies the ingest benchmark's batches straight to
 the ``Ingestor`` with ``STREAMS`` batches in flight, and prints this process's CPU time per event
 (``time.process_time``: the engine's own work, not Redis's nor the clients' encoding). Events are
-built and decoded before the clock starts, as a gRPC server would hand them over. Beside it, the
+built and decoded before the clock starts, as a gRPC server would hand them over, and the collector
+is set as an engine worker sets it (``common.collector``). Beside it, the
 redis-server's own CPU per event (its ``INFO cpu``): what the Lua scripts cost.
 
 ``--callgrind`` counts the engine's instructions per event instead (a child under valgrind, the
@@ -28,6 +29,7 @@ from pathlib import Path
 from relais.v1 import parcel_pb2, tracking_pb2
 
 from common.clock import SystemClock
+from common.collector import ENGINE_YOUNG_THRESHOLD, tune_collector
 from common.redis_client import connect
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
@@ -98,6 +100,7 @@ async def measure(
             while not group.done:
                 seq += 1
                 streams[n % STREAMS].append(group.next_batch(seq, now_ms))
+        tune_collector(ENGINE_YOUNG_THRESHOLD)  # as an engine worker does once it serves
         async with metered(redis, profile=profile, instrumented=instrumented, top=60) as cost:
             accepted = sum(await asyncio.gather(*(_stream(engine.ingestor, s) for s in streams)))
         return cost.cpu_s, cost.redis_s, accepted

@@ -89,7 +89,8 @@ def preferences(shard: int, recipient_id: str) -> str:
 
 
 def recipient_parcels(shard: int, recipient_id: str) -> str:
-    """Set of a recipient's parcel ids: to re-plan on a preference change and to erase."""
+    """Hash of a recipient's parcel ids -> when each was indexed (``engine.recipient_index``): to
+    re-plan on a preference change and to erase."""
     return f"{PREFIX}rcp-parcels:{tag(shard)}:{recipient_id}"
 
 

@@ -2,10 +2,8 @@
 
 ``RegisterParcels`` rejects bad entries by index and applies the rest: it stores the order facts, merges
 them into a parcel carriers may have scanned first, plans what became plannable (the recipient is now
-known) and plans pending notices again with the new facts. It keeps ``keys.recipient_parcels``, the
-recipient's parcel ids the re-planning on a preference change walks: a hash of parcel id -> "" rather
-than a set, since Redis keeps a small hash as a listpack (a few bytes a parcel) and a set of strings as a
-hashtable (~80 bytes a parcel).
+known) and plans pending notices again with the new facts. It indexes each parcel under its recipient
+(``engine.recipient_index``) for the re-planning on a preference change and for erasure.
 
 ``GetParcel`` answers from ONE script call (``view_parcel.lua``): the parcel's version, state, which
 notices are still due, the gateway's attempts fields of its hash (not the whole hash: it also holds
@@ -29,8 +27,8 @@ from common.keys import kind_name
 from common.redis_client import register
 from engine import auth
 from engine.alert_store import parse_parcel_alerts
+from engine.recipient_index import RecipientIndex
 from engine.state import (
-    DAY_MS,
     ParcelRecord,
     ParcelStore,
     add_full_timeline,
@@ -144,6 +142,7 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
         self._redis: Redis = store.redis
         self._clock = clock
         self._view = register(self._redis, "view_parcel")
+        self._index = RecipientIndex(self._redis, store.settings)
 
     def _screen(
         self, parcels: Sequence[parcel_pb2.ParcelRegistration]
@@ -188,7 +187,8 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
 
         if wanted:
             await self._store.update(list(wanted), mutate, refresh=True)
-            await self._index_recipients(wanted, taken, previous)
+            indexed = {pid: parcel.recipient_id for pid, (_i, parcel) in wanted.items() if pid not in taken}
+            await self._index.add(indexed, previous, now_ms)
         for index in taken.values():
             rejected.append(
                 parcel_pb2.RejectedParcel(
@@ -197,27 +197,6 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
             )
         rejected.sort(key=lambda r: r.index)
         return parcel_pb2.RegisterParcelsResponse(registered=len(wanted) - len(taken), rejected=rejected)
-
-    async def _index_recipients(
-        self,
-        wanted: Mapping[str, tuple[int, parcel_pb2.ParcelRegistration]],
-        taken: Mapping[str, int],
-        previous: Mapping[str, str],
-    ) -> None:
-        """Keep each recipient's set of parcels (re-planning and erasure walk it): one round trip."""
-        shards = self._store.settings.shards
-        idle_ms = self._store.settings.engine.idle_retention_days * DAY_MS
-        pipe = self._redis.pipeline(transaction=False)
-        for pid, (_index, parcel) in wanted.items():
-            if pid in taken:
-                continue
-            rid = parcel.recipient_id
-            key = keys.recipient_parcels(keys.shard_of(rid, shards), rid)
-            pipe.hset(key, pid, "")
-            pipe.pexpire(key, idle_ms)
-        for pid, rid in previous.items():
-            pipe.hdel(keys.recipient_parcels(keys.shard_of(rid, shards), rid), pid)
-        await pipe.execute()
 
     async def GetParcel(  # noqa: N802 - gRPC method name
         self, request: parcel_pb2.GetParcelRequest, context: Context

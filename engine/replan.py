@@ -1,38 +1,37 @@
 """Re-planning a recipient's parcels: after a preference change, and on GDPR erasure.
 
 The preferences helper calls these through the callables the engine composition hands it
-(``engine.app``). Both walk ``keys.recipient_parcels`` (kept at registration) and go through
-``ParcelStore.update``: a constant number of round trips whatever the number of parcels, and the same
-optimistic version check as ingest, so a concurrent event never undoes a re-plan.
+(``engine.app``). Both walk the recipient's index (``engine.recipient_index``, kept at registration)
+and go through ``ParcelStore.update``: a constant number of round trips whatever the number of
+parcels, and the same optimistic version check as ingest, so a concurrent event never undoes a
+re-plan. The walk takes out of the index the parcels that expired or went to another recipient.
 """
 
 from __future__ import annotations
 
-from common import keys
+from engine.recipient_index import RecipientIndex
 from engine.state import ParcelRecord, ParcelStore
+
+
+def _theirs(record: ParcelRecord, recipient_id: str) -> bool:
+    # The index may still list a parcel that expired or was registered to someone else since.
+    return record.exists and record.state.recipient_id == recipient_id
 
 
 class Replanner:
     def __init__(self, store: ParcelStore) -> None:
         self._store = store
-
-    async def _parcels_of(self, recipient_id: str) -> list[str]:
-        shard = keys.shard_of(recipient_id, self._store.settings.shards)
-        members: list[bytes] = await self._store.redis.hkeys(  # type: ignore[misc]
-            keys.recipient_parcels(shard, recipient_id)
-        )
-        return sorted(m.decode() for m in members)
+        self._index = RecipientIndex(store.redis, store.settings)
 
     async def _update(self, recipient_id: str, *, erase: bool) -> int:
-        parcel_ids = await self._parcels_of(recipient_id)
-        if not parcel_ids:
+        indexed = await self._index.entries(recipient_id)
+        if not indexed:
             return 0
-
-        def theirs(record: ParcelRecord) -> bool:
-            # The set may still list a parcel re-registered to someone else, or expired.
-            return record.exists and record.state.recipient_id == recipient_id
-
-        records = await self._store.update(parcel_ids, theirs, refresh=not erase, erase=erase)
+        records = await self._store.update(
+            sorted(indexed), lambda r: _theirs(r, recipient_id), refresh=not erase, erase=erase
+        )
+        gone = {pid: indexed[pid] for pid, r in records.items() if not _theirs(r, recipient_id)}
+        await self._index.forget({recipient_id: gone} if gone else {})
         return sum(len(r.plan.withdrawn if erase else r.plan.checked) for r in records.values() if r.plan)
 
     async def replan_recipient(self, recipient_id: str) -> int:

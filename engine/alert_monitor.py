@@ -15,80 +15,30 @@ import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
-from relais.v1 import state_pb2, tracking_pb2, types_pb2
+from relais.v1 import state_pb2
 
 from common.clock import Clock
-from engine.alert_rules import AlertConfig, Evaluation, ParcelFacts, TroubleEvent, evaluate
+from engine.alert_rules import AlertConfig, Evaluation, ParcelFacts, evaluate
 from engine.alert_store import CHECK_TIMER, AlertStore, Changes
-from engine.counting import promised_date
-from engine.validation import stamp_ms
+from engine.facts import facts_from_state
 
 log = logging.getLogger(__name__)
 
-TROUBLE = (types_pb2.TRACKING_STATUS_EXCEPTION, types_pb2.TRACKING_STATUS_ATTEMPT_FAIL)
-INFO_RECEIVED = types_pb2.TRACKING_STATUS_INFO_RECEIVED
 WRITTEN_MAX = 100_000
-AT_PICKUP = types_pb2.TRACKING_STATUS_AVAILABLE_FOR_PICKUP
-
-
-def facts_from_state(state: state_pb2.ParcelState) -> ParcelFacts:
-    """The one adapter from the engine's ``ParcelState`` to what the rules and counters need.
-
-    One pass over the timeline (oldest first by occurred_at), times read without ``ToMilliseconds``'s
-    range checks: this runs for every parcel of every batch."""
-    first_scan_ms: int | None = None
-    pickup_since_ms: int | None = None
-    trouble: list[TroubleEvent] = []
-    shipped_ms: int | None = None
-    last_ms: int | None = None
-    last: tracking_pb2.TrackingEvent | None = None
-    for entry in state.timeline:
-        event = entry.event
-        ms = stamp_ms(event.occurred_at)
-        status = event.status
-        if shipped_ms is None:
-            shipped_ms = ms
-        if status != INFO_RECEIVED and first_scan_ms is None:
-            first_scan_ms = ms  # the timeline is sorted: the first scan is the earliest
-        if status in TROUBLE:
-            trouble.append(TroubleEvent(event.event_id, event.exception_reason, ms))
-        # The start of the latest run of AVAILABLE_FOR_PICKUP events: a carrier's daily reminder
-        # scan does not restart the wait.
-        if status == AT_PICKUP:
-            if last is None or last.status != AT_PICKUP:
-                pickup_since_ms = ms
-        else:
-            pickup_since_ms = None
-        last, last_ms = event, ms
-    deadline = state.pickup_point.deadline if state.pickup_point.HasField("deadline") else None
-    return ParcelFacts(
-        parcel_id=state.parcel_id,
-        merchant_id=state.merchant_id,
-        status=state.status,
-        exception_reason=state.exception_reason,
-        created_ms=state.created_ms,
-        first_scan_ms=first_scan_ms,
-        last_event_ms=last_ms,
-        last_facility=(last.location.facility or last.location.city) if last is not None else "",
-        pickup_since_ms=pickup_since_ms if state.status == AT_PICKUP else None,
-        pickup_deadline_ms=stamp_ms(deadline) if deadline else None,
-        promised_date=promised_date(state),
-        shipped_ms=shipped_ms,
-        delivered_ms=state.status_occurred_ms
-        if state.status == types_pb2.TRACKING_STATUS_DELIVERED
-        else None,
-        trouble_events=tuple(trouble),
-    )
 
 
 class Updated(Protocol):
-    """A parcel the engine just wrote (``engine.state.ParcelRecord``): its state and alert mark."""
+    """A parcel the engine just wrote (``engine.state.ParcelRecord``): its state, alert mark and, when
+    the write counted with them, its facts."""
 
     @property
     def state(self) -> state_pb2.ParcelState: ...
 
     @property
     def alert_mark(self) -> str: ...
+
+    @property
+    def facts(self) -> ParcelFacts | None: ...
 
 
 def outcome_digest(facts: ParcelFacts, ev: Evaluation) -> str:
@@ -191,7 +141,8 @@ class AlertMonitor:
             if written is not None and written[0] == mark:
                 mark = written[1]  # read before this process's previous hook wrote it
             marks[pid] = mark
-        await self.check([facts_from_state(r.state) for r in records if r.state.merchant_id], marks=marks)
+        facts = [r.facts or facts_from_state(r.state) for r in records if r.state.merchant_id]
+        await self.check(facts, marks=marks)
 
     async def on_timer(self, shard: int, parcel_id: str, name: str) -> None:
         """The scheduler's handler for ``CHECK_ALERTS`` timers."""

@@ -95,7 +95,7 @@ def team_name(team: Team) -> str:
 @dataclass(slots=True)
 class ParcelFacts:
     """What the rules need to know of a parcel. Times are unix ms of the carrier's ``occurred_at``
-    (``created_ms`` is relais' own). ``engine.alert_monitor.facts_from_state`` maps the engine's state."""
+    (``created_ms`` is relais' own). ``engine.facts.facts_from_state`` maps the engine's state."""
 
     parcel_id: str
     merchant_id: str

@@ -16,10 +16,11 @@ from redis.asyncio import Redis
 from common.clock import Clock
 from common.settings import Settings
 from common.telemetry import Metrics
-from engine.alert_monitor import AlertMonitor, facts_from_state
+from engine.alert_monitor import AlertMonitor
 from engine.alert_rules import DAY_MS, ParcelFacts, load_alert_config
 from engine.alert_service import AlertServicer, add_alert_service
 from engine.alert_store import CHECK_TIMER, AlertStore
+from engine.facts import facts_from_state
 from engine.ingest import Ingestor
 from engine.parcel_service import ParcelServicer, add_parcel_service
 from engine.preference_service import PreferenceServicer, add_preference_service

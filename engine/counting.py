@@ -9,16 +9,10 @@ registered) is not counted yet: its counts land under the merchant once registra
 
 from __future__ import annotations
 
-from datetime import date
-
-from relais.v1 import state_pb2, types_pb2
-
 from common import counters
 from common.counters import Increment
-from engine.validation import stamp_ms
+from engine.alert_rules import ParcelFacts
 
-TROUBLE = (types_pb2.TRACKING_STATUS_EXCEPTION, types_pb2.TRACKING_STATUS_ATTEMPT_FAIL)
-DELIVERED = types_pb2.TRACKING_STATUS_DELIVERED
 SHIP, DLV, EXC_PREFIX = "ship", "dlv", "x:"
 # Event ids are printable ASCII without spaces (engine.validation): a space never occurs in a marker.
 SEP = " "
@@ -29,38 +23,26 @@ def parse_counted(raw: bytes | None) -> frozenset[str]:
     return frozenset(raw.decode().split(SEP)) if raw else frozenset()
 
 
-def promised_date(state: state_pb2.ParcelState) -> date | None:
-    """The order's promised day; None when unset or not a real date."""
-    if not state.order.HasField("promised_date"):
-        return None
-    d = state.order.promised_date
-    try:
-        return date(d.year, d.month, d.day)
-    except ValueError:
-        return None
-
-
 def count_change(
-    shard: int, state: state_pb2.ParcelState, counted: frozenset[str]
+    shard: int, facts: ParcelFacts, counted: frozenset[str]
 ) -> tuple[list[Increment], str | None]:
-    """The increments this state adds beyond ``counted``, on the day each thing happened, and the new
-    ``ct`` value (None: nothing new to count)."""
-    if not state.merchant_id or not state.timeline:
+    """The increments the parcel's facts add beyond ``counted``, on the day each thing happened, and
+    the new ``ct`` value (None: nothing new to count)."""
+    merchant = facts.merchant_id
+    if not merchant or facts.shipped_ms is None:
         return [], None
-    merchant = state.merchant_id
     incs: list[Increment] = []
     new: list[str] = []
     if SHIP not in counted:
-        incs += counters.shipped(shard, merchant, stamp_ms(state.timeline[0].event.occurred_at))
+        incs += counters.shipped(shard, merchant, facts.shipped_ms)
         new.append(SHIP)
-    if state.status == DELIVERED and DLV not in counted:
-        incs += counters.delivered(shard, merchant, state.status_occurred_ms, promised_date(state))
+    if facts.delivered_ms is not None and DLV not in counted:
+        incs += counters.delivered(shard, merchant, facts.delivered_ms, facts.promised_date)
         new.append(DLV)
-    for entry in state.timeline:
-        event = entry.event
-        if event.status in TROUBLE and EXC_PREFIX + event.event_id not in counted:
-            incs += counters.exception(shard, merchant, stamp_ms(event.occurred_at), event.exception_reason)
-            new.append(EXC_PREFIX + event.event_id)
+    for trouble in facts.trouble_events:
+        if EXC_PREFIX + trouble.event_id not in counted:
+            incs += counters.exception(shard, merchant, trouble.occurred_ms, trouble.reason)
+            new.append(EXC_PREFIX + trouble.event_id)
     if not new:
         return [], None
     return incs, SEP.join(sorted(counted.union(new)))

@@ -42,7 +42,9 @@ from common.keys import kind_name
 from common.redis_client import lua_array, register
 from common.settings import Settings
 from common.telemetry import inject_trace_context
+from engine.alert_rules import ParcelFacts
 from engine.counting import count_change, parse_counted
+from engine.facts import facts_from_state
 from engine.planner import Audience, Plan, PlanRules, plan
 from engine.validation import set_stamp_ms, stamp_ms
 
@@ -101,6 +103,9 @@ class ParcelRecord:
     counted: frozenset[str] = frozenset()
     # What planning decided, once the record was planned and written.
     plan: Plan | None = None
+    # Its facts as written, for a parcel with a merchant (``engine.facts``): counted by ``change_of``,
+    # then evaluated by the alert hook without a second pass over the timeline.
+    facts: ParcelFacts | None = None
 
     @property
     def exists(self) -> bool:
@@ -298,9 +303,11 @@ def change_of(record: ParcelRecord, result: Plan, *, now_ms: int, settings: Sett
         F_SCHEDULED,
         scheduled.encode(),
     ]
-    change.incs, counted = count_change(record.shard, state, record.counted)
-    if counted is not None:
-        change.sets += [F_COUNTED, counted.encode()]
+    if state.merchant_id:
+        record.facts = facts_from_state(state)
+        change.incs, counted = count_change(record.shard, record.facts, record.counted)
+        if counted is not None:
+            change.sets += [F_COUNTED, counted.encode()]
     return change
 
 

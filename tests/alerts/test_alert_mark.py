@@ -13,6 +13,7 @@ from common.clock import ManualClock
 from common.counters import day_of
 from common.settings import Settings
 from engine.alert_monitor import make_mark, settled
+from engine.alert_rules import ParcelFacts
 from engine.alert_store import F_ALERT_MARK, check_member
 from engine.app import build_engine
 from engine.parcel_service import ParcelServicer
@@ -99,6 +100,7 @@ class Read:
 
     state: state_pb2.ParcelState
     alert_mark: str
+    facts: ParcelFacts | None = None  # the hook reads them off the state then
 
 
 async def test_a_mark_read_before_the_previous_hook_wrote_is_taken_as_written(

@@ -6,6 +6,7 @@ same ones to the alert hook.
 
 from __future__ import annotations
 
+import functools
 from datetime import date
 
 from relais.v1 import state_pb2, tracking_pb2, types_pb2
@@ -20,11 +21,18 @@ AT_PICKUP = types_pb2.TRACKING_STATUS_AVAILABLE_FOR_PICKUP
 
 def promised_date(state: state_pb2.ParcelState) -> date | None:
     """The order's promised day; None when unset or not a real date."""
-    if not state.order.HasField("promised_date"):
+    order = state.order
+    if not order.HasField("promised_date"):
         return None
-    d = state.order.promised_date
+    d = order.promised_date
+    return _day(d.year, d.month, d.day)
+
+
+@functools.lru_cache(maxsize=1024)
+def _day(year: int, month: int, day: int) -> date | None:
+    # Cached: promised dates are a few days near today, read for every parcel written.
     try:
-        return date(d.year, d.month, d.day)
+        return date(year, month, day)
     except ValueError:
         return None
 

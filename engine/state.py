@@ -135,7 +135,10 @@ def apply_event(
         at -= 1
     if not state.carrier:
         state.carrier = event.carrier
-    entry = parcel_pb2.TimelineEntry(event=event)
+    # In order (the usual case) the entry is built in place: an insert would copy it once more.
+    in_order = at == len(timeline)
+    entry = timeline.add() if in_order else parcel_pb2.TimelineEntry()
+    entry.event.CopyFrom(event)
     # Stored without what the parcel already says (its id, its carrier): ``add_full_timeline`` puts them
     # back for readers. A few dozen bytes per event, and parcels are many.
     stored = entry.event
@@ -143,7 +146,8 @@ def apply_event(
     if stored.carrier == state.carrier:
         stored.ClearField("carrier")
     set_stamp_ms(entry.received_at, received_ms)
-    timeline.insert(at, entry)
+    if not in_order:
+        timeline.insert(at, entry)
     if event.status != types_pb2.TRACKING_STATUS_INFO_RECEIVED:
         state.scanned = True
     if not state.created_ms:

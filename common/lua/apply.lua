@@ -4,7 +4,8 @@
 -- ARGV[1] = the items, one MessagePack array (Redis's cmsgpack unpacks it in C: a Lua step per item
 -- cost more than the rest of the script). Per parcel in KEYS order, a header of 8 numbers then its
 -- lists:
---   expected version (string), ttl_ms (> 0: PEXPIRE; 0: keep the key's), nchk, nset, ndel, nadd, nrem, ninc,
+--   expected version (string), ttl_ms (> 0: PEXPIRE; 0: keep the key's TTL), nchk, nset, ndel,
+--   nadd, nrem, ninc,
 --   nchk due members that must still be pending (the engine replaces or withdraws them),
 --   nset field/value pairs for HSET (the new `v` among them),
 --   ndel fields for HDEL,

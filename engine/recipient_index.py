@@ -75,7 +75,8 @@ class RecipientIndex:
 
     async def forget(self, gone: Mapping[str, Mapping[str, bytes]]) -> int:
         """Remove entries (recipient id -> parcel id -> the time read with it) that still hold that
-        time, one script call per recipient, one round trip; how many went."""
+        time, one script call per recipient that has any, one round trip; how many went."""
+        gone = {rid: entries for rid, entries in gone.items() if entries}
         if not gone:
             return 0
         pipe = self._redis.pipeline(transaction=False)

@@ -31,7 +31,7 @@ class Replanner:
             sorted(indexed), lambda r: _theirs(r, recipient_id), refresh=not erase, erase=erase
         )
         gone = {pid: indexed[pid] for pid, r in records.items() if not _theirs(r, recipient_id)}
-        await self._index.forget({recipient_id: gone} if gone else {})
+        await self._index.forget({recipient_id: gone})
         return sum(len(r.plan.withdrawn if erase else r.plan.checked) for r in records.values() if r.plan)
 
     async def replan_recipient(self, recipient_id: str) -> int:

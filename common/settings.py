@@ -139,6 +139,8 @@ class GatewaySettings:
     max_deliveries: int = 5
     # How long a "sent" idempotency key is kept: a resend within it is recognised.
     idempotency_retention_s: int = 7 * 24 * 3600
+    # How long a dead letter waits for an operator before it is dropped.
+    dead_letter_retention_days: int = 14
     # SMS only for notices worth it: declared value at least this (minor units, any currency)...
     sms_value_threshold_minor: int = 10_000
     # ...and within this many SMS segments per merchant and calendar month (UTC). 0: no SMS.
@@ -189,6 +191,9 @@ class GatewaySettings:
             max_deliveries=_int(env, p + "MAX_DELIVERIES", cls.max_deliveries, low=2, high=1000),
             idempotency_retention_s=_int(
                 env, p + "IDEMPOTENCY_RETENTION_S", cls.idempotency_retention_s, low=60, high=90 * 86400
+            ),
+            dead_letter_retention_days=_int(
+                env, p + "DEAD_LETTER_RETENTION_DAYS", cls.dead_letter_retention_days, low=1, high=3650
             ),
             sms_value_threshold_minor=_int(
                 env, p + "SMS_VALUE_THRESHOLD_MINOR", cls.sms_value_threshold_minor, low=0, high=1 << 62

@@ -165,10 +165,20 @@ def timestamp(ms: int) -> Timestamp:
 class Settlement:
     """Collects a batch's writes per shard; ``execute`` sends them all in one pipeline."""
 
-    def __init__(self, script: LuaScript, *, group: str, retention_ms: int, now_ms: int) -> None:
+    def __init__(
+        self,
+        script: LuaScript,
+        *,
+        group: str,
+        retention_ms: int,
+        now_ms: int,
+        dead_letter_retention_ms: int = 0,
+    ) -> None:
         self._script = script
         self._group = group
         self._retention_ms = retention_ms
+        # 0: dead letters stay until replayed or removed (callers that add none).
+        self._dead_letter_retention_ms = dead_letter_retention_ms
         self._now_ms = now_ms
         self._shards: dict[int, _ShardOps] = defaultdict(_ShardOps)
         self._sms_segments: dict[str, int] = defaultdict(int)
@@ -274,7 +284,14 @@ class Settlement:
         pipe = redis.pipeline(transaction=False)
         for shard, ops in self._shards.items():
             fixed = [keys.outbox(shard), keys.due(shard), keys.dead_letters(shard)]
-            args = [self._group, self._retention_ms, self._now_ms, lua_array(ops.args), lua_array(ops.acked)]
+            args = [
+                self._group,
+                self._retention_ms,
+                self._now_ms,
+                lua_array(ops.args),
+                lua_array(ops.acked),
+                self._dead_letter_retention_ms,
+            ]
             self._script.queue(pipe, fixed + ops.keys, args)
         for budget_key, segments in self._sms_segments.items():
             pipe.incrby(budget_key, segments)

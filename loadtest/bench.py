@@ -42,6 +42,7 @@ from loadtest.arq_baseline import measure_arq
 from loadtest.audit import backlog, percentile
 from loadtest.counting_channel import read_deliveries
 from loadtest.get_parcel_latency import measure_in_process as measure_get_parcel
+from loadtest.get_parcel_latency import tree_cpu_s
 from loadtest.ingest_client import Batch, plan_streams, stream_batches
 from loadtest.journeys import (
     EventBudget,
@@ -178,7 +179,14 @@ async def bench_ingest(results: Results, sizes: Sizes, stack: Stack, run_dir: Pa
         echo.wait()
     results.figures["echo_events_per_s"] = echo_result.events_per_s
     await register_all(stack.target, journeys, now_ms)
+    # CPU seconds per side: what each event costs, so the events/s two cores allow can be read off
+    # (2 / the sum), whatever else the machine did meanwhile.
+    cpu_before = ingest_cpu_s(stack)
     engine_result = await stream_batches(stack.target, streams, window=WINDOW)
+    cpu = {side: spent - cpu_before[side] for side, spent in ingest_cpu_s(stack).items()}
+    per_event = {
+        side: s / engine_result.events * 1e6 if engine_result.events else None for side, s in cpu.items()
+    }
     acks = list(engine_result.ack_ms)
     results.figures.update(
         {
@@ -192,8 +200,20 @@ async def bench_ingest(results: Results, sizes: Sizes, stack: Stack, run_dir: Pa
             else None,
             "engine_rss_bytes": stack.engine_rss_bytes(),
             "engine_rss_after_events": engine_result.events,
+            "ingest_engine_cpu_us_per_event": per_event["engine"],
+            "ingest_redis_cpu_us_per_event": per_event["redis"],
+            "ingest_client_cpu_us_per_event": per_event["client"],
         }
     )
+
+
+def ingest_cpu_s(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of the engine (all workers), its Redis and this process (the client)."""
+    return {
+        "engine": tree_cpu_s(stack.engine_pid()),
+        "redis": tree_cpu_s(stack.redis.pid),
+        "client": time.process_time(),
+    }
 
 
 # --- 2. scheduler ------------------------------------------------------------------------------------
@@ -542,6 +562,12 @@ async def run(
 
 ROWS = (
     ("ingest events/s (acked)", "ingest_events_per_s", "echo_events_per_s", "echo server"),
+    (
+        "ingest CPU us/event, engine",
+        "ingest_engine_cpu_us_per_event",
+        "ingest_redis_cpu_us_per_event",
+        "Redis",
+    ),
     ("claims/s (engine's notices)", "claim_notices_per_s", "arq_jobs_per_s", "arq jobs/s"),
     (
         "claims/s, 1M pending",

@@ -74,6 +74,8 @@ SUPPRESSED = notice_pb2.NOTICE_STATUS_SUPPRESSED
 # Bound of the per-process caches of derived keys and limits (merchants, providers).
 CACHE_MAX_ENTRIES = 100_000
 DEAD_LETTER = notice_pb2.NOTICE_STATUS_DEAD_LETTER
+CANCELLED = notice_pb2.NOTICE_STATUS_CANCELLED
+PICKUP_KINDS = frozenset({types_pb2.NOTICE_KIND_AVAILABLE_FOR_PICKUP, types_pb2.NOTICE_KIND_PICKUP_REMINDER})
 
 
 class Renderer(Protocol):
@@ -98,6 +100,7 @@ class BatchStats:
     deferred_quiet: int = 0
     elsewhere: int = 0
     superseded: int = 0
+    expired: int = 0
 
     def add(self, other: BatchStats) -> None:
         for name in self.__slots__:
@@ -152,6 +155,24 @@ def _month_of_day(day: int) -> str:
 
 def _month(now_ms: int) -> str:
     return _month_of_day(now_ms // 86_400_000)
+
+
+def _collapse_key(notice: notice_pb2.Notice) -> str:
+    """The push collapse key: one per parcel for its slot notices, so a correction replaces the
+    announcement on the phone instead of sitting beside it; the notice's own id otherwise."""
+    if notice.kind in SLOT_KINDS:
+        return f"{notice.parcel_id}:slot"
+    return notice.notice_id
+
+
+def _expired(notice: notice_pb2.Notice, kind: types_pb2.NoticeKind.ValueType, now_ms: int) -> bool:
+    """A notice about a slot that is over, or a pickup whose deadline passed, tells the recipient
+    nothing true any more: late after a retry, a backlog or a quiet-hours hold, it is not sent."""
+    if kind in SLOT_KINDS:
+        return notice.HasField("slot") and notice.slot.end.ToMilliseconds() <= now_ms
+    if kind in PICKUP_KINDS:
+        return notice.HasField("deadline") and notice.deadline.ToMilliseconds() <= now_ms
+    return False
 
 
 def _quiet_window(prefs: preferences_pb2.RecipientPreferences) -> tuple[int, int] | None:
@@ -405,6 +426,12 @@ class Gateway:
     def _plan_one(self, item: _Item, batch: _Batch) -> _Job | None:
         notice, prefs, shard = item.notice, item.prefs, item.entry.shard
         now_ms, settlement, stats = batch.now_ms, batch.settlement, batch.stats
+        if _expired(notice, item.kind, now_ms):
+            self._give_up(
+                item, CANCELLED, "too late: its slot or pickup deadline has passed", now_ms, settlement
+            )
+            stats.expired += 1
+            return None
         if prefs is None:
             self._give_up(item, SUPPRESSED, "no preferences", now_ms, settlement)
             stats.suppressed += 1
@@ -541,7 +568,7 @@ class Gateway:
             text=rendered.text,
             html=rendered.html,
             data=rendered.data,
-            collapse_key=notice.notice_id if push else "",
+            collapse_key=_collapse_key(notice) if push else "",
             expires_at=expires_at,
             locale=prefs.locale or "en",
         )

@@ -96,12 +96,35 @@ async def test_push_carries_collapse_key_and_expiry_in_german(redis: Redis, cloc
 
     (message,) = chans["fcm"].sent
     assert message.to == FcmToken("tok-1")
-    assert message.collapse_key == "p-2:SLOT_ANNOUNCED"
+    # One key for the parcel's slot notices: a correction replaces the announcement on the phone.
+    assert message.collapse_key == "p-2:slot"
     assert message.expires_at is not None
     assert int(message.expires_at.timestamp() * 1000) == slot[1]
     assert message.locale == "de"
     assert "14:00" in message.text
     assert message.data["parcel_id"] == "p-2"
+
+
+async def test_a_slot_over_or_a_pickup_deadline_passed_is_not_sent(redis: Redis, clock: ManualClock) -> None:
+    """Late after retries or a backlog, such a notice would tell the recipient something untrue."""
+    chans = channels()
+    gateway = await started(redis, clock, chans)
+    await put_prefs(redis, prefs(email="late@example.ch"))
+    over = make_notice("p-30", types_pb2.NOTICE_KIND_SLOT_ANNOUNCED, slot_ms=(T0_MS - 2 * HOUR_MS, T0_MS))
+    gone = make_notice("p-31", types_pb2.NOTICE_KIND_PICKUP_REMINDER, deadline_ms=T0_MS - 1)
+    running = make_notice("p-32", types_pb2.NOTICE_KIND_SLOT_ANNOUNCED, slot_ms=(T0_MS - HOUR_MS, T0_MS + 1))
+    for notice in (over, gone, running):
+        await queue_notice(redis, notice)
+
+    stats = await gateway.run_once()
+
+    assert (stats.expired, stats.sent) == (2, 1)
+    assert [m.idempotency_key for m in chans["email"].sent] == ["p-32:SLOT_ANNOUNCED:1:email"]
+    for notice in (over, gone):
+        (attempt,) = await attempts(redis, notice)
+        assert attempt.status == notice_pb2.NOTICE_STATUS_CANCELLED
+        assert "too late" in attempt.error
+    assert await outbox_left(redis) == 0
 
 
 async def test_dead_push_token_falls_back_to_email_and_leaves_prefs(redis: Redis, clock: ManualClock) -> None:

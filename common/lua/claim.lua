@@ -8,6 +8,10 @@
 -- hash; it goes to the outbox as field "n". Nothing else is written: the parcel view reads "no longer
 -- in the due set" as queued. A member without a body was withdrawn: it is just removed. A timer
 -- member ("<parcel_id>:CHECK_<NAME>") is removed and handed back to the caller, which runs its handler.
+-- Order: every XADD first, the removal from the due set last. Redis does not roll back a script that
+-- fails midway (e.g. the outbox key holds another type), so this order leaves the members due, to be
+-- claimed again later: at worst a notice reaches the outbox twice, which the gateway's idempotency
+-- keys absorb, where removing first would have lost it.
 -- Returns {claimed, dropped, next due score or false, timer members...}.
 -- Cost: O(log n + limit) - ZRANGEBYSCORE from -inf returns ranks 0..k-1, removed by rank.
 local due, outbox = KEYS[1], KEYS[2]
@@ -17,7 +21,6 @@ local count = #members
 local claimed, dropped = 0, 0
 local reply = {0, 0, false}
 if count > 0 then
-  redis.call('ZREMRANGEBYRANK', due, 0, count - 1)
   local timer_len = #timer
   for i = 1, count do
     local member = members[i]
@@ -36,6 +39,8 @@ if count > 0 then
       end
     end
   end
+  -- Still ranks 0..count-1: nothing else runs while the script does.
+  redis.call('ZREMRANGEBYRANK', due, 0, count - 1)
 end
 reply[1], reply[2] = claimed, dropped
 local first = redis.call('ZRANGE', due, 0, 0, 'WITHSCORES')

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from relais.v1 import notice_pb2, types_pb2
 
 from common import keys
@@ -257,3 +258,20 @@ async def test_run_wakes_claims_and_stops(redis: Redis, clock: ManualClock) -> N
         stop.set()
         async with asyncio.timeout(5):
             await task
+
+
+async def test_a_claim_that_fails_midway_leaves_the_notice_due(redis: Redis, clock: ManualClock) -> None:
+    # Redis does not roll back a script that fails midway: the outbox write must come before the
+    # removal from the due set, or the notice is lost.
+    dispatcher = Dispatcher(redis, clock, [0])
+    parcel = next(p for p in (f"mid{i}" for i in range(200)) if keys.shard_of(p, SHARDS) == 0)
+    await schedule(redis, [(parcel, T0_MS)])
+    await redis.set(keys.outbox(0), b"not a stream")
+
+    with pytest.raises(ResponseError):
+        await dispatcher.claim_once()
+    assert await redis.zscore(keys.due(0), f"{parcel}:SHIPPED") == T0_MS
+
+    await redis.delete(keys.outbox(0))
+    assert (await dispatcher.claim_once()).claimed == 1
+    assert await outbox_ids(redis, range(1)) == [f"{parcel}:SHIPPED"]

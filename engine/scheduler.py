@@ -14,6 +14,8 @@ idempotent.
 The loop sleeps until the earliest due time (the claim script reports it, at no extra round trip),
 at most ``max_idle_s`` so other processes' inserts are seen, and :meth:`Dispatcher.wake` cuts the sleep
 short when something earlier was scheduled. Cost per claim is O(log n + batch), whatever is pending.
+A failed round (any Redis error: a lost connection, READONLY after a failover, a script error) is
+logged and retried after a backoff that doubles up to ``max_backoff_s``: the loop never dies of it.
 """
 
 from __future__ import annotations
@@ -26,9 +28,7 @@ from dataclasses import dataclass
 
 from opentelemetry.trace import NoOpTracer, Tracer
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from common import keys
 from common.clock import Clock
@@ -37,6 +37,8 @@ from common.redis_client import register
 log = logging.getLogger(__name__)
 
 TIMER_PREFIX = "CHECK_"
+# The first retry after a failed claim round; each further failure doubles it, up to max_backoff_s.
+FIRST_BACKOFF_S = 0.1
 
 TimerHandler = Callable[[int, str, str], Awaitable[None]]
 """``async handler(shard, parcel_id, name) -> None`` for a due timer ``<parcel_id>:CHECK_<name>``."""
@@ -100,6 +102,7 @@ class Dispatcher:
         *,
         batch_size: int = 1000,
         max_idle_s: float = 1.0,
+        max_backoff_s: float = 5.0,
         timer_retry_ms: int = 30_000,
         timer_concurrency: int = 32,
         tracer: Tracer | None = None,
@@ -108,8 +111,8 @@ class Dispatcher:
         # for a few milliseconds: beyond it, latency for everyone else suffers.
         if not 1 <= batch_size <= 10_000:
             raise ValueError("batch_size must be 1 to 10000")
-        if max_idle_s <= 0:
-            raise ValueError("max_idle_s must be positive")
+        if max_idle_s <= 0 or max_backoff_s <= 0:
+            raise ValueError("max_idle_s and max_backoff_s must be positive")
         if timer_retry_ms <= 0 or timer_concurrency <= 0:
             raise ValueError("timer_retry_ms and timer_concurrency must be positive")
         self._redis = redis
@@ -121,6 +124,7 @@ class Dispatcher:
         self._batch_size = batch_size
         self._batch_arg = str(batch_size)
         self._max_idle_s = max_idle_s
+        self._max_backoff_s = max_backoff_s
         self._timer_retry_ms = timer_retry_ms
         self._timer_slots = asyncio.Semaphore(timer_concurrency)
         self._script = register(redis, "claim")
@@ -169,11 +173,24 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim until ``stop`` is set; a claim round in progress finishes first."""
         relay = asyncio.create_task(self._relay(stop))
+        failures = 0
         try:
             while not stop.is_set():
                 # Cleared before claiming, so a wake() during the claim is not lost.
                 self._wakeup.clear()
-                delay_s = await self._round()
+                try:
+                    stats = await self.claim_once()
+                except RedisError as exc:
+                    failures += 1
+                    backoff_s = min(FIRST_BACKOFF_S * 2 ** (failures - 1), self._max_backoff_s)
+                    # The error's type and code only: its message may quote keys (parcel ids).
+                    log.warning("claim failed (%s), retrying in %.1fs", _describe(exc), backoff_s)
+                    # Only stop cuts the backoff short: a wake() would just meet the same failure.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), backoff_s)
+                    continue
+                failures = 0
+                delay_s = self._delay_after(stats)
                 if delay_s > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), delay_s)
@@ -188,13 +205,8 @@ class Dispatcher:
         await stop.wait()
         self._wakeup.set()
 
-    async def _round(self) -> float:
-        """One claim round; how long to sleep before the next."""
-        try:
-            stats = await self.claim_once()
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            log.warning("claim failed, retrying in %.1fs: %s", self._max_idle_s, type(exc).__name__)
-            return self._max_idle_s
+    def _delay_after(self, stats: ClaimStats) -> float:
+        """How long to sleep after a successful round."""
         if stats.saturated:
             return 0.0
         if stats.next_due_ms is None:
@@ -249,8 +261,8 @@ class Dispatcher:
                 pipe.zadd(keys.due(shard), {member: retry_ms}, nx=True)
             try:
                 await pipe.execute()
-            except (RedisConnectionError, RedisTimeoutError):
-                log.warning("could not put back %d timers", len(failed))
+            except RedisError as exc:
+                log.warning("could not put back %d timers (%s)", len(failed), _describe(exc))
         return len(failed)
 
     async def _run_timer(self, shard: int, member: str) -> bool:
@@ -269,6 +281,17 @@ class Dispatcher:
                 log.exception("timer %s of parcel %s failed: retrying later", name, parcel_id)
                 return False
         return True
+
+
+def _describe(exc: RedisError) -> str:
+    """The error's type, and for an error reply its code word ("READONLY", "WRONGTYPE", "ERR"): what
+    an operator needs, without the rest of the message, which may quote keys or script arguments."""
+    name = type(exc).__name__
+    if isinstance(exc, ResponseError):
+        code = str(exc).split(" ", 1)[0]
+        if code.isalpha() and code.isupper():
+            return f"{name} {code}"
+    return name
 
 
 def _parse_reply(shard: int, result: list[object]) -> _ShardReply:

@@ -275,3 +275,33 @@ async def test_a_claim_that_fails_midway_leaves_the_notice_due(redis: Redis, clo
     await redis.delete(keys.outbox(0))
     assert (await dispatcher.claim_once()).claimed == 1
     assert await outbox_ids(redis, range(1)) == [f"{parcel}:SHIPPED"]
+
+
+async def test_run_outlives_redis_errors_and_backs_off(
+    redis: Redis, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A wrong-type outbox fails every claim of its shard with an error reply (as READONLY does after a
+    # failover): not a connection error, and the loop must still go on.
+    parcel = next(p for p in (f"ro{i}" for i in range(200)) if keys.shard_of(p, SHARDS) == 0)
+    await schedule(redis, [(parcel, T0_MS)])
+    await redis.set(keys.outbox(0), b"not a stream")
+    dispatcher = Dispatcher(redis, clock, [0], max_idle_s=30.0, max_backoff_s=0.2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stop))
+    try:
+        await asyncio.sleep(0.5)
+        assert not task.done()
+        failures = [r for r in caplog.records if r.name == "engine.scheduler"]
+        # 0.1 s, then 0.2 s (the cap): a few retries, not a busy loop.
+        assert 2 <= len(failures) <= 5
+        assert all("ResponseError WRONGTYPE" in r.getMessage() for r in failures)
+        assert not any(parcel in r.getMessage() for r in failures)  # no keys, no ids in the log
+
+        await redis.delete(keys.outbox(0))
+        # Claimed at the next retry, with no wake(): max_idle_s alone would be 30 s.
+        assert await redis.xread({keys.outbox(0): "0"}, block=5000)
+        assert await outbox_ids(redis, range(1)) == [f"{parcel}:SHIPPED"]
+    finally:
+        stop.set()
+        async with asyncio.timeout(5):
+            await task

@@ -16,7 +16,9 @@ decides which notices to schedule, replace or withdraw. It does no IO, so every 
 - DELAYED scheduled up front for the moment the promised date has passed in the recipient's time
   zone: delivery (or arrival at a pickup point) withdraws it first, so the claim itself is the check;
 - EXCEPTION (check your address) for address problems of paid orders only;
-- muted kinds are not scheduled (SUPPRESSED); unpaid orders' notices are not actionable.
+- muted kinds are not scheduled (SUPPRESSED); a refresh brings a muted notice back once its kind is
+  unmuted, if it still makes sense (see ``_Planner._unmuted_desired_ms``); unpaid orders' notices are
+  not actionable.
 
 Send times go through ``common.quiet_hours.allowed_send_ms``: outside quiet hours, never past a deadline.
 Notice ids are ``<parcel_id>:<KIND>``; a notice is "gone out" when the engine scheduled it and the
@@ -64,6 +66,7 @@ REASON_WITHIN = "slot moved within the threshold of the slot the recipient was t
 REASON_SLOT_OVER = "the slot is over"
 REASON_AT_PICKUP = "waiting at a pickup point"
 REASON_LEFT_PICKUP = "no longer waiting at the pickup point"
+REASON_NO_PROMISE = "no promised date any more"
 REASON_DELIVERED = "delivered"
 REASON_RETURNED = "returned to the sender"
 REASON_EXPIRED = "tracking expired"
@@ -281,7 +284,7 @@ class _Planner:
             return
         point = state.pickup_point
         deadline_ms = stamp_ms(point.deadline)
-        subject = f"{point.id}@{deadline_ms}"
+        subject = _pickup_subject(point)
         notice = self.marks.get(AT_PICKUP)
         if notice is None or notice.subject != subject:
             self._schedule(AT_PICKUP, _next(notice), self.now_ms, deadline_ms, subject=subject)
@@ -304,21 +307,40 @@ class _Planner:
 
     def _delayed(self) -> None:
         order = self.state.order
-        if self.state.status == T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP or not order.HasField("promised_date"):
+        if self.state.status == T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP:
             self._withdraw(DELAYED, CANCELLED, REASON_AT_PICKUP)
             return
-        date = order.promised_date
-        subject = f"{date.year:04d}-{date.month:02d}-{date.day:02d}"
+        if not order.HasField("promised_date"):
+            self._withdraw(DELAYED, CANCELLED, REASON_NO_PROMISE)
+            return
+        subject = _date_subject(order.promised_date)
         mark = self.marks.get(DELAYED)
         if mark is not None and mark.subject == subject:
             return
+        self._schedule(DELAYED, _next(mark), self._delayed_ms(), None, subject=subject)
+
+    def _delayed_ms(self) -> int:
+        """The end of the promised day in the recipient's current time zone."""
         time_zone = self.audience.time_zone if self.audience else "UTC"
-        self._schedule(DELAYED, _next(mark), end_of_day_ms(date, time_zone), None, subject=subject)
+        return end_of_day_ms(self.state.order.promised_date, time_zone)
 
     def _refresh(self) -> None:
-        """Plan pending notices again, same version: new preferences or facts, same promise."""
+        """Plan pending notices again, same version: new preferences or facts, same promise. Notices
+        muted until now come back when their kind no longer is and they still make sense."""
+        muted = self.audience.muted if self.audience is not None else frozenset()
         for kind, mark in list(self.marks.items()):
-            if kind in self.touched or mark.status != SCHEDULED:
+            if kind in self.touched:
+                continue
+            if mark.status == SCHEDULED:
+                # DELAYED's moment depends on the time zone, which may be new (merchants often
+                # register parcels before their recipients set one): computed again, not kept.
+                desired_ms = self._delayed_ms() if kind == DELAYED else desired_of(mark)
+            elif mark.status == SUPPRESSED and mark.status_reason == REASON_MUTED and kind not in muted:
+                unmuted_ms = self._unmuted_desired_ms(kind, mark)
+                if unmuted_ms is None:
+                    continue
+                desired_ms = unmuted_ms
+            else:
                 continue
             slot = types_pb2.TimeWindow()
             slot.CopyFrom(mark.slot)
@@ -327,13 +349,57 @@ class _Planner:
             self._schedule(
                 kind,
                 mark.version,
-                desired_of(mark),
+                desired_ms,
                 mark.deadline_ms or None,
                 slot=slot if mark.HasField("slot") else None,
                 previous=previous if mark.HasField("previous_slot") else None,
                 subject=mark.subject,
                 cause=mark.cause_event_id,
             )
+
+    def _unmuted_desired_ms(self, kind: Kind, mark: state_pb2.NoticeMark) -> int | None:
+        """When a notice suppressed only because its kind was muted is wanted now that it is not, or
+        None when it no longer makes sense (it then stays suppressed). It keeps its version: it never
+        went out. Quiet hours and its deadline still apply (``_schedule``).
+
+        - SHIPPED, DELIVERED, RETURNED: never. They are news of a moment; a recipient who unmutes
+          them days later expects the next news, not a stale "your parcel has shipped" (``GetParcel``
+          shows the status anyway).
+        - DELAYED: while the parcel is still late on the same promised date (not delivered, returned,
+          expired or waiting at a pickup point), at the end of that day in the current zone, so at
+          once if it has passed: the parcel is late and the recipient wants to know.
+        - AVAILABLE_FOR_PICKUP, PICKUP_REMINDER: while the parcel still waits at the same point with
+          the same deadline, and that deadline is ahead: the recipient can still fetch it. A reminder
+          whose lead time passed goes out at once; it still helps them not miss the deadline.
+        - ATTEMPT_FAILED, EXCEPTION: while that event is still the parcel's latest news: the
+          recipient can still act on it (arrange a new delivery, check the address).
+        - SLOT_ANNOUNCED, SLOT_CORRECTED: not here; ``_slot`` plans again any slot notice that is not
+          scheduled, so they come back while their slot is ahead.
+        """
+        state = self.state
+        status = state.status
+        if kind == DELAYED:
+            still_late = (
+                status not in _NOT_LATE
+                and state.order.HasField("promised_date")
+                and mark.subject == _date_subject(state.order.promised_date)
+            )
+            return self._delayed_ms() if still_late else None
+        if kind in (AT_PICKUP, REMINDER):
+            still_waiting = (
+                status == T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP
+                and state.HasField("pickup_point")
+                and mark.subject == _pickup_subject(state.pickup_point)
+                and (not mark.deadline_ms or mark.deadline_ms > self.now_ms)
+            )
+            return desired_of(mark) if still_waiting else None
+        if kind in (ATTEMPT_FAILED, EXCEPTION):
+            cause = T.TRACKING_STATUS_ATTEMPT_FAIL if kind == ATTEMPT_FAILED else T.TRACKING_STATUS_EXCEPTION
+            latest = status == cause and mark.subject == state.status_event_id
+            if kind == EXCEPTION:
+                latest = latest and state.exception_reason == T.EXCEPTION_REASON_ADDRESS_PROBLEM
+            return desired_of(mark) if latest else None
+        return None
 
     # --- scheduling ----------------------------------------------------------------------------------
 
@@ -446,6 +512,26 @@ class _Planner:
 def desired_of(mark: state_pb2.NoticeMark) -> int:
     """When the notice was wanted before quiet hours: ``desired_ms``, kept only when it differs."""
     return mark.desired_ms or mark.due_ms
+
+
+# A parcel in one of these is not (or no longer) late for its promised date.
+_NOT_LATE = frozenset(
+    {
+        T.TRACKING_STATUS_DELIVERED,
+        T.TRACKING_STATUS_RETURNING_TO_SENDER,
+        T.TRACKING_STATUS_RETURNED_TO_SENDER,
+        T.TRACKING_STATUS_EXPIRED,
+        T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP,
+    }
+)
+
+
+def _date_subject(date: types_pb2.LocalDate) -> str:
+    return f"{date.year:04d}-{date.month:02d}-{date.day:02d}"
+
+
+def _pickup_subject(point: types_pb2.PickupPoint) -> str:
+    return f"{point.id}@{stamp_ms(point.deadline)}"
 
 
 def _next(mark: state_pb2.NoticeMark | None) -> int:

@@ -32,11 +32,17 @@ class Replanner:
         )
         gone = {pid: indexed[pid] for pid, r in records.items() if not _theirs(r, recipient_id)}
         await self._index.forget({recipient_id: gone})
-        return sum(len(r.plan.withdrawn if erase else r.plan.checked) for r in records.values() if r.plan)
+        # A re-plan counts the pending notices it planned again and the muted ones it brought back.
+        return sum(
+            len(r.plan.withdrawn if erase else r.plan.checked | r.plan.revived)
+            for r in records.values()
+            if r.plan
+        )
 
     async def replan_recipient(self, recipient_id: str) -> int:
         """Plan the pending notices of every parcel of the recipient again (new quiet hours, muted
-        kinds, time zone); returns how many pending notices were re-planned."""
+        kinds, time zone) and bring back the unmuted ones that still make sense; returns how many
+        notices were re-planned. Idempotent: a retry after a failure is safe."""
         return await self._update(recipient_id, erase=False)
 
     async def cancel_recipient_notices(self, recipient_id: str) -> int:

@@ -10,7 +10,9 @@ from relais.v1 import notice_pb2, preferences_pb2, state_pb2, tracking_pb2, type
 
 from common.keys import kind_name
 from engine.planner import (
+    REASON_AT_PICKUP,
     REASON_MUTED,
+    REASON_NO_PROMISE,
     REASON_UNPAID,
     REASON_WITHIN,
     Audience,
@@ -270,6 +272,118 @@ def test_delayed_is_due_when_the_promised_date_has_passed() -> None:
     assert sim.scan(T.TRACKING_STATUS_DELIVERED).withdrawn[T.NOTICE_KIND_DELAYED] == N.NOTICE_STATUS_CANCELLED
 
 
+def test_removing_the_promised_date_withdraws_delayed_for_that_reason() -> None:
+    sim = Sim()
+    sim.state.order.promised_date.CopyFrom(T.LocalDate(year=2026, month=3, day=11))
+    sim.scan()
+    sim.state.order.ClearField("promised_date")
+    assert sim.apply(refresh=True).withdrawn == {T.NOTICE_KIND_DELAYED: N.NOTICE_STATUS_CANCELLED}
+    assert sim.mark(T.NOTICE_KIND_DELAYED).status_reason == REASON_NO_PROMISE
+
+    at_pickup = Sim()
+    at_pickup.state.order.promised_date.CopyFrom(T.LocalDate(year=2026, month=3, day=11))
+    at_pickup.scan()
+    at_pickup.scan(T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, pickup=("PP1", T0_MS + 5 * DAY_MS))
+    assert at_pickup.mark(T.NOTICE_KIND_DELAYED).status_reason == REASON_AT_PICKUP
+
+
+def test_refresh_moves_delayed_to_the_end_of_the_promised_day_in_the_new_zone() -> None:
+    sim = Sim()  # no preferences yet: UTC
+    sim.state.order.promised_date.CopyFrom(T.LocalDate(year=2026, month=3, day=12))
+    date = sim.state.order.promised_date
+    assert sim.scan().scheduled[T.NOTICE_KIND_DELAYED].due_at.ToMilliseconds() == end_of_day_ms(date, "UTC")
+    sim.audience = Audience(time_zone="Pacific/Auckland")
+    notice = sim.apply(refresh=True).scheduled[T.NOTICE_KIND_DELAYED]
+    assert notice.due_at.ToMilliseconds() == end_of_day_ms(date, "Pacific/Auckland")
+    assert notice.version == 1  # the same promise, planned again
+    # Without a refresh (a carrier event), the moment stays.
+    sim.audience = Audience(time_zone="UTC")
+    assert T.NOTICE_KIND_DELAYED not in sim.scan().scheduled
+
+
+def test_unmuted_delayed_comes_back_while_the_parcel_is_late() -> None:
+    sim = Sim(audience=Audience(muted=frozenset({T.NOTICE_KIND_DELAYED})))
+    sim.state.order.promised_date.CopyFrom(T.LocalDate(year=2026, month=3, day=9))  # already passed
+    sim.scan()
+    assert sim.mark(T.NOTICE_KIND_DELAYED).status == N.NOTICE_STATUS_SUPPRESSED
+    sim.audience = Audience(time_zone="Europe/Zurich")
+    result = sim.apply(refresh=True)
+    notice = result.scheduled[T.NOTICE_KIND_DELAYED]
+    assert notice.version == 1
+    assert notice.due_at.ToMilliseconds() == sim.now_ms  # it is late now: no reason to wait
+    assert result.revived == {T.NOTICE_KIND_DELAYED}
+    assert sim.mark(T.NOTICE_KIND_DELAYED).status_reason == ""
+
+
+def test_unmuted_delayed_stays_suppressed_once_delivered() -> None:
+    sim = Sim(audience=Audience(muted=frozenset({T.NOTICE_KIND_DELAYED})))
+    sim.state.order.promised_date.CopyFrom(T.LocalDate(year=2026, month=3, day=9))
+    sim.scan()
+    sim.scan(T.TRACKING_STATUS_DELIVERED)
+    sim.audience = Audience()
+    assert T.NOTICE_KIND_DELAYED not in sim.apply(refresh=True).scheduled
+    assert sim.mark(T.NOTICE_KIND_DELAYED).status_reason == REASON_MUTED
+
+
+def test_news_of_a_moment_is_not_sent_late_when_unmuted() -> None:
+    sim = Sim(audience=Audience(muted=frozenset({T.NOTICE_KIND_SHIPPED})))
+    sim.scan()
+    sim.now_ms += 7 * DAY_MS
+    sim.audience = Audience()
+    result = sim.apply(refresh=True)
+    assert not result.scheduled
+    assert sim.mark(T.NOTICE_KIND_SHIPPED).status == N.NOTICE_STATUS_SUPPRESSED
+
+
+def test_unmuted_pickup_notices_come_back_while_the_deadline_is_ahead() -> None:
+    pickup_kinds = frozenset({T.NOTICE_KIND_AVAILABLE_FOR_PICKUP, T.NOTICE_KIND_PICKUP_REMINDER})
+    deadline_ms = T0_MS + 5 * DAY_MS
+    sim = Sim(audience=Audience(muted=pickup_kinds))
+    sim.scan(T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, pickup=("PP1", deadline_ms))
+    assert set(sim.pending) == {"SHIPPED"}
+    sim.send_all()
+    sim.now_ms += DAY_MS
+    sim.audience = Audience()
+    result = sim.apply(refresh=True)
+    assert set(result.scheduled) == pickup_kinds
+    assert result.scheduled[T.NOTICE_KIND_AVAILABLE_FOR_PICKUP].due_at.ToMilliseconds() == sim.now_ms
+    reminder = result.scheduled[T.NOTICE_KIND_PICKUP_REMINDER]
+    assert reminder.due_at.ToMilliseconds() == deadline_ms - PlanRules().reminder_lead_ms
+    assert reminder.deadline.ToMilliseconds() == deadline_ms
+
+    late = Sim(audience=Audience(muted=pickup_kinds))
+    late.scan(T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, pickup=("PP1", deadline_ms))
+    late.send_all()
+    late.now_ms = deadline_ms
+    late.audience = Audience()
+    assert not late.apply(refresh=True).scheduled  # the deadline passed: nothing to fetch any more
+
+
+def test_unmuted_attempt_failed_comes_back_only_while_it_is_the_latest_news() -> None:
+    muted = Audience(muted=frozenset({T.NOTICE_KIND_ATTEMPT_FAILED}))
+    sim = Sim(audience=muted)
+    sim.scan(T.TRACKING_STATUS_ATTEMPT_FAIL)
+    sim.audience = Audience()
+    assert sim.apply(refresh=True).scheduled[T.NOTICE_KIND_ATTEMPT_FAILED].version == 1
+
+    moved_on = Sim(audience=muted)
+    moved_on.scan(T.TRACKING_STATUS_ATTEMPT_FAIL)
+    moved_on.scan(T.TRACKING_STATUS_OUT_FOR_DELIVERY)
+    moved_on.audience = Audience()
+    assert T.NOTICE_KIND_ATTEMPT_FAILED not in moved_on.apply(refresh=True).scheduled
+
+
+def test_unmuted_address_check_comes_back_for_paid_orders_only() -> None:
+    muted = Audience(muted=frozenset({T.NOTICE_KIND_EXCEPTION}))
+    for paid in (True, False):
+        sim = Sim(paid=paid, audience=muted)
+        sim.scan(T.TRACKING_STATUS_EXCEPTION, reason=T.EXCEPTION_REASON_ADDRESS_PROBLEM)
+        sim.audience = Audience()
+        result = sim.apply(refresh=True)
+        assert (T.NOTICE_KIND_EXCEPTION in result.scheduled) is paid
+        assert sim.mark(T.NOTICE_KIND_EXCEPTION).status_reason == ("" if paid else REASON_UNPAID)
+
+
 def test_erase_withdraws_and_plans_nothing_until_preferences_return() -> None:
     sim = Sim()
     sim.scan(slot=SLOT)
@@ -317,3 +431,56 @@ def test_recipient_sees_each_slot_at_most_once_and_ends_on_the_final_one(
         )
     final = window(*windows[-1])
     assert seen_windows[-1] == windows[-1] or within_threshold(seen[-1].slot, final, rules.shift_threshold_ms)
+
+
+# --- muting and unmuting, for any parcel story and any muted kinds --------------------------------
+
+_MOMENT_KINDS = frozenset({T.NOTICE_KIND_SHIPPED, T.NOTICE_KIND_DELIVERED, T.NOTICE_KIND_RETURNED})
+_ALL_KINDS = sorted(k for k in T.NoticeKind.values() if k != T.NOTICE_KIND_UNSPECIFIED)
+
+
+def _story(sim: Sim, name: str) -> None:
+    sim.state.order.promised_date.CopyFrom(T.LocalDate(year=2026, month=3, day=12))
+    if name == "slot moved after it went out":
+        sim.scan(slot=SLOT)
+        sim.send_all()
+        sim.scan(slot=(SLOT[0] + 3 * HOUR_MS, SLOT[1] + 3 * HOUR_MS))
+    elif name == "at a pickup point":
+        sim.scan(T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, pickup=("PP1", T0_MS + 5 * DAY_MS))
+    elif name == "failed attempt":
+        sim.scan(T.TRACKING_STATUS_ATTEMPT_FAIL)
+    elif name == "address problem":
+        sim.scan(T.TRACKING_STATUS_EXCEPTION, reason=T.EXCEPTION_REASON_ADDRESS_PROBLEM)
+    else:
+        sim.scan(slot=SLOT)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    story=st.sampled_from(
+        [
+            "slot announced",
+            "slot moved after it went out",
+            "at a pickup point",
+            "failed attempt",
+            "address problem",
+        ]
+    ),
+    muted=st.frozensets(st.sampled_from(_ALL_KINDS)),
+)
+def test_unmuting_brings_back_what_muting_took_except_news_of_a_moment(
+    story: str, muted: frozenset[T.NoticeKind.ValueType]
+) -> None:
+    sim = Sim(audience=Audience())
+    _story(sim, story)
+    before = {kind: (n.version, n.due_at.ToMilliseconds()) for kind, n in sim.pending.items()}
+
+    sim.audience = Audience(muted=muted)
+    sim.apply(refresh=True)
+    assert not {kind_name(k) for k in muted} & set(sim.pending)
+
+    sim.audience = Audience()
+    sim.apply(refresh=True)
+    after = {kind: (n.version, n.due_at.ToMilliseconds()) for kind, n in sim.pending.items()}
+    gone = {kind_name(k) for k in muted & _MOMENT_KINDS}
+    assert after == {kind: v for kind, v in before.items() if kind not in gone}

@@ -1,6 +1,6 @@
 """The PreferenceService servicer: read, update (with a field mask) and erase recipients' preferences.
 
-A change re-plans the recipient's pending notices and an erasure cancels them, through callables the
+An update re-plans the recipient's pending notices and an erasure cancels them, through callables the
 engine composition injects (``replan_recipient`` / ``cancel_recipient_notices``), so this module knows
 nothing of parcels. Bad input is INVALID_ARGUMENT with a ``google.rpc.BadRequest`` detail naming every
 bad field (the ``grpc-status-details-bin`` trailer); values are never echoed back or logged.
@@ -21,6 +21,7 @@ from relais.v1 import preferences_pb2, preferences_pb2_grpc
 
 from engine import auth
 from engine.preferences import InvalidPreferencesError, PreferenceStore, check_recipient_id
+from engine.state import ConflictError
 from engine.validation import Problem
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# ``(recipient_id) -> count`` of notices re-planned or cancelled.
+# ``(recipient_id) -> count`` of notices re-planned or cancelled; ``ConflictError`` when the
+# recipient's parcels kept changing under it (the caller retries).
 RecipientHook = Callable[[str], Awaitable[int]]
 
 
@@ -73,9 +75,25 @@ class PreferenceServicer(preferences_pb2_grpc.PreferenceServiceServicer):
             stored, changed = await self._store.update(request.preferences, request.update_mask)
         except InvalidPreferencesError as exc:
             await abort_invalid(context, exc.problems)
-        if changed:
+        # Re-planned even when nothing changed: the preferences are stored before the re-plan, so
+        # when a re-plan fails the caller's retry finds them unchanged, and skipping it then would
+        # leave pending notices on the old quiet hours and muted kinds for good. Re-planning is
+        # idempotent, and costs a constant number of round trips per recipient.
+        try:
             replanned = await self._replan(stored.recipient_id)
-            log.info("preferences of %s updated, %d notices re-planned", stored.recipient_id, replanned)
+        except ConflictError:
+            # The recipient's parcels kept changing under the re-plan (a burst of events): the
+            # preferences are stored, and the same request again re-plans.
+            await context.abort(
+                grpc.StatusCode.ABORTED, "parcels changed concurrently; send the same update again"
+            )
+            raise AssertionError("context.abort returned") from None  # pragma: no cover
+        log.info(
+            "preferences of %s %s, %d notices re-planned",
+            stored.recipient_id,
+            "updated" if changed else "unchanged",
+            replanned,
+        )
         return stored
 
     async def GetPreferences(  # noqa: N802 - gRPC method name

@@ -13,12 +13,14 @@ import pytest
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from relais.v1 import preferences_pb2, preferences_pb2_grpc, types_pb2
 
 from common import keys
 from common.settings import Settings
 from engine.preference_service import PreferenceServicer, add_preference_service
 from engine.server import start_server
+from engine.state import ConflictError
 
 SHARDS = Settings().shards
 Prefs = preferences_pb2.RecipientPreferences
@@ -30,9 +32,13 @@ class Hooks:
 
     replanned: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    # Re-plans to fail before one succeeds, with the error the engine's re-planning raises.
+    failures: list[Exception] = field(default_factory=list)
 
     async def replan(self, recipient_id: str) -> int:
         self.replanned.append(recipient_id)
+        if self.failures:
+            raise self.failures.pop(0)
         return 2
 
     async def cancel(self, recipient_id: str) -> int:
@@ -127,9 +133,33 @@ async def test_update_normalises_and_get_reads_back(
     assert Prefs.FromString(raw) == stored
     assert hooks.replanned == ["rcp-1"]
 
-    # The same preferences again change nothing, so nothing is re-planned.
+    # The same preferences again are stored as they were, and re-planned all the same (see below).
+    assert await stub.UpdatePreferences(update(full_prefs())) == stored
+    assert hooks.replanned == ["rcp-1", "rcp-1"]
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        (ConflictError("parcels kept changing"), grpc.StatusCode.ABORTED),  # retry, not INTERNAL
+        (RedisConnectionError("Redis went away"), grpc.StatusCode.UNAVAILABLE),
+    ],
+)
+async def test_a_failed_replan_asks_for_a_retry_and_the_same_update_again_replans(
+    stub: preferences_pb2_grpc.PreferenceServiceAsyncStub,
+    hooks: Hooks,
+    failure: Exception,
+    code: grpc.StatusCode,
+) -> None:
+    hooks.failures.append(failure)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.UpdatePreferences(update(full_prefs()))
+    assert caught.value.code() == code
+
+    # The preferences were stored before the re-plan failed: the retry changes nothing in them, but
+    # it must re-plan, or the pending notices would keep the old quiet hours and muted kinds.
     await stub.UpdatePreferences(update(full_prefs()))
-    assert hooks.replanned == ["rcp-1"]
+    assert hooks.replanned == ["rcp-1", "rcp-1"]
 
 
 async def test_phone_with_country_code_needs_no_region(

@@ -145,12 +145,12 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
         self._index = RecipientIndex(self._redis, store.settings)
 
     def _screen(
-        self, parcels: Sequence[parcel_pb2.ParcelRegistration]
+        self, parcels: Sequence[parcel_pb2.ParcelRegistration], now_ms: int
     ) -> tuple[dict[str, tuple[int, parcel_pb2.ParcelRegistration]], list[parcel_pb2.RejectedParcel]]:
         wanted: dict[str, tuple[int, parcel_pb2.ParcelRegistration]] = {}
         rejected: list[parcel_pb2.RejectedParcel] = []
         for index, parcel in enumerate(parcels):
-            problem = check_registration(parcel)
+            problem = check_registration(parcel, now_ms)
             if problem is None and not auth.can_access_merchant(parcel.merchant_id):
                 problem = Problem("merchant_id", "the caller may not register parcels for this merchant")
             if problem is None and not auth.can_access_recipient(parcel.recipient_id):
@@ -168,10 +168,10 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
     ) -> parcel_pb2.RegisterParcelsResponse:
         if len(request.parcels) > MAX_BATCH_PARCELS:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "parcels: at most 5000 per request")
-        wanted, rejected = self._screen(request.parcels)
+        now_ms = self._clock.now_ms()
+        wanted, rejected = self._screen(request.parcels, now_ms)
         taken: dict[str, int] = {}
         previous: dict[str, str] = {}
-        now_ms = self._clock.now_ms()
 
         def mutate(record: ParcelRecord) -> bool:
             index, parcel = wanted[record.parcel_id]

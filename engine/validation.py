@@ -3,6 +3,10 @@
 Each check returns a ``Problem`` naming the field (as a path, e.g. ``delivery_window.end``) and saying
 what is wrong in a sentence for the integrator, or None. Values are never echoed back: a field may hold
 personal data.
+
+Every Timestamp and date is range-checked here, not where it is used: one out-of-range value would
+otherwise make the planner raise mid-batch (failing the whole batch) or be stored and break every
+later read of the parcel.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ MAX_FUTURE_MS = 10 * 60_000
 # Nothing a carrier scanned happened before this (2000-01-01): a zero or garbage timestamp.
 MIN_OCCURRED_MS = 946_684_800_000
 MAX_WINDOW_MS = 7 * 86_400_000
+# How far from now a delivery window, a pickup deadline or a promised date may lie. Parcels are in
+# flight for days to weeks and finished ones expire after 30 days, so no real feed comes near a year
+# either way; the bound keeps every instant the planner computes with (end of day, quiet hours in the
+# recipient's zone) far inside what ``datetime`` and protobuf's Timestamp can hold (years 1-9999).
+MAX_DISTANCE_DAYS = 366
+MAX_DISTANCE_MS = MAX_DISTANCE_DAYS * 86_400_000
+_MAX_NANOS = 999_999_999
 
 # Printable ASCII without spaces: ids end up in Redis keys and notice ids.
 _ID = re.compile(r"[\x21-\x7e]+")
@@ -62,7 +73,28 @@ def _text(value: str, name: str, max_len: int) -> Problem | None:
     return None
 
 
-def _window(event: tracking_pb2.TrackingEvent) -> Problem | None:
+def _nanos(stamp: timestamp_pb2.Timestamp, name: str) -> Problem | None:
+    # Out of range, the stamp is stored as sent and every later reading of it fails (GetParcel's
+    # reply, JSON), so it is refused at the door.
+    if not 0 <= stamp.nanos <= _MAX_NANOS:
+        return Problem(f"{name}.nanos", f"{name}.nanos must be 0 to 999,999,999")
+    return None
+
+
+def _near(stamp: timestamp_pb2.Timestamp, name: str, now_ms: int) -> Problem | None:
+    """A valid Timestamp within ``MAX_DISTANCE_DAYS`` of now."""
+    problem = _nanos(stamp, name)
+    if problem is not None:
+        return problem
+    at_ms = stamp_ms(stamp)
+    if at_ms < now_ms - MAX_DISTANCE_MS:
+        return Problem(name, f"{name} is more than {MAX_DISTANCE_DAYS} days in the past")
+    if at_ms > now_ms + MAX_DISTANCE_MS:
+        return Problem(name, f"{name} is more than {MAX_DISTANCE_DAYS} days in the future")
+    return None
+
+
+def _window(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
     if not event.HasField("delivery_window"):
         return None
     window = event.delivery_window
@@ -70,6 +102,11 @@ def _window(event: tracking_pb2.TrackingEvent) -> Problem | None:
         return Problem("delivery_window.start", "delivery_window.start is required")
     if not window.HasField("end"):
         return Problem("delivery_window.end", "delivery_window.end is required")
+    problem = _near(window.start, "delivery_window.start", now_ms) or _near(
+        window.end, "delivery_window.end", now_ms
+    )
+    if problem is not None:
+        return problem
     start_ms, end_ms = stamp_ms(window.start), stamp_ms(window.end)
     if end_ms <= start_ms:
         return Problem("delivery_window.end", "delivery_window.end must be after its start")
@@ -78,20 +115,27 @@ def _window(event: tracking_pb2.TrackingEvent) -> Problem | None:
     return None
 
 
-def _pickup(event: tracking_pb2.TrackingEvent) -> Problem | None:
-    if event.status != types_pb2.TRACKING_STATUS_AVAILABLE_FOR_PICKUP:
-        return None
+def _pickup(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
     point = event.pickup_point
-    if not event.HasField("pickup_point") or not point.id:
-        return Problem("pickup_point.id", "pickup_point.id is required for AVAILABLE_FOR_PICKUP")
-    if not point.HasField("deadline"):
-        return Problem("pickup_point.deadline", "pickup_point.deadline is required for AVAILABLE_FOR_PICKUP")
+    if event.status == types_pb2.TRACKING_STATUS_AVAILABLE_FOR_PICKUP:
+        if not event.HasField("pickup_point") or not point.id:
+            return Problem("pickup_point.id", "pickup_point.id is required for AVAILABLE_FOR_PICKUP")
+        if not point.HasField("deadline"):
+            return Problem(
+                "pickup_point.deadline", "pickup_point.deadline is required for AVAILABLE_FOR_PICKUP"
+            )
+    # Checked whatever the status: the event is kept in the timeline, deadline included.
+    if point.HasField("deadline"):
+        return _near(point.deadline, "pickup_point.deadline", now_ms)
     return None
 
 
 def _occurred(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
     if not event.HasField("occurred_at"):
         return Problem("occurred_at", "occurred_at is required")
+    problem = _nanos(event.occurred_at, "occurred_at")
+    if problem is not None:
+        return problem
     occurred_ms = stamp_ms(event.occurred_at)
     if occurred_ms < MIN_OCCURRED_MS:
         return Problem("occurred_at", "occurred_at is before 2000-01-01")
@@ -113,12 +157,25 @@ def check_event(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | Non
         or _occurred(event, now_ms)
         or _text(event.substatus, "substatus", 64)
         or _text(event.description, "description", 256)
-        or _window(event)
-        or _pickup(event)
+        or _window(event, now_ms)
+        or _pickup(event, now_ms)
     )
 
 
-def _order(order: parcel_pb2.OrderFacts) -> Problem | None:
+def _promised(date: types_pb2.LocalDate, now_ms: int) -> Problem | None:
+    try:
+        day = dt.date(date.year, date.month, date.day)
+    except ValueError:
+        return Problem("order.promised_date", "order.promised_date is not a calendar date")
+    today = dt.datetime.fromtimestamp(now_ms // 1000, dt.UTC).date()
+    if abs((day - today).days) > MAX_DISTANCE_DAYS:
+        return Problem(
+            "order.promised_date", f"order.promised_date is more than {MAX_DISTANCE_DAYS} days from today"
+        )
+    return None
+
+
+def _order(order: parcel_pb2.OrderFacts, now_ms: int) -> Problem | None:
     if order.HasField("declared_value"):
         value = order.declared_value
         if not _CURRENCY.fullmatch(value.currency_code):
@@ -126,20 +183,18 @@ def _order(order: parcel_pb2.OrderFacts) -> Problem | None:
         if value.amount_minor < 0:
             return Problem("order.declared_value.amount_minor", "amount_minor must not be negative")
     if order.HasField("promised_date"):
-        date = order.promised_date
-        try:
-            dt.date(date.year, date.month, date.day)
-        except ValueError:
-            return Problem("order.promised_date", "order.promised_date is not a calendar date")
+        problem = _promised(order.promised_date, now_ms)
+        if problem is not None:
+            return problem
     return _text(order.order_reference, "order.order_reference", 64)
 
 
-def check_registration(parcel: parcel_pb2.ParcelRegistration) -> Problem | None:
+def check_registration(parcel: parcel_pb2.ParcelRegistration, now_ms: int) -> Problem | None:
     """The first problem of ``parcel``, or None when it can be registered."""
     return (
         _ident(parcel.parcel_id, "parcel_id", 64)
         or _ident(parcel.merchant_id, "merchant_id", 128)
         or _ident(parcel.carrier, "carrier", 64)
         or _ident(parcel.recipient_id, "recipient_id", 128)
-        or _order(parcel.order)
+        or _order(parcel.order, now_ms)
     )

@@ -1,9 +1,10 @@
 """ParcelService: register parcels (merging what carriers already scanned) and read a parcel's story.
 
-``RegisterParcels`` rejects bad entries by index and applies the rest: it stores the order facts, merges
-them into a parcel carriers may have scanned first, plans what became plannable (the recipient is now
-known) and plans pending notices again with the new facts. It indexes each parcel under its recipient
-(``engine.recipient_index``) for the re-planning on a preference change and for erasure.
+``RegisterParcels`` rejects bad entries by index (a parcel named again later in the same request among
+them) and applies the rest: it stores the order facts, merges them into a parcel carriers may have
+scanned first, plans what became plannable (the recipient is now known) and plans pending notices
+again with the new facts. It indexes each parcel under its recipient (``engine.recipient_index``)
+for the re-planning on a preference change and for erasure.
 
 ``GetParcel`` answers from ONE script call (``view_parcel.lua``): the parcel's version, state, which
 notices are still due, the gateway's attempts fields of its hash (not the whole hash: it also holds
@@ -149,18 +150,29 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
     ) -> tuple[dict[str, tuple[int, parcel_pb2.ParcelRegistration]], list[parcel_pb2.RejectedParcel]]:
         wanted: dict[str, tuple[int, parcel_pb2.ParcelRegistration]] = {}
         rejected: list[parcel_pb2.RejectedParcel] = []
+        # Where each parcel id first appeared, accepted or not: which of two registrations of one
+        # parcel in a request the caller meant is theirs to say, so a later one is refused, never
+        # silently merged or dropped.
+        first: dict[str, int] = {}
         for index, parcel in enumerate(parcels):
             problem = check_registration(parcel, now_ms)
+            if problem is None and parcel.parcel_id in first:
+                problem = Problem(
+                    "parcel_id",
+                    f"parcel_id is already at index {first[parcel.parcel_id]} of this request;"
+                    " register a parcel once per request",
+                )
             if problem is None and not auth.can_access_merchant(parcel.merchant_id):
                 problem = Problem("merchant_id", "the caller may not register parcels for this merchant")
             if problem is None and not auth.can_access_recipient(parcel.recipient_id):
                 problem = Problem("recipient_id", "the recipient id is outside the caller's namespace")
+            first.setdefault(parcel.parcel_id, index)
             if problem is not None:
                 rejected.append(
                     parcel_pb2.RejectedParcel(index=index, field=problem.field, reason=problem.reason)
                 )
             else:
-                wanted[parcel.parcel_id] = (index, parcel)  # the last registration of a parcel wins
+                wanted[parcel.parcel_id] = (index, parcel)
         return wanted, rejected
 
     async def RegisterParcels(  # noqa: N802 - gRPC method name

@@ -1,4 +1,4 @@
-"""Out-of-range timestamps and dates, over real gRPC on loopback and a real Redis.
+"""Out-of-range timestamps and dates, and repeated parcels, over real gRPC on loopback and a real Redis.
 
 Each request mixes good entries with one bad one: the bad one is rejected by index with its field
 named, and the good ones are applied (a bad value used to fail the whole request with INTERNAL).
@@ -208,3 +208,18 @@ async def test_a_promised_date_at_the_bound_is_registered(channel: grpc.aio.Chan
         promised(registration("E2"), *_ymd(TODAY - BOUND)),
     )
     assert (response.registered, list(response.rejected)) == (2, [])
+
+
+async def test_a_parcel_twice_in_one_request_rejects_the_later_entry(channel: grpc.aio.Channel) -> None:
+    response = await register(
+        channel,
+        registration("D1", recipient_id="acme/r1"),
+        registration("D2"),
+        registration("D1", recipient_id="acme/r2"),
+    )
+
+    assert response.registered == 2
+    assert [(r.index, r.field) for r in response.rejected] == [(2, "parcel_id")]
+    assert "index 0" in response.rejected[0].reason
+    assert (await view(channel, "D1")).recipient_id == "acme/r1"
+    assert (await view(channel, "D2")).registered

@@ -30,6 +30,7 @@ from engine import auth
 from engine.alert_store import parse_parcel_alerts
 from engine.recipient_index import RecipientIndex
 from engine.state import (
+    ConflictError,
     ParcelRecord,
     ParcelStore,
     add_full_timeline,
@@ -198,7 +199,14 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
             return True
 
         if wanted:
-            await self._store.update(list(wanted), mutate, refresh=True)
+            try:
+                await self._store.update(list(wanted), mutate, refresh=True)
+            except ConflictError:
+                # Contention, not a bug (so no INTERNAL, no error log): registering is idempotent, so
+                # the caller's retry is safe, and it indexes the parcels this attempt already wrote.
+                await _abort(
+                    context, grpc.StatusCode.ABORTED, "parcels changed concurrently; send the request again"
+                )
             indexed = {pid: parcel.recipient_id for pid, (_i, parcel) in wanted.items() if pid not in taken}
             await self._index.add(indexed, previous, now_ms)
         for index in taken.values():

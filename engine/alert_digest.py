@@ -2,11 +2,16 @@
 one message through the channel it chose (a webhook POST or an email), never one message per parcel.
 
 Alerts enter each shard's ``al-feed:{s}`` stream as they open (in the same script that opens them).
-A round of the :class:`DigestSender` reads every shard's feed through the ``digest`` consumer group
-(its own unacknowledged entries first, then new ones), groups the alerts by (merchant, team), sends
-one digest per group and acknowledges the entries of the digests that went out. A digest that fails
-stays pending and is sent again next round, with the same ``Idempotency-Key`` for a webhook when
-nothing new joined it. Alerts of a team with no destination are acknowledged and dropped.
+Any number of processes run a :class:`DigestSender`, each under its own consumer name (host and pid)
+in the ``digest`` consumer group: a new entry goes to one of them only. A round takes over the entries
+other consumers left unacknowledged longer than ``min_idle_ms`` (``XAUTOCLAIM``: their process died,
+or their digest failed and waits for a retry), then reads its own unacknowledged entries and new
+ones, groups the alerts by (merchant, team), sends one digest per group and acknowledges its entries
+as soon as it went out. While a round is sending it renews its claim on the entries still to send,
+so a slow round is never taken over by a live peer and no digest goes out twice. A digest that
+fails stays pending and is sent again next round (by this process or, after ``min_idle_ms``, by
+another), with the same ``Idempotency-Key`` (webhook) or Message-ID (email) when nothing new joined
+it. Alerts of a team with no destination are acknowledged and dropped.
 
 Errors: :class:`DigestDeliveryError` (also a ``ConnectionError``) wraps what httpx or aiosmtplib
 raised, at this edge only.
@@ -18,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
@@ -28,16 +34,22 @@ import aiosmtplib
 import httpx
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from redis.typing import StreamIdT
 from relais.v1 import alerts_pb2, types_pb2
 
 from common import keys
 from common.errors import RelaisError
 from common.settings import AlertSettings
 from engine.alert_rules import AlertConfig, DestinationKind, Team, kind_name, team_name
+from gateway.consumer import default_consumer_name
 
 log = logging.getLogger(__name__)
 
 READ_COUNT = 10_000
+# How long an entry may stay unacknowledged under one consumer before another takes it over: far
+# longer than a send (a live consumer renews its claim between sends, see ``run_once``), so only a
+# dead consumer's or a failed digest's entries move; a crash delays its digests by this much.
+DEFAULT_MIN_IDLE_MS = 600_000
 
 
 class DigestDeliveryError(RelaisError, ConnectionError):
@@ -157,6 +169,15 @@ class _Entry:
     alert: alerts_pb2.Alert
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """What one read returned: the alerts, and the ids of pending entries trimmed from the stream
+    meanwhile (their alert is gone; they are only acknowledged, so they leave the pending list)."""
+
+    entries: list[_Entry]
+    gone: list[tuple[int, bytes]]
+
+
 class DigestSender:
     def __init__(
         self,
@@ -165,14 +186,24 @@ class DigestSender:
         shards: int,
         config: AlertConfig,
         sinks: Mapping[DestinationKind, DigestSink],
-        consumer: str = "digest-1",
+        consumer: str | None = None,
+        min_idle_ms: int = DEFAULT_MIN_IDLE_MS,
     ) -> None:
+        if min_idle_ms <= 0:
+            raise ValueError("min_idle_ms must be positive")
         self._redis = redis
         self._shards = shards
         self._config = config
         self._sinks = sinks
-        self._consumer = consumer
+        # One name per process: a name shared by two processes would let each re-read the other's
+        # unacknowledged entries and send their digests again.
+        self._consumer = consumer or default_consumer_name()
+        self._min_idle_ms = min_idle_ms
         self._groups_ready = False
+
+    @property
+    def consumer(self) -> str:
+        return self._consumer
 
     async def _ensure_groups(self) -> None:
         if self._groups_ready:
@@ -185,40 +216,59 @@ class DigestSender:
                 )
         self._groups_ready = True
 
-    async def _read(self) -> list[_Entry]:
-        """This consumer's pending entries (failed before) and new ones, all shards, one round trip."""
+    async def _read(self) -> _Batch:
+        """Entries other consumers left idle (taken over), this consumer's pending entries (failed
+        before, or just taken over) and new ones, all shards, one round trip. Reading its pending
+        entries again resets their idle time, which keeps peers from taking them over meanwhile."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for shard in range(self._shards):
+                feed = keys.alert_feed(shard)
+                pipe.xautoclaim(
+                    feed,
+                    keys.ALERT_FEED_GROUP,
+                    self._consumer,
+                    self._min_idle_ms,
+                    start_id="0-0",
+                    count=READ_COUNT,
+                    justid=True,
+                )
                 for start in ("0", ">"):
-                    pipe.xreadgroup(
-                        keys.ALERT_FEED_GROUP,
-                        self._consumer,
-                        {keys.alert_feed(shard): start},
-                        count=READ_COUNT,
-                    )
+                    pipe.xreadgroup(keys.ALERT_FEED_GROUP, self._consumer, {feed: start}, count=READ_COUNT)
             replies: list[Any] = await pipe.execute()
-        entries: list[_Entry] = []
+        batch = _Batch([], [])
         for i, reply in enumerate(replies):
+            if i % 3 == 0:  # the XAUTOCLAIM: what it took over comes back in the pending read after it
+                continue
             for _stream, items in reply or []:
                 for entry_id, fields in items:
-                    if fields:  # a pending entry trimmed from the stream comes back empty
-                        entries.append(_Entry(i // 2, entry_id, alerts_pb2.Alert.FromString(fields[b"a"])))
-        return entries
+                    if fields:
+                        alert = alerts_pb2.Alert.FromString(fields[b"a"])
+                        batch.entries.append(_Entry(i // 3, entry_id, alert))
+                    else:
+                        batch.gone.append((i // 3, entry_id))
+        return batch
 
     async def run_once(self) -> DigestRound:
         await self._ensure_groups()
-        entries = await self._read()
+        batch = await self._read()
         groups: dict[tuple[str, Team], list[_Entry]] = {}
-        for entry in entries:
+        for entry in batch.entries:
             groups.setdefault((entry.alert.merchant_id, entry.alert.team), []).append(entry)
-        done: list[_Entry] = []
+        todo = list(groups.items())
+        done: list[tuple[int, bytes]] = list(batch.gone)
         sent = alerts_sent = failed = dropped = 0
-        for (merchant_id, team), group in groups.items():
+        renewed = time.monotonic()
+        for i, ((merchant_id, team), group) in enumerate(todo):
+            if (time.monotonic() - renewed) * 1000 > self._min_idle_ms / 3:
+                # Sends have taken a while: renew the claim on what is still to send before a peer
+                # could see it idle and send it too.
+                await self._renew([e for _, rest in todo[i:] for e in rest])
+                renewed = time.monotonic()
             destination = self._config.destination(merchant_id, team)
             sink = self._sinks.get(destination.kind) if destination is not None else None
             if destination is None or sink is None:
                 dropped += len(group)
-                done += group
+                done += [(e.shard, e.entry_id) for e in group]
                 continue
             ordered = sorted(group, key=lambda e: (e.alert.opened_at.ToMilliseconds(), e.alert.alert_id))
             digest = Digest(merchant_id, team, tuple(e.alert for e in ordered))
@@ -236,16 +286,32 @@ class DigestSender:
                 continue
             sent += 1
             alerts_sent += len(group)
-            done += group
+            # At once, not with the round's others: a crash or a takeover later in the round must
+            # not send this digest again.
+            await self._ack([(e.shard, e.entry_id) for e in group])
         await self._ack(done)
         return DigestRound(sent, alerts_sent, failed, dropped)
 
-    async def _ack(self, entries: Sequence[_Entry]) -> None:
+    async def _renew(self, entries: Sequence[_Entry]) -> None:
+        """Reset the idle time of these entries, still this consumer's, in one round trip."""
+        by_shard: dict[int, list[StreamIdT]] = {}
+        for entry in entries:
+            by_shard.setdefault(entry.shard, []).append(entry.entry_id)
+        if not by_shard:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for shard, ids in by_shard.items():
+                pipe.xclaim(
+                    keys.alert_feed(shard), keys.ALERT_FEED_GROUP, self._consumer, 0, ids, justid=True
+                )
+            await pipe.execute()
+
+    async def _ack(self, entries: Sequence[tuple[int, bytes]]) -> None:
         if not entries:
             return
         by_shard: dict[int, list[bytes]] = {}
-        for entry in entries:
-            by_shard.setdefault(entry.shard, []).append(entry.entry_id)
+        for shard, entry_id in entries:
+            by_shard.setdefault(shard, []).append(entry_id)
         async with self._redis.pipeline(transaction=False) as pipe:
             for shard, ids in by_shard.items():
                 pipe.xack(keys.alert_feed(shard), keys.ALERT_FEED_GROUP, *ids)

@@ -1,5 +1,6 @@
 """Digests: alerts opened since the last digest, grouped per merchant team, POSTed to a webhook on a
-local HTTP server or emailed to an aiosmtpd server on loopback; a failed digest goes again."""
+local HTTP server or emailed to an aiosmtpd server on loopback; a failed digest goes again. Several
+senders on the same feed send each digest once and take over a dead one's entries."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from redis.asyncio import Redis
 from relais.v1 import alerts_pb2, types_pb2
 
 from channels.smtp_sink import SmtpSink
+from common import keys
 from common.clock import ManualClock
 from engine.alert_digest import DigestSender, DigestSink, EmailSink, WebhookSink
 from engine.alert_monitor import AlertMonitor
-from engine.alert_rules import DestinationKind, parse_alert_config
+from engine.alert_rules import AlertConfig, DestinationKind, parse_alert_config
 from engine.alert_store import AlertStore
+from gateway.consumer import default_consumer_name
 from tests.alerts.support import parcel_facts as parcel
 
 S = types_pb2
@@ -34,6 +37,8 @@ class HookServer:
     """An HTTP/1.1 endpoint on loopback that keeps what it is sent and answers ``status``."""
 
     status: int = 200
+    # How long it takes to answer: a slow endpoint makes a round last.
+    delay_s: float = 0.0
     requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
     port: int = 0
 
@@ -43,6 +48,7 @@ class HookServer:
         headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
         body = await reader.readexactly(int(headers.get("content-length", "0")))
         self.requests.append((request_line, headers, body))
+        await asyncio.sleep(self.delay_s)
         writer.write(f"HTTP/1.1 {self.status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         writer.close()
@@ -180,3 +186,113 @@ async def test_unreachable_smtp_server_is_a_delivery_error(redis: Redis, clock: 
     sink = EmailSink("127.0.0.1", port, "alerts@relais.example", timeout_s=2.0)
     sender = DigestSender(redis, shards=SHARDS, config=config, sinks={DestinationKind.EMAIL: sink})
     assert (await sender.run_once()).digests_failed == 1
+
+
+def hook_config(port: int, merchants: list[str]) -> AlertConfig:
+    return parse_alert_config(
+        {
+            "merchants": {
+                m: {"teams": {"ecommerce": {"webhook": f"http://127.0.0.1:{port}/{m}"}}} for m in merchants
+            }
+        }
+    )
+
+
+def hooked_alert_ids(hook: HookServer) -> list[str]:
+    return [a["alert_id"] for _, _, body in hook.requests for a in json.loads(body)["alerts"]]
+
+
+async def pending_count(redis: Redis) -> int:
+    counts = [await redis.xpending(keys.alert_feed(s), keys.ALERT_FEED_GROUP) for s in range(SHARDS)]
+    return sum(int(c["pending"]) for c in counts)
+
+
+async def test_each_process_reads_under_its_own_name(redis: Redis, clock: ManualClock) -> None:
+    config = hook_config(1, ["acme"])
+    monitor = AlertMonitor(AlertStore(redis, shards=SHARDS, retention_ms=10**10), config, clock)
+    await monitor.check([parcel("R1", S.TRACKING_STATUS_RETURNING_TO_SENDER)])
+    sender = DigestSender(redis, shards=SHARDS, config=config, sinks={})
+    assert sender.consumer == default_consumer_name()
+    await sender.run_once()
+    names = {
+        c["name"].decode()
+        for s in range(SHARDS)
+        for c in await redis.xinfo_consumers(keys.alert_feed(s), keys.ALERT_FEED_GROUP)
+    }
+    assert names == {default_consumer_name()}
+
+
+async def test_two_senders_on_one_feed_send_each_digest_once(
+    redis: Redis, clock: ManualClock, hook: HookServer
+) -> None:
+    merchants = ["m1", "m2", "m3"]
+    config = hook_config(hook.port, merchants)
+    monitor = AlertMonitor(AlertStore(redis, shards=SHARDS, retention_ms=10**10), config, clock)
+    await monitor.check(
+        [
+            parcel(f"{m}-{i}", S.TRACKING_STATUS_RETURNING_TO_SENDER, merchant_id=m)
+            for m in merchants
+            for i in range(4)
+        ]
+    )
+    # Each digest takes 0.4 s: A's round (three digests) lasts longer than the 1 s after which an
+    # idle entry is taken over; B's round starts within it. A renews its claim between sends, so B
+    # finds nothing to take and no digest goes out twice.
+    hook.delay_s = 0.4
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        sinks: dict[DestinationKind, DigestSink] = {DestinationKind.WEBHOOK: WebhookSink(client)}
+        a, b = (
+            DigestSender(redis, shards=SHARDS, config=config, sinks=sinks, consumer=name, min_idle_ms=1000)
+            for name in ("host-a-1", "host-b-1")
+        )
+
+        async def b_later() -> None:
+            await asyncio.sleep(1.05)
+            await b.run_once()
+
+        await asyncio.gather(a.run_once(), b_later())
+        # Both at once, now on new alerts: each alert goes to one of them.
+        clock.advance_ms(60_000)
+        await monitor.check(
+            [parcel(f"{m}-new", S.TRACKING_STATUS_RETURNED_TO_SENDER, merchant_id=m) for m in merchants]
+        )
+        hook.delay_s = 0.0
+        await asyncio.gather(a.run_once(), b.run_once())
+        await asyncio.gather(a.run_once(), b.run_once())
+    ids = hooked_alert_ids(hook)
+    assert sorted(ids) == sorted(
+        [f"{m}-{i}:RETURNED:1" for m in merchants for i in range(4)]
+        + [f"{m}-new:RETURNED:1" for m in merchants]
+    )
+    assert await pending_count(redis) == 0
+
+
+async def test_a_dead_senders_entries_are_taken_over(
+    redis: Redis, clock: ManualClock, hook: HookServer
+) -> None:
+    config = hook_config(hook.port, ["acme"])
+    monitor = AlertMonitor(AlertStore(redis, shards=SHARDS, retention_ms=10**10), config, clock)
+    await monitor.check([parcel(f"R{i}", S.TRACKING_STATUS_RETURNING_TO_SENDER) for i in range(5)])
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        sinks: dict[DestinationKind, DigestSink] = {DestinationKind.WEBHOOK: WebhookSink(client)}
+        dead = DigestSender(redis, shards=SHARDS, config=config, sinks=sinks, consumer="gone-1")
+        # Its digest fails, then its process dies: the entries stay pending under its name.
+        hook.status = 503
+        assert (await dead.run_once()).digests_failed == 1
+        hook.status = 200
+        assert await pending_count(redis) == 5
+
+        peer = DigestSender(
+            redis, shards=SHARDS, config=config, sinks=sinks, consumer="alive-1", min_idle_ms=300
+        )
+        # Not idle long enough yet: left to their owner.
+        assert (await peer.run_once()).digests_sent == 0
+        await asyncio.sleep(0.4)
+        taken = await peer.run_once()
+        assert (taken.digests_sent, taken.alerts_sent) == (1, 5)
+        assert (await peer.run_once()).digests_sent == 0
+    assert len(hook.requests) == 2
+    first, second = (json.loads(body) for _, _, body in hook.requests)
+    # The same digest the dead sender tried: the endpoint recognises it by its idempotency key.
+    assert first == second
+    assert await pending_count(redis) == 0

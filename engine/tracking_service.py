@@ -33,7 +33,7 @@ Context = grpc.aio.ServicerContext[object, object]
 TOO_MANY = f"events: at most {MAX_BATCH_EVENTS} per batch"
 # The largest batch a stream answers with one rejection per event. Beyond it the ack could outgrow
 # what the batch cost to send (an empty event is 2 bytes, its rejection about 50) and gRPC's message
-# limit: such a batch ends the stream instead.
+# limit: such a batch ends the stream instead. tracking.proto states both limits: keep them in step.
 MAX_REJECTED_EVENTS = 4 * MAX_BATCH_EVENTS
 
 

@@ -137,7 +137,10 @@ class EventBatch(_message.Message):
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrackingEvent]:
-        """The events, up to 5000 per batch."""
+        """The events, up to 5000 per batch. On StreamEvents a larger batch is answered with every event
+        rejected (field "events"), nothing applied, and the stream goes on (beyond 20000 events it ends
+        the stream with INVALID_ARGUMENT instead); RecordEvents answers it with INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,

@@ -60,7 +60,10 @@ class TrackingServiceServicer:
         answers each batch with exactly one BatchAck, in the order the batches were sent, carrying the
         batch's seq. A bad event is rejected by index in its ack and the rest of the batch is applied. The
         server keeps a bounded window of unacknowledged batches per stream: a client that stops reading
-        acks is slowed down by HTTP/2 flow control, not buffered without bound.
+        acks is slowed down by HTTP/2 flow control, not buffered without bound. A batch relais cannot
+        apply (UNAVAILABLE: storage failed; ABORTED: parcels kept changing) ends the stream with that
+        status, after the acks of every batch before it: send again from the first batch not acked
+        (events are idempotent, so batches the server had read past it cost only duplicates).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

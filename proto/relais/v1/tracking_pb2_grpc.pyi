@@ -41,7 +41,10 @@ class TrackingServiceStub:
     answers each batch with exactly one BatchAck, in the order the batches were sent, carrying the
     batch's seq. A bad event is rejected by index in its ack and the rest of the batch is applied. The
     server keeps a bounded window of unacknowledged batches per stream: a client that stops reading
-    acks is slowed down by HTTP/2 flow control, not buffered without bound.
+    acks is slowed down by HTTP/2 flow control, not buffered without bound. A batch relais cannot
+    apply (UNAVAILABLE: storage failed; ABORTED: parcels kept changing) ends the stream with that
+    status, after the acks of every batch before it: send again from the first batch not acked
+    (events are idempotent, so batches the server had read past it cost only duplicates).
     """
     RecordEvents: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.EventBatch, _tracking_pb2.BatchAck]
     """Unary form of the same for internal systems: one batch, one ack."""
@@ -59,7 +62,10 @@ class TrackingServiceAsyncStub(TrackingServiceStub):
     answers each batch with exactly one BatchAck, in the order the batches were sent, carrying the
     batch's seq. A bad event is rejected by index in its ack and the rest of the batch is applied. The
     server keeps a bounded window of unacknowledged batches per stream: a client that stops reading
-    acks is slowed down by HTTP/2 flow control, not buffered without bound.
+    acks is slowed down by HTTP/2 flow control, not buffered without bound. A batch relais cannot
+    apply (UNAVAILABLE: storage failed; ABORTED: parcels kept changing) ends the stream with that
+    status, after the acks of every batch before it: send again from the first batch not acked
+    (events are idempotent, so batches the server had read past it cost only duplicates).
     """
     RecordEvents: _aio.UnaryUnaryMultiCallable[_tracking_pb2.EventBatch, _tracking_pb2.BatchAck]  # type: ignore[assignment]
     """Unary form of the same for internal systems: one batch, one ack."""
@@ -80,7 +86,10 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         answers each batch with exactly one BatchAck, in the order the batches were sent, carrying the
         batch's seq. A bad event is rejected by index in its ack and the rest of the batch is applied. The
         server keeps a bounded window of unacknowledged batches per stream: a client that stops reading
-        acks is slowed down by HTTP/2 flow control, not buffered without bound.
+        acks is slowed down by HTTP/2 flow control, not buffered without bound. A batch relais cannot
+        apply (UNAVAILABLE: storage failed; ABORTED: parcels kept changing) ends the stream with that
+        status, after the acks of every batch before it: send again from the first batch not acked
+        (events are idempotent, so batches the server had read past it cost only duplicates).
         """
 
     @_abc_1.abstractmethod

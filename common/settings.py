@@ -119,9 +119,12 @@ def _rates(env: Mapping[str, str], name: str) -> dict[str, float]:
 class GatewaySettings:
     """The gateway's knobs, from ``RELAIS_GATEWAY_*`` variables."""
 
-    # How long one send may take; also the lease of an idempotency claim and the idle time after which
-    # another gateway reclaims an outbox entry of a crashed one.
+    # How long one round of a batch's sends may take (a chunk is not started in its last half; see
+    # gateway.worker), and the idle time after which another gateway reclaims an outbox entry of a
+    # crashed one. An idempotency claim lasts twice as long, so it outlives the round it was taken for.
     send_timeout_s: float = 30.0
+    # Messages handed to a provider at once: a chunk that times out is the most that may go out twice.
+    send_chunk: int = 64
     # Attempts per notice before it goes to the dead-letter stream.
     max_attempts: int = 6
     # Exponential backoff between attempts: base * 2^attempt, capped, with full jitter.
@@ -179,6 +182,7 @@ class GatewaySettings:
         p = "RELAIS_GATEWAY_"
         return cls(
             send_timeout_s=_float(env, p + "SEND_TIMEOUT_S", cls.send_timeout_s, low=0.05, high=3600.0),
+            send_chunk=_int(env, p + "SEND_CHUNK", cls.send_chunk, low=1, high=10_000),
             max_attempts=_int(env, p + "MAX_ATTEMPTS", cls.max_attempts, low=1, high=100),
             backoff_base_s=_float(env, p + "BACKOFF_BASE_S", cls.backoff_base_s, low=0.001, high=86400.0),
             backoff_max_s=_float(env, p + "BACKOFF_MAX_S", cls.backoff_max_s, low=0.001, high=7 * 86400.0),

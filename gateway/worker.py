@@ -75,6 +75,9 @@ SUPPRESSED = notice_pb2.NOTICE_STATUS_SUPPRESSED
 CACHE_MAX_ENTRIES = 100_000
 DEAD_LETTER = notice_pb2.NOTICE_STATUS_DEAD_LETTER
 CANCELLED = notice_pb2.NOTICE_STATUS_CANCELLED
+# A message left unsent because its provider was slow (see ``_send_batch``): the notice comes back
+# later without an attempt spent, as a rate-limited one does.
+NOT_ATTEMPTED = TransientFailure("not attempted: the provider was slow")
 PICKUP_KINDS = frozenset({types_pb2.NOTICE_KIND_AVAILABLE_FOR_PICKUP, types_pb2.NOTICE_KIND_PICKUP_REMINDER})
 
 
@@ -99,6 +102,8 @@ class BatchStats:
     limited: int = 0
     deferred_quiet: int = 0
     elsewhere: int = 0
+    already_sent: int = 0
+    deferred_slow: int = 0
     superseded: int = 0
     expired: int = 0
 
@@ -123,6 +128,8 @@ class _Batch:
     sent: Counter[ChannelKind] = field(default_factory=Counter)
     # Routes that depend on the recipient alone, per (preferences' id, quiet, failed channels).
     routes: dict[_RouteKey, tuple[preferences_pb2.RecipientPreferences, Route]] = field(default_factory=dict)
+    # Idempotency keys this batch claimed: a second copy of a notice in the batch finds them held.
+    claimed: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -226,7 +233,10 @@ class Gateway:
         )
         self._budget_keys: dict[tuple[str, str], str] = {}
         self._settle = LuaScript(redis, "settle")
-        self._claims = idempotency.Claims(redis, self._lease_ms)
+        # Longer than a round (at most 1.5 leases): a claim taken for a send is still held when that
+        # send's outcome is settled, even if another gateway took the entry over meanwhile.
+        self._claim_ms = 2 * self._lease_ms
+        self._claims = idempotency.Claims(redis, self._claim_ms)
 
     async def start(self) -> None:
         await self.outbox.ensure_groups()
@@ -361,12 +371,17 @@ class Gateway:
             jobs = self._plan(pending, batch)
             if not jobs:
                 break
-            await self._claim_and_limit(jobs, now_ms)
+            await self._claim_and_limit(jobs, now_ms, batch.claimed)
             await self._send(jobs)
             pending = await self._judge(jobs, batch)
+            if pending:
+                # Another round follows (fallbacks, rare): what this one sent is marked sent first,
+                # so a gateway taking the entry over during that round never sends it again.
+                stats.superseded += await batch.settlement.execute(self._redis)
+                batch.settlement = self._settlement(now_ms)
         for item in items:
-            settlement.ack(item.entry.shard, item.entry.entry_id)
-        stats.superseded = await settlement.execute(self._redis)
+            batch.settlement.ack(item.entry.shard, item.entry.entry_id)
+        stats.superseded += await batch.settlement.execute(self._redis)
         for channel, count in batch.sent.items():
             self._telemetry.metrics.send(channel, SendOutcome.SENT, count)
         return stats
@@ -527,7 +542,7 @@ class Gateway:
             batch.add(self._shared_limits(job.route, item.merchant_id), personal)
         return batch
 
-    async def _claim_and_limit(self, jobs: list[_Job], now_ms: int) -> None:
+    async def _claim_and_limit(self, jobs: list[_Job], now_ms: int, claimed: set[str]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         if self._settings.limits_enabled:
             self._limiter.queue(pipe, now_ms, self._limit_batch(jobs))
@@ -551,6 +566,9 @@ class Gateway:
             job.wait_ms = wait_ms
             shard_claims = claims[job.item.entry.shard]
             job.claims = [next(shard_claims) for _ in job.keys]
+            for key, claim in zip(job.keys, job.claims, strict=True):
+                if claim is Claim.CLAIMED:
+                    claimed.add(key)
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -614,34 +632,50 @@ class Gateway:
             end_send_spans(spans, [job.results[index] for job, index, _ in batch])
 
     async def _send_batch(self, provider: str, batch: list[tuple[_Job, int, Message]]) -> None:
-        channel = self._channels[provider]
-        results: Sequence[SendResult]
+        """The provider's messages in chunks, each under the send timeout. A chunk that times out or
+        fails is retried whole (what it sent may go out twice: at most one chunk); a chunk is not
+        started in the round's last half timeout, so a slow provider leaves the rest for a retry,
+        never sent, and the round ends well inside the claims it holds."""
+        loop = asyncio.get_running_loop()
+        timeout_s = self._settings.send_timeout_s
+        last_start = loop.time() + timeout_s / 2
+        chunk = self._settings.send_chunk
+        for start in range(0, len(batch), chunk):
+            part = batch[start : start + chunk]
+            results: Sequence[SendResult]
+            if start and loop.time() > last_start:
+                results = [NOT_ATTEMPTED] * len(part)
+            else:
+                results = await self._send_chunk(provider, part, timeout_s)
+            for (job, index, _), result in zip(part, results, strict=True):
+                job.results[index] = result
+
+    async def _send_chunk(
+        self, provider: str, part: list[tuple[_Job, int, Message]], timeout_s: float
+    ) -> Sequence[SendResult]:
         try:
             results = await asyncio.wait_for(
-                channel.send([message for _, _, message in batch]), self._settings.send_timeout_s
+                self._channels[provider].send([message for _, _, message in part]), timeout_s
             )
-            if len(results) != len(batch):
-                raise RuntimeError(f"channel {provider} returned {len(results)} results for {len(batch)}")
+            if len(results) != len(part):
+                raise RuntimeError(f"channel {provider} returned {len(results)} results for {len(part)}")
+            return results
         except Exception as exc:
             # Third-party messages may quote addresses: log the type only.
-            log.warning("provider %s failed a batch of %d: %s", provider, len(batch), type(exc).__name__)
-            results = [TransientFailure(f"{provider}: {type(exc).__name__}")] * len(batch)
-        for (job, index, _), result in zip(batch, results, strict=True):
-            job.results[index] = result
+            log.warning("provider %s failed a batch of %d: %s", provider, len(part), type(exc).__name__)
+            return [TransientFailure(f"{provider}: {type(exc).__name__}")] * len(part)
 
     # --- outcomes -----------------------------------------------------------------------------
 
     async def _judge(self, jobs: list[_Job], batch: _Batch) -> list[_Item]:
         """Settle each job; returns the items that fall back to their next channel."""
-        now_ms, settlement, stats = batch.now_ms, batch.settlement, batch.stats
+        settlement, stats = batch.settlement, batch.stats
         fall_back: list[_Item] = []
         dead_by_recipient: dict[str, list[Destination]] = defaultdict(list)
         for job in jobs:
             shard, notice = job.item.entry.shard, job.item.notice
             if job.wait_ms:
-                for key in job.keys:
-                    settlement.free(shard, key)
-                settlement.reschedule(shard, notice, now_ms + job.wait_ms)
+                self._defer(job, batch, job.wait_ms)
                 stats.limited += 1
                 self._telemetry.metrics.limited(LimitScope.SEND)
                 continue
@@ -650,6 +684,13 @@ class Gateway:
                 # Nearly every notice: one address, claimed and accepted (no Outcome to judge).
                 settlement.sent(shard, job.keys[0])
                 self._settle_sent(job, results[0], 0, batch)
+                continue
+            if Claim.CLAIMED not in claims:
+                self._settle_unclaimed(job, batch)
+                continue
+            if NOT_ATTEMPTED in results and not any(isinstance(r, Accepted) for r in results):
+                self._defer(job, batch, self._lease_ms)
+                stats.deferred_slow += 1
                 continue
             outcome = self._outcome(job)
             if outcome.dead:
@@ -660,6 +701,30 @@ class Gateway:
         if dead_by_recipient:
             await self._remove_dead(dead_by_recipient, jobs)
         return fall_back
+
+    @staticmethod
+    def _defer(job: _Job, batch: _Batch, delay_ms: int) -> None:
+        """Back to the due set in ``delay_ms``, unsent and without an attempt spent (limited, or its
+        provider too slow this round); its claims released."""
+        shard = job.item.entry.shard
+        for key, claim in zip(job.keys, job.claims, strict=True):
+            if claim is Claim.CLAIMED:  # another gateway's claim is not ours to free
+                batch.settlement.free(shard, key)
+        batch.settlement.reschedule(shard, job.item.notice, batch.now_ms + delay_ms)
+
+    def _settle_unclaimed(self, job: _Job, batch: _Batch) -> None:
+        """Not one of the notice's sends was ours. All sent before, or claimed by this very batch: a
+        copy of a notice sent (or being sent) and recorded, acknowledged and nothing more. Some held
+        by another gateway: this entry may be one taken over from a gateway that died mid-send, whose
+        claim has not expired yet, so the notice comes back when that claim has ended, either sent by
+        its holder (then it is acknowledged as a copy) or free to send."""
+        held = [key for key, claim in zip(job.keys, job.claims, strict=True) if claim is Claim.IN_FLIGHT]
+        if any(key not in batch.claimed for key in held):
+            notice = job.item.notice
+            batch.settlement.reschedule(job.item.entry.shard, notice, batch.now_ms + self._claim_ms)
+            batch.stats.elsewhere += 1
+        else:
+            batch.stats.already_sent += 1
 
     @staticmethod
     def _outcome(job: _Job) -> Outcome:
@@ -674,9 +739,6 @@ class Gateway:
         """Record one job's outcome; True when the notice should try its next channel."""
         shard, notice = job.item.entry.shard, job.item.notice
         now_ms, settlement, stats = batch.now_ms, batch.settlement, batch.stats
-        if outcome.verdict is Verdict.ELSEWHERE:
-            stats.elsewhere += 1
-            return False
         if outcome.verdict is Verdict.SENT:
             assert outcome.accepted is not None
             for key, claim, result in zip(job.keys, job.claims, job.results, strict=True):

@@ -8,6 +8,7 @@ results per address. Nothing of the gateway's own logic is replaced.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -155,10 +156,19 @@ async def outbox_left(redis: Redis) -> int:
 class ScriptedChannel:
     """Records messages; answers each address with its scripted results in turn, then ``Accepted``."""
 
-    def __init__(self, name: str, script: Mapping[Destination, Sequence[SendResult]] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        script: Mapping[Destination, Sequence[SendResult]] | None = None,
+        *,
+        delay_s: float = 0.0,
+    ) -> None:
         self.name = name
         self.sent: list[Message] = []
         self.calls = 0
+        # A slow provider: each message takes this long, one after another, and counts as sent once
+        # that time is over (cancelled midway, the earlier ones went out).
+        self.delay_s = delay_s
         self._script: dict[Destination, list[SendResult]] = defaultdict(list)
         for to, results in (script or {}).items():
             self._script[to].extend(results)
@@ -174,6 +184,8 @@ class ScriptedChannel:
         self.calls += 1
         results: list[SendResult] = []
         for message in messages:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
             self.sent.append(message)
             queued = self._script.get(message.to)
             results.append(queued.pop(0) if queued else Accepted(f"{self.name}-{len(self.sent)}"))

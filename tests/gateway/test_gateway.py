@@ -398,20 +398,87 @@ async def test_a_key_marked_sent_is_never_sent_again(redis: Redis, clock: Manual
     await gateway.run_once()
 
     assert [m.idempotency_key for m in chans["email"].sent] == ["p-20:SHIPPED:1:email"]
-    assert stats.sent == 2
+    # Copies are acknowledged without a second record: p-19 and p-20's second copy.
+    assert (stats.sent, stats.already_sent, stats.elsewhere) == (1, 2, 0)
+    assert len(await attempts(redis, other)) == 1
+    assert await attempts(redis, notice) == []
     assert await outbox_left(redis) == 0
 
 
-async def test_a_claim_held_elsewhere_is_left_to_its_holder(redis: Redis, clock: ManualClock) -> None:
+async def test_a_claim_held_elsewhere_comes_back_once_its_holder_settled(
+    redis: Redis, clock: ManualClock
+) -> None:
+    """A live holder: it sends and settles; the notice's return is acknowledged, not sent again."""
     chans = channels()
-    gateway = await started(redis, clock, chans)
+    gateway = await started(redis, clock, chans, send_timeout_s=30.0)
     await put_prefs(redis, prefs(email="i@example.ch"))
     notice = make_notice("p-21")
-    await redis.set(keys.idempotency(notice.shard, "p-21:SHIPPED:1:email"), "sending", px=30_000)
+    key = keys.idempotency(notice.shard, "p-21:SHIPPED:1:email")
+    await redis.set(key, "sending", px=60_000)
     await queue_notice(redis, notice)
+
     stats = await gateway.run_once()
+
     assert stats.elsewhere == 1
     assert not chans["email"].sent
+    # Back when the holder's claim (two send timeouts) has certainly ended.
+    assert await due_ms(redis, notice) == clock.now_ms() + 60_000
+    await redis.set(key, "sent")
+    clock.advance_ms(60_000)
+    assert await claim_due(redis, clock.now_ms()) == 1
+    stats = await gateway.run_once()
+    assert (stats.already_sent, stats.sent) == (1, 0)
+    assert not chans["email"].sent
+    assert await outbox_left(redis) == 0
+
+
+async def test_a_claim_whose_holder_died_is_sent_once_it_expires(redis: Redis, clock: ManualClock) -> None:
+    """A gateway died mid-send: the survivor took its entry over before the claim expired."""
+    chans = channels()
+    gateway = await started(redis, clock, chans, send_timeout_s=0.1)
+    await put_prefs(redis, prefs(email="j@example.ch"))
+    notice = make_notice("p-22")
+    await redis.set(keys.idempotency(notice.shard, "p-22:SHIPPED:1:email"), "sending", px=150)
+    await queue_notice(redis, notice)
+
+    assert (await gateway.run_once()).elsewhere == 1
+    await asyncio.sleep(0.2)  # the dead holder's claim expires (Redis's clock, not the test's)
+    clock.advance_ms(200)
+    assert await claim_due(redis, clock.now_ms()) == 1
+
+    assert (await gateway.run_once()).sent == 1
+    assert [m.idempotency_key for m in chans["email"].sent] == ["p-22:SHIPPED:1:email"]
+
+
+async def test_a_slow_provider_gets_chunks_and_nothing_goes_out_twice(
+    redis: Redis, clock: ManualClock
+) -> None:
+    """20 ms a message, a 0.2 s send timeout, chunks of 4: a round sends two chunks, leaves the rest
+    for later without spending an attempt, and no message is sent twice."""
+    chans = channels()
+    chans["email"].delay_s = 0.02
+    gateway = await started(redis, clock, chans, send_timeout_s=0.2, send_chunk=4, limits_enabled=False)
+    notices = []
+    for i in range(24):
+        await put_prefs(redis, prefs(f"r-slow-{i}", email=f"slow{i}@example.ch"))
+        notices.append(make_notice(f"p-slow-{i}", recipient_id=f"r-slow-{i}"))
+        await queue_notice(redis, notices[-1])
+
+    first = await gateway.run_once()
+    assert (first.sent, first.deferred_slow, first.retrying) == (8, 16, 0)
+    rounds = 1
+    while len(chans["email"].sent) < len(notices):
+        clock.advance_ms(200)
+        assert await claim_due(redis, clock.now_ms()) > 0
+        await gateway.run_once()
+        rounds += 1
+
+    keys_sent = [m.idempotency_key for m in chans["email"].sent]
+    assert sorted(keys_sent) == sorted(f"{n.notice_id}:1:email" for n in notices)
+    assert rounds == 3
+    # No attempt was spent waiting: each notice's one attempt is its send.
+    for notice in notices:
+        assert [a.status for a in await attempts(redis, notice)] == [SENT]
 
 
 async def test_quiet_hours_hold_until_morning(redis: Redis, clock: ManualClock) -> None:

@@ -4,6 +4,8 @@ scripts."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections import deque
 from collections.abc import Iterable, Sequence
 from functools import cache
@@ -235,3 +237,9 @@ def lua_source(name: str) -> str:
 def register(redis: Redis, name: str) -> AsyncScript:
     """Load ``common/lua/<name>.lua`` once; calls go by EVALSHA and reload after a Redis restart."""
     return redis.register_script(lua_source(name))
+
+
+def default_consumer_name() -> str:
+    """A stream consumer's name, unique per process: a restarted process is a new consumer, and its
+    predecessor's pending entries are taken over (the gateway's outbox, the alert digests)."""
+    return f"{socket.gethostname()}-{os.getpid()}"

@@ -272,6 +272,8 @@ class EngineSettings:
 
 # --- alerts -----------------------------------------------------------------------------------------
 
+SMTP_TLS_MODES = ("opportunistic", "starttls", "implicit", "none")
+
 
 @dataclass(frozen=True)
 class AlertSettings:
@@ -286,10 +288,18 @@ class AlertSettings:
     config_path: Path | None = None
     # How often the digest sender gathers the alerts opened since the last digest.
     digest_interval_s: float = 900.0
-    # Email digests: the SMTP relay and the sender address.
+    # Email digests: the SMTP relay and the sender address. Its own relay, not the email channel's:
+    # merchants' teams are usually reached through the company's mail, recipients through an ESP.
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 25
     email_from: str = "relais-alerts@localhost"
+    # How the relay is reached (SMTP_TLS_MODES): STARTTLS when offered suits a local MTA; "starttls"
+    # (required) or "implicit" (port 465) for a relay across the network, against the system's CAs or
+    # ``smtp_ca_file``. A login is only sent encrypted.
+    smtp_tls: str = "opportunistic"
+    smtp_username: str = ""
+    smtp_password: str = field(default="", repr=False)
+    smtp_ca_file: Path | None = None
     # Webhook and SMTP calls of the digest sender give up after this long (retried next round).
     send_timeout_s: float = 10.0
 
@@ -305,8 +315,22 @@ class AlertSettings:
             smtp_host=env.get(p + "SMTP_HOST") or cls.smtp_host,
             smtp_port=_int(env, p + "SMTP_PORT", cls.smtp_port, low=1, high=65535),
             email_from=env.get(p + "EMAIL_FROM") or cls.email_from,
+            smtp_tls=env.get(p + "SMTP_TLS") or cls.smtp_tls,
+            smtp_username=env.get(p + "SMTP_USERNAME", ""),
+            smtp_password=env.get(p + "SMTP_PASSWORD", ""),
+            smtp_ca_file=_path(env, p + "SMTP_CA_FILE"),
             send_timeout_s=_float(env, p + "SEND_TIMEOUT_S", cls.send_timeout_s, low=0.01, high=600.0),
         )
+
+    def __post_init__(self) -> None:
+        p = "RELAIS_ALERTS_"
+        if self.smtp_tls not in SMTP_TLS_MODES:
+            modes = ", ".join(SMTP_TLS_MODES)
+            raise SettingsError(f"{p}SMTP_TLS={self.smtp_tls!r} must be one of {modes}")
+        if bool(self.smtp_username) != bool(self.smtp_password):
+            raise SettingsError(f"{p}SMTP_USERNAME and {p}SMTP_PASSWORD go together")
+        if self.smtp_username and self.smtp_tls not in ("starttls", "implicit"):
+            raise SettingsError(f"a login is sent encrypted only: set {p}SMTP_TLS to starttls or implicit")
 
 
 # --- security: TLS, API keys, quotas -----------------------------------------------------------------

@@ -13,40 +13,36 @@ fails stays pending and is sent again next round (by this process or, after ``mi
 another), with the same ``Idempotency-Key`` (webhook) or Message-ID (email) when nothing new joined
 it. Alerts of a team with no destination are acknowledged and dropped.
 
-Email digests go through the email channel's own client (``channels.email``), so they leave by the
-relay the gateway uses, with its TLS, login and CA bundle (``RELAIS_CHANNEL_EMAIL_*``).
-
-Errors: :class:`DigestDeliveryError` (also a ``ConnectionError``) wraps what httpx raised or what the
-email channel reported, at this edge only.
+Errors: :class:`DigestDeliveryError` (also a ``ConnectionError``) wraps what httpx or aiosmtplib
+raised, at this edge only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
+from email.message import EmailMessage
 from typing import Any, Protocol
 
+import aiosmtplib
 import httpx
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from redis.typing import StreamIdT
 from relais.v1 import alerts_pb2, types_pb2
 
-from channels.base import Accepted, EmailAddress, Message
-from channels.email import EmailChannel, EmailConfig, Tls, config_from_options
-from channels.email_message import InvalidAddressError, mailbox
 from common import keys
-from common.errors import RelaisError, SettingsError
+from common.errors import RelaisError
+from common.redis_client import default_consumer_name
 from common.settings import AlertSettings
 from engine.alert_rules import AlertConfig, DestinationKind, Team, kind_name, team_name
-from gateway.consumer import default_consumer_name
 
 log = logging.getLogger(__name__)
 
@@ -130,41 +126,39 @@ class WebhookSink:
 
 
 class EmailSink:
-    """Sends the digest as a plain-text email through the email channel's client: its relay, TLS
-    (STARTTLS required unless configured otherwise, verified against ``ca_file``) and login."""
+    """Sends the digest as a plain-text email through the alerts' SMTP relay (``RELAIS_ALERTS_SMTP_*``):
+    its TLS mode, CA bundle and login."""
 
-    def __init__(self, config: EmailConfig) -> None:
-        self._channel = EmailChannel(config)
+    def __init__(self, settings: AlertSettings) -> None:
+        self._sender = settings.email_from
+        tls = settings.smtp_tls
+        context = ssl.create_default_context(cafile=settings.smtp_ca_file) if settings.smtp_ca_file else None
+        self._connection: dict[str, Any] = {
+            "hostname": settings.smtp_host,
+            "port": settings.smtp_port,
+            "timeout": settings.send_timeout_s,
+            "use_tls": tls == "implicit",
+            # aiosmtplib: True requires STARTTLS, None uses it when offered, False never does.
+            "start_tls": {"starttls": True, "opportunistic": None}.get(tls, False),
+            "tls_context": context,
+            "username": settings.smtp_username or None,
+            "password": settings.smtp_password or None,
+        }
 
-    @staticmethod
-    def message(digest: Digest, address: str) -> Message:
-        # The Message-ID comes from this key: a retried digest with the same alerts carries the same one.
-        return Message(
-            idempotency_key=f"digest:{digest.digest_id}",
-            to=EmailAddress(address),
-            subject=digest.subject(),
-            text=digest.text(),
-        )
-
-    async def send(self, digest: Digest, address: str) -> None:
-        [result] = await self._channel.send([self.message(digest, address)])
-        if not isinstance(result, Accepted):
-            # The channel's reasons name the SMTP stage and code only, never an address.
-            raise DigestDeliveryError(result.reason)
-
-    async def aclose(self) -> None:
-        await self._channel.aclose()
-
-
-class UnavailableSink:
-    """Stands for a destination kind that is not usable as configured: its digests fail with
-    ``reason`` and stay pending, and go out once the configuration is mended and relais restarted."""
-
-    def __init__(self, reason: str) -> None:
-        self._reason = reason
+    def message(self, digest: Digest, address: str) -> EmailMessage:
+        msg = EmailMessage()
+        msg["From"] = self._sender
+        msg["To"] = address
+        msg["Subject"] = digest.subject()
+        msg["Message-ID"] = f"<digest-{digest.digest_id}@relais>"
+        msg.set_content(digest.text())
+        return msg
 
     async def send(self, digest: Digest, address: str) -> None:
-        raise DigestDeliveryError(self._reason)
+        try:
+            await aiosmtplib.send(self.message(digest, address), **self._connection)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise DigestDeliveryError(f"email: {type(exc).__name__}") from exc
 
 
 @dataclass(frozen=True)
@@ -347,55 +341,6 @@ class DigestSender:
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
 
 
-def _sender(settings: AlertSettings) -> EmailAddress | None:
-    """``RELAIS_ALERTS_EMAIL_FROM`` when it was set; None when it is the built-in default."""
-    if settings.email_from == AlertSettings.email_from:
-        return None
-    address = EmailAddress(settings.email_from)
-    try:
-        mailbox(address)  # the check the email channel makes of its own sender
-    except InvalidAddressError:
-        raise SettingsError("RELAIS_ALERTS_EMAIL_FROM is not an email address") from None
-    return address
-
-
-def email_sink(settings: AlertSettings, email_options: Mapping[str, str] | None = None) -> DigestSink:
-    """The email digests' sink.
-
-    With the email channel's options (``RELAIS_CHANNEL_EMAIL_*``, as ``Settings.channel_options``
-    holds them) digests use that channel's relay, port, TLS, login, CA bundle and timeout: an operator
-    configures one authenticated relay for notices and digests alike. ``RELAIS_ALERTS_EMAIL_FROM``,
-    when set, replaces the sender. Without them, the older ``RELAIS_ALERTS_SMTP_HOST``/``_PORT`` relay
-    with opportunistic TLS and no login, for a local MTA; its built-in sender (``@localhost``) is not
-    a mailbox, so email digests then wait, pending, until a sender is set.
-    Raises ``ChannelConfigError`` or ``SettingsError`` naming a bad option."""
-    sender = _sender(settings)
-    if email_options:
-        config = config_from_options(email_options)
-        if sender is not None:
-            config = dataclasses.replace(config, sender=sender)
-        return EmailSink(config)
-    if sender is None:
-        return UnavailableSink(
-            "email digests need RELAIS_CHANNEL_EMAIL_* options or RELAIS_ALERTS_EMAIL_FROM"
-        )
-    legacy = EmailConfig(
-        host=settings.smtp_host,
-        port=settings.smtp_port,
-        sender=sender,
-        tls=Tls.OPPORTUNISTIC,
-        timeout_s=settings.send_timeout_s,
-        # Digests go out one after the other: one connection is all a round uses.
-        pool_size=1,
-    )
-    return EmailSink(legacy)
-
-
-def default_sinks(
-    settings: AlertSettings, client: httpx.AsyncClient, email_options: Mapping[str, str] | None = None
-) -> dict[DestinationKind, DigestSink]:
-    """Webhook through ``client`` (its timeout applies), email as :func:`email_sink` configures it."""
-    return {
-        DestinationKind.WEBHOOK: WebhookSink(client),
-        DestinationKind.EMAIL: email_sink(settings, email_options),
-    }
+def default_sinks(settings: AlertSettings, client: httpx.AsyncClient) -> dict[DestinationKind, DigestSink]:
+    """Webhook through ``client`` (its timeout applies), email through the configured relay."""
+    return {DestinationKind.WEBHOOK: WebhookSink(client), DestinationKind.EMAIL: EmailSink(settings)}

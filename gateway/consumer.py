@@ -15,8 +15,6 @@ which would also hold the stream's trimming behind it.
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -33,11 +31,6 @@ class Entry:
     body: bytes | None
     # Times the group handed it out, this one included (1 for a first read).
     deliveries: int = 1
-
-
-def default_consumer_name() -> str:
-    """Unique per process: a restarted gateway is a new consumer, its predecessor's entries reclaimed."""
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class Outbox:

@@ -45,6 +45,7 @@ from common.clock import Clock
 from common.collector import GATEWAY_YOUNG_THRESHOLD, tune_collector
 from common.keys import channel_name
 from common.quiet_hours import allowed_send_ms, is_quiet
+from common.redis_client import default_consumer_name
 from common.settings import GatewaySettings, Settings
 from common.telemetry import (
     LimitScope,
@@ -56,7 +57,7 @@ from common.telemetry import (
     send_spans,
 )
 from gateway import idempotency, recipients
-from gateway.consumer import Entry, Outbox, default_consumer_name
+from gateway.consumer import Entry, Outbox
 from gateway.idempotency import Claim
 from gateway.limiter import Limit, LimitBatch, Limiter, Rate
 from gateway.outcome import Outcome, Verdict, backoff_ms, judge

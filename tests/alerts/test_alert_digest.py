@@ -1,7 +1,7 @@
 """Digests: alerts opened since the last digest, grouped per merchant team, POSTed to a webhook on a
 local HTTP server or emailed to an aiosmtpd server on loopback; a failed digest goes again. Several
-senders on the same feed send each digest once and take over a dead one's entries; email digests
-use the email channel's relay, STARTTLS and login."""
+senders on the same feed send each digest once and take over a dead one's entries; email digests reach
+a relay with the alerts' own STARTTLS and login settings."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 import email
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.message import Message
 from pathlib import Path
 
@@ -18,27 +18,16 @@ import pytest
 from redis.asyncio import Redis
 from relais.v1 import alerts_pb2, types_pb2
 
-from channels.base import EmailAddress
-from channels.email import EmailConfig, Tls
-from channels.errors import ChannelConfigError
 from channels.smtp_sink import SmtpSink
 from common import keys
 from common.clock import ManualClock
 from common.errors import SettingsError
+from common.redis_client import default_consumer_name
 from common.settings import AlertSettings
-from engine.alert_digest import (
-    DigestSender,
-    DigestSink,
-    EmailSink,
-    UnavailableSink,
-    WebhookSink,
-    default_sinks,
-    email_sink,
-)
+from engine.alert_digest import DigestSender, DigestSink, EmailSink, WebhookSink
 from engine.alert_monitor import AlertMonitor
 from engine.alert_rules import AlertConfig, DestinationKind, parse_alert_config
 from engine.alert_store import AlertStore
-from gateway.consumer import default_consumer_name
 from tests.alerts.support import parcel_facts as parcel
 from tests.channels.smtp_fakes import RecordingSmtp
 from tests.channels.tls_certs import make_self_signed
@@ -127,8 +116,7 @@ async def test_digests_group_alerts_per_team(
     async with httpx.AsyncClient(timeout=5.0) as client:
         sinks: dict[DestinationKind, DigestSink] = {
             DestinationKind.WEBHOOK: WebhookSink(client),
-            # No email channel options: the RELAIS_ALERTS_SMTP_* relay (a local MTA).
-            DestinationKind.EMAIL: email_sink(
+            DestinationKind.EMAIL: EmailSink(
                 AlertSettings(smtp_port=smtp_port, email_from="alerts@relais.example")
             ),
         }
@@ -202,15 +190,7 @@ async def test_unreachable_smtp_server_is_a_delivery_error(redis: Redis, clock: 
     port = closed.sockets[0].getsockname()[1]
     closed.close()
     await closed.wait_closed()
-    sink = EmailSink(
-        EmailConfig(
-            host="127.0.0.1",
-            port=port,
-            sender=EmailAddress("alerts@relais.example"),
-            tls=Tls.NONE,
-            timeout_s=2.0,
-        )
-    )
+    sink = EmailSink(AlertSettings(smtp_port=port, email_from="alerts@relais.example", send_timeout_s=2.0))
     sender = DigestSender(redis, shards=SHARDS, config=config, sinks={DestinationKind.EMAIL: sink})
     assert (await sender.run_once()).digests_failed == 1
 
@@ -325,7 +305,7 @@ async def test_a_dead_senders_entries_are_taken_over(
     assert await pending_count(redis) == 0
 
 
-async def test_email_digest_uses_the_email_channels_starttls_and_login(
+async def test_email_digest_over_required_starttls_with_a_login(
     redis: Redis, clock: ManualClock, tmp_path: Path
 ) -> None:
     certs = make_self_signed(tmp_path)
@@ -337,68 +317,61 @@ async def test_email_digest_uses_the_email_channels_starttls_and_login(
     )
     monitor = AlertMonitor(AlertStore(redis, shards=SHARDS, retention_ms=10**10), config, clock)
     await monitor.check([parcel("X1", **ADDRESS), parcel("X2", **ADDRESS)])
-    # What RELAIS_CHANNEL_EMAIL_* become in Settings.channel_options["email"].
-    options = {
-        "host": "127.0.0.1",
-        "port": str(server.port),
-        "from": "notices@relais.example",
-        "tls": "starttls",
-        "ca_file": str(certs.cert_file),
-        "username": "relais",
-        "password": "nope",
-    }
+    relay = AlertSettings(
+        smtp_port=server.port,
+        email_from="alerts@relais.example",
+        smtp_tls="starttls",
+        smtp_ca_file=certs.cert_file,
+        smtp_username="relais",
+        smtp_password="nope",
+    )
     try:
-        async with httpx.AsyncClient(timeout=5.0) as client:
-            wrong = default_sinks(AlertSettings(), client, options)
-            sender = DigestSender(redis, shards=SHARDS, config=config, sinks=wrong)
-            # A login the relay refuses: nothing sent, the digest waits.
-            assert (await sender.run_once()).digests_failed == 1
-            assert server.received == []
-
-            right = default_sinks(AlertSettings(), client, options | {"password": "s3cret"})
-            sender = DigestSender(redis, shards=SHARDS, config=config, sinks=right)
-            outcome = await sender.run_once()
-            assert (outcome.digests_sent, outcome.alerts_sent) == (1, 2)
-            for sinks in (wrong, right):
-                email = sinks[DestinationKind.EMAIL]
-                assert isinstance(email, EmailSink)
-                await email.aclose()
+        wrong = DigestSender(
+            redis, shards=SHARDS, config=config, sinks={DestinationKind.EMAIL: EmailSink(relay)}
+        )
+        # A login the relay refuses: nothing sent, the digest waits for the next round.
+        assert (await wrong.run_once()).digests_failed == 1
+        assert server.received == []
+        mended = EmailSink(replace(relay, smtp_password="s3cret"))
+        right = DigestSender(redis, shards=SHARDS, config=config, sinks={DestinationKind.EMAIL: mended})
+        outcome = await right.run_once()
+        assert (outcome.digests_sent, outcome.alerts_sent) == (1, 2)
     finally:
         await server.stop()
     (mail,) = server.received
     assert (mail.tls, mail.authenticated) == (True, True)
-    assert (mail.mail_from, mail.rcpt_tos) == ("notices@relais.example", ["service@acme.example"])
-    assert mail.message["Subject"] == "relais: 2 new alerts for customer service (acme)"
+    assert (mail.mail_from, mail.rcpt_tos) == ("alerts@relais.example", ["service@acme.example"])
     assert "[X2:ADDRESS_PROBLEM:1]" in mail.message.get_content()
 
 
-async def test_email_digest_without_tls_on_a_relay_that_requires_it_sends_nothing(
+async def test_required_starttls_sends_nothing_to_a_relay_without_it(
     redis: Redis, clock: ManualClock
 ) -> None:
-    # The relay offers no STARTTLS; the channel's default (tls=starttls) refuses to go on in clear text.
     server = await RecordingSmtp().start()
     config = parse_alert_config(
         {"merchants": {"acme": {"teams": {"ecommerce": {"email": "shop@acme.example"}}}}}
     )
     monitor = AlertMonitor(AlertStore(redis, shards=SHARDS, retention_ms=10**10), config, clock)
     await monitor.check([parcel("R1", S.TRACKING_STATUS_RETURNING_TO_SENDER)])
-    options = {"host": "127.0.0.1", "port": str(server.port), "from": "notices@relais.example"}
-    sink = email_sink(AlertSettings(), options)
+    sink = EmailSink(
+        AlertSettings(smtp_port=server.port, email_from="alerts@relais.example", smtp_tls="starttls")
+    )
     try:
         sender = DigestSender(redis, shards=SHARDS, config=config, sinks={DestinationKind.EMAIL: sink})
         assert (await sender.run_once()).digests_failed == 1
     finally:
-        assert isinstance(sink, EmailSink)
-        await sink.aclose()
         await server.stop()
     assert server.received == []
 
 
-def test_email_digest_settings() -> None:
-    options = {"host": "smtp.example", "from": "notices@relais.example", "password": "x"}
-    with pytest.raises(ChannelConfigError, match="username"):
-        email_sink(AlertSettings(), options)
-    with pytest.raises(SettingsError, match="RELAIS_ALERTS_EMAIL_FROM"):
-        email_sink(AlertSettings(email_from="not an address"), {})
-    # The built-in sender is not a mailbox: without options, email digests wait for configuration.
-    assert isinstance(email_sink(AlertSettings(), None), UnavailableSink)
+def test_a_login_goes_encrypted_only() -> None:
+    env = {"RELAIS_ALERTS_SMTP_USERNAME": "relais", "RELAIS_ALERTS_SMTP_PASSWORD": "s3cret"}
+    with pytest.raises(SettingsError, match="RELAIS_ALERTS_SMTP_TLS"):
+        AlertSettings.from_env(env)
+    assert AlertSettings.from_env(env | {"RELAIS_ALERTS_SMTP_TLS": "starttls"}).smtp_username == "relais"
+    with pytest.raises(SettingsError, match="go together"):
+        AlertSettings.from_env(
+            {"RELAIS_ALERTS_SMTP_USERNAME": "relais", "RELAIS_ALERTS_SMTP_TLS": "implicit"}
+        )
+    with pytest.raises(SettingsError, match="must be one of"):
+        AlertSettings.from_env({"RELAIS_ALERTS_SMTP_TLS": "ssl"})

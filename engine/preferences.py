@@ -29,6 +29,7 @@ from relais.v1 import preferences_pb2, types_pb2
 from common import keys
 from common.quiet_hours import MINUTES_PER_DAY
 from engine.validation import Problem
+from engine.zone_guess import guess_zone
 
 RecipientPreferences = preferences_pb2.RecipientPreferences
 
@@ -207,7 +208,8 @@ def _setting_problems(prefs: RecipientPreferences, out: RecipientPreferences) ->
         else:
             out.locale = locale
     if not prefs.time_zone:
-        out.time_zone = "UTC"
+        # Times shown and quiet hours in UTC would be an hour or two off for most recipients.
+        out.time_zone = guess_zone(phone=out.phone, region=out.region, locale=out.locale)
     elif prefs.time_zone not in _zones():
         yield Problem(_P + "time_zone", _P + 'time_zone must be an IANA time zone, e.g. "Europe/Zurich"')
     for name in ("start_minute", "end_minute"):

@@ -167,7 +167,26 @@ async def test_phone_with_country_code_needs_no_region(
 ) -> None:
     stored = await stub.UpdatePreferences(update(Prefs(recipient_id="r2", phone="+33 6 12 34 56 78")))
     assert stored.phone == "+33612345678"
-    assert stored.time_zone == "UTC"  # the default, stored explicitly
+    assert stored.time_zone == "Europe/Paris"  # no zone given: the number's, stored explicitly
+
+
+@pytest.mark.parametrize(
+    ("given", "zone"),
+    [
+        ({"phone": "+41 79 123 45 67", "locale": "en"}, "Europe/Zurich"),
+        ({"phone": "+1 310 555 0123"}, "America/Los_Angeles"),  # the area's zone, not the country's
+        ({"region": "DE"}, "Europe/Berlin"),  # Berlin and Büsingen keep the same time
+        ({"locale": "it-CH"}, "Europe/Zurich"),
+        ({"region": "US", "locale": "en-US"}, "UTC"),  # several zones: nothing to go by
+        ({"email": "a@example.org", "locale": "de"}, "UTC"),
+        ({"phone": "+41791234567", "time_zone": "Asia/Tokyo"}, "Asia/Tokyo"),  # theirs is kept
+    ],
+)
+async def test_a_missing_time_zone_comes_from_phone_region_or_locale(
+    stub: preferences_pb2_grpc.PreferenceServiceAsyncStub, given: dict[str, str], zone: str
+) -> None:
+    stored = await stub.UpdatePreferences(update(Prefs(recipient_id="r-zone", **given)))  # type: ignore[arg-type]
+    assert stored.time_zone == zone
 
 
 async def test_mask_changes_only_named_fields(

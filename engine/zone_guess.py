@@ -1,0 +1,74 @@
+"""The time zone a recipient most likely lives in, for preferences that name none.
+
+Quiet hours, the end of a promised day and every time a message shows are read in the recipient's
+zone; UTC would put a Swiss recipient's 14:00-16:00 slot at 13:00-15:00. So a missing zone is taken
+from what the preferences do say, most precise first: the phone number (its area, through
+``phonenumbers``' time-zone data), then the region, then the locale's region (``fr-CH``). A country
+stands for one zone only when all of its zones keep the same time (Germany's Berlin and Büsingen); a
+country whose zones differ (the United States) tells nothing, and the zone stays UTC until the
+recipient sets one.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from datetime import UTC, datetime
+from functools import cache
+from zoneinfo import ZoneInfo, available_timezones
+
+import phonenumbers
+from phonenumbers import timezone as phone_timezones
+
+FALLBACK = "UTC"
+
+
+@cache
+def _zones_by_country() -> dict[str, tuple[str, ...]]:
+    """zone.tab of the tzdata package: each country's zones, its principal one first."""
+    table = importlib.resources.files("tzdata").joinpath("zoneinfo", "zone.tab").read_text()
+    zones: dict[str, list[str]] = {}
+    for line in table.splitlines():
+        if line and not line.startswith("#"):
+            country, _coordinates, name, *_comment = line.split("\t")
+            zones.setdefault(country, []).append(name)
+    return {country: tuple(names) for country, names in zones.items()}
+
+
+@cache
+def country_zone(region: str) -> str | None:
+    """The zone of a country whose zones all keep the same time (winter and summer), else None."""
+    names = _zones_by_country().get(region.upper())
+    if not names:
+        return None
+    year = datetime.now(UTC).year
+    instants = (datetime(year, 1, 15, tzinfo=UTC), datetime(year, 7, 15, tzinfo=UTC))
+    clocks = {tuple(instant.astimezone(ZoneInfo(name)).utcoffset() for instant in instants) for name in names}
+    return names[0] if len(clocks) == 1 else None
+
+
+def phone_zone(e164: str) -> str | None:
+    """The zone of a phone number's area when it has exactly one (a mobile number: its country's)."""
+    try:
+        number = phonenumbers.parse(e164)
+    except phonenumbers.NumberParseException:
+        return None
+    zones = phone_timezones.time_zones_for_number(number)
+    if len(zones) == 1 and zones[0] in _known():
+        return zones[0]
+    return country_zone(phonenumbers.region_code_for_number(number) or "")
+
+
+@cache
+def _known() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def guess_zone(*, phone: str, region: str, locale: str) -> str:
+    """The zone for preferences without one: from the phone, the region, the locale, else UTC."""
+    _language, _, locale_region = locale.partition("-")
+    return (
+        (phone and phone_zone(phone))
+        or (region and country_zone(region))
+        or (len(locale_region) == 2 and country_zone(locale_region))
+        or FALLBACK
+    )

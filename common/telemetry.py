@@ -270,6 +270,12 @@ def extract_trace_context(carrier: Mapping[str, str]) -> otel_context.Context:
     return _PROPAGATOR.extract(carrier)
 
 
+def trace_id_of(notice: notice_pb2.Notice) -> str:
+    """The trace a notice continues (its ``traceparent``'s trace id, hex), or "" when it carries none."""
+    span_context = trace.get_current_span(extract_trace_context(notice.trace_context)).get_span_context()
+    return format(span_context.trace_id, "032x") if span_context.is_valid else ""
+
+
 def current_trace_ids() -> tuple[str, str] | None:
     """(trace id, span id) of the current span as hex, for logs and error messages; None outside one."""
     span_context = trace.get_current_span().get_span_context()
@@ -304,6 +310,8 @@ def send_spans(
             context=extract_trace_context(notice.trace_context),
             kind=SpanKind.CLIENT,
             attributes={
+                # Ids, not personal data: what an operator searches a parcel's sends by.
+                "relais.notice_id": notice.notice_id,
                 "relais.notice.kind": _kind(notice.kind),
                 "relais.channel": _channel(channel),
                 "relais.provider": provider,

@@ -56,12 +56,15 @@ def attempt_view(attempt: notice_pb2.DeliveryAttempt) -> bytes:
 # order, zero values left out), and the test holds it to protobuf's own bytes.
 
 _VIEW_ATTEMPTS = 10  # NoticeView.attempts
-_CHANNEL, _PROVIDER, _MESSAGE_ID, _STATUS, _AT, _ERROR, _KEY, _VERSION = range(1, 9)  # DeliveryAttempt
+_CHANNEL, _PROVIDER, _MESSAGE_ID, _STATUS, _AT, _ERROR, _KEY, _VERSION, _TRACE = range(
+    1, 10
+)  # DeliveryAttempt
 _VARINT, _LENGTH_DELIMITED = 0, 2
 # One byte each (field numbers below 16): the tags written for every notice.
 _MESSAGE_ID_TAG, _ERROR_TAG, _KEY_TAG, _VIEW_TAG = (
     bytes((number << 3 | _LENGTH_DELIMITED,)) for number in (_MESSAGE_ID, _ERROR, _KEY, _VIEW_ATTEMPTS)
 )
+_TRACE_TAG = bytes((_TRACE << 3 | _LENGTH_DELIMITED,))
 _VERSION_TAG = bytes((_VERSION << 3 | _VARINT,))
 
 
@@ -114,6 +117,7 @@ def attempt_view_of(
     error: str,
     idempotency_key: str,
     version: int,
+    trace_id: str = "",
 ) -> bytes:
     """``attempt_view`` of the DeliveryAttempt with these fields (``attempted_at`` = ``at_ms``)."""
     # One list of pieces joined once (this runs for every notice): the fields in number order, the
@@ -131,6 +135,9 @@ def attempt_view_of(
         parts += (_KEY_TAG, _varint(len(raw)), raw)
     if version:
         parts += (_VERSION_TAG, _varint(version))
+    if trace_id:
+        raw = trace_id.encode()
+        parts += (_TRACE_TAG, _varint(len(raw)), raw)
     attempt = b"".join(parts)
     return b"".join((_VIEW_TAG, _varint(len(attempt)), attempt))
 

@@ -55,6 +55,7 @@ from common.telemetry import (
     noop_telemetry,
     record_send,
     send_spans,
+    trace_id_of,
 )
 from gateway import idempotency, recipients
 from gateway.consumer import Entry, Outbox
@@ -803,8 +804,10 @@ class Gateway:
             key = job.keys[0]
         else:
             key = idempotency.idempotency_key(notice.notice_id, version, channel)
+        # The trace only when tracing is on: without it notices carry no context to read.
+        trace_id = trace_id_of(notice) if self._telemetry.enabled else ""
         view = attempt_view_of(
-            channel, provider, provider_message_id, status, batch.now_ms, error, key, version
+            channel, provider, provider_message_id, status, batch.now_ms, error, key, version, trace_id
         )
         batch.settlement.record_view(job.item.entry.shard, notice, view)
         if status != notice_pb2.NOTICE_STATUS_SENT:

@@ -32,7 +32,7 @@ def test_attempt_view_is_the_serialised_notice_view() -> None:
 
 def test_attempt_view_of_writes_protobufs_own_bytes() -> None:
     """The hand-written view is byte for byte what protobuf serialises, zero fields left out."""
-    for channel, provider, message_id, status, at_ms, error, key, version in (
+    for channel, provider, message_id, status, at_ms, error, key, version, trace_id in (
         (
             types_pb2.CHANNEL_EMAIL,
             "email",
@@ -42,6 +42,7 @@ def test_attempt_view_of_writes_protobufs_own_bytes() -> None:
             "",
             "k",
             3,
+            "4bf92f3577b34da6a3ce929d0e0e4736",
         ),
         (
             types_pb2.CHANNEL_PUSH,
@@ -52,6 +53,7 @@ def test_attempt_view_of_writes_protobufs_own_bytes() -> None:
             "é" * 200,
             "",
             0,
+            "",
         ),
         (
             types_pb2.CHANNEL_SMS,
@@ -62,6 +64,7 @@ def test_attempt_view_of_writes_protobufs_own_bytes() -> None:
             "timeout",
             "p:1:sms",
             2**31,
+            "",
         ),
     ):
         attempt = notice_pb2.DeliveryAttempt(
@@ -73,8 +76,9 @@ def test_attempt_view_of_writes_protobufs_own_bytes() -> None:
             error=error,
             idempotency_key=key,
             version=version,
+            trace_id=trace_id,
         )
-        view = attempt_view_of(channel, provider, message_id, status, at_ms, error, key, version)
+        view = attempt_view_of(channel, provider, message_id, status, at_ms, error, key, version, trace_id)
         assert view == attempt_view(attempt)
 
 

@@ -190,6 +190,9 @@ async def test_personal_data_reaches_no_log_span_or_metric(
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             await set_preferences(channel)
             await journey(channel, redis, clock, settings, tmp_path / "sink", telemetry)
+            view = await parcel_pb2_grpc.ParcelServiceStub(channel).GetParcel(
+                parcel_pb2.GetParcelRequest(parcel_id=PARCEL), metadata=bearer("merchant:acme"), timeout=5
+            )
             # A failing call too: errors are where data leaks most easily.
             with pytest.raises(grpc.aio.AioRpcError):
                 await parcel_pb2_grpc.ParcelServiceStub(channel).GetParcel(
@@ -218,6 +221,15 @@ async def test_personal_data_reaches_no_log_span_or_metric(
     batch_trace = spans["relais.v1.TrackingService/RecordEvents"].context.trace_id
     assert spans["ingest.batch"].context.trace_id == batch_trace
     assert spans["gateway.send"].context.trace_id == batch_trace
+    # An operator finds a send's span by its notice id, or from GetParcel's attempt (its trace id).
+    sent_ids = {
+        (span.attributes or {}).get("relais.notice_id")
+        for span in exported.spans.get_finished_spans()
+        if span.name == "gateway.send"
+    }
+    assert sent_ids == {f"{PARCEL}:SHIPPED", f"{PARCEL}:SLOT_ANNOUNCED"}
+    sent_traces = {attempt.trace_id for notice in view.notices for attempt in notice.attempts}
+    assert sent_traces == {format(batch_trace, "032x")}
     metrics = json.loads(next(text for kind, text in texts if kind == "metrics"))
     names = {
         m["name"] for rm in metrics["resource_metrics"] for sm in rm["scope_metrics"] for m in sm["metrics"]

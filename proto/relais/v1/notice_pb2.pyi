@@ -251,6 +251,7 @@ class DeliveryAttempt(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
     channel: _types_pb2.Channel.ValueType
     """The channel tried."""
     provider: _builtins.str
@@ -265,6 +266,10 @@ class DeliveryAttempt(_message.Message):
     """The idempotency key "<notice_id>:<version>:<channel>"."""
     version: _builtins.int
     """The notice version this attempt delivered."""
+    trace_id: _builtins.str
+    """The trace of the carrier's batch that planned the notice (32 hex digits, W3C), which the send's
+    span belongs to: where an operator reading GetParcel finds what happened. Empty without tracing.
+    """
     @_builtins.property
     def attempted_at(self) -> _timestamp_pb2.Timestamp:
         """When the attempt was made."""
@@ -280,10 +285,11 @@ class DeliveryAttempt(_message.Message):
         error: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         version: _builtins.int = ...,
+        trace_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attempted_at", b"attempted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempted_at", b"attempted_at", "channel", b"channel", "error", b"error", "idempotency_key", b"idempotency_key", "provider", b"provider", "provider_message_id", b"provider_message_id", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempted_at", b"attempted_at", "channel", b"channel", "error", b"error", "idempotency_key", b"idempotency_key", "provider", b"provider", "provider_message_id", b"provider_message_id", "status", b"status", "trace_id", b"trace_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,8 +11,8 @@ from datetime import date
 
 from relais.v1 import state_pb2, tracking_pb2, types_pb2
 
+from common.clock import stamp_ms
 from engine.alert_rules import TROUBLE, ParcelFacts, TroubleEvent
-from engine.validation import stamp_ms
 
 INFO_RECEIVED = types_pb2.TRACKING_STATUS_INFO_RECEIVED
 AT_PICKUP = types_pb2.TRACKING_STATUS_AVAILABLE_FOR_PICKUP

@@ -34,11 +34,12 @@ from typing import TypeAlias
 
 from relais.v1 import notice_pb2, preferences_pb2, state_pb2, types_pb2
 
+from common.clock import stamp_ms
 from common.keys import kind_name
 from common.quiet_hours import allowed_send_ms, zone
 from common.settings import EngineSettings
 from common.telemetry import inject_trace_context
-from engine.validation import set_stamp_ms, stamp_ms
+from engine.validation import set_stamp_ms
 
 Kind: TypeAlias = types_pb2.NoticeKind.ValueType
 Status: TypeAlias = notice_pb2.NoticeStatus.ValueType

@@ -35,7 +35,7 @@ from redis.commands.core import AsyncScript
 from relais.v1 import notice_pb2, parcel_pb2, preferences_pb2, state_pb2, tracking_pb2, types_pb2
 
 from common import keys
-from common.clock import Clock
+from common.clock import Clock, stamp_ms
 from common.counters import Increment
 from common.errors import RelaisError
 from common.keys import kind_name
@@ -46,7 +46,7 @@ from engine.alert_rules import ParcelFacts
 from engine.counting import count_change, parse_counted
 from engine.facts import facts_from_state
 from engine.planner import Audience, Plan, PlanRules, plan
-from engine.validation import set_stamp_ms, stamp_ms
+from engine.validation import set_stamp_ms
 
 FINISHED = frozenset(
     {

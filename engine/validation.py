@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from google.protobuf import timestamp_pb2
 from relais.v1 import parcel_pb2, tracking_pb2, types_pb2
 
+from common.clock import stamp_ms
+
 MAX_BATCH_EVENTS = 5000
 MAX_BATCH_PARCELS = 5000
 MAX_FUTURE_MS = 10 * 60_000
@@ -38,12 +40,6 @@ _CURRENCY = re.compile(r"[A-Z]{3}")
 # Computed once: ``Enum.values()`` builds a list on every call, and this runs per event.
 _STATUSES = frozenset(types_pb2.TrackingStatus.values()) - {types_pb2.TRACKING_STATUS_UNSPECIFIED}
 _REASONS = frozenset(types_pb2.ExceptionReason.values())
-
-
-def stamp_ms(stamp: timestamp_pb2.Timestamp) -> int:
-    """``stamp`` in unix ms, without ``ToMilliseconds``'s range check on every call: this runs per event
-    (validation, timeline order, counters, alert facts)."""
-    return int(stamp.seconds) * 1000 + stamp.nanos // 1_000_000
 
 
 def set_stamp_ms(stamp: timestamp_pb2.Timestamp, ms: int) -> None:

@@ -41,7 +41,7 @@ from channels.base import (
     TransientFailure,
 )
 from common import keys
-from common.clock import Clock
+from common.clock import Clock, stamp_ms
 from common.collector import GATEWAY_YOUNG_THRESHOLD, tune_collector
 from common.keys import channel_name
 from common.quiet_hours import allowed_send_ms, is_quiet
@@ -130,8 +130,6 @@ class _Batch:
     sent: Counter[ChannelKind] = field(default_factory=Counter)
     # Routes that depend on the recipient alone, per (preferences' id, quiet, failed channels).
     routes: dict[_RouteKey, tuple[preferences_pb2.RecipientPreferences, Route]] = field(default_factory=dict)
-    # Idempotency keys this batch claimed: a second copy of a notice in the batch finds them held.
-    claimed: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -178,9 +176,9 @@ def _expired(notice: notice_pb2.Notice, kind: types_pb2.NoticeKind.ValueType, no
     """A notice about a slot that is over, or a pickup whose deadline passed, tells the recipient
     nothing true any more: late after a retry, a backlog or a quiet-hours hold, it is not sent."""
     if kind in SLOT_KINDS:
-        return notice.HasField("slot") and notice.slot.end.ToMilliseconds() <= now_ms
+        return notice.HasField("slot") and stamp_ms(notice.slot.end) <= now_ms
     if kind in PICKUP_KINDS:
-        return notice.HasField("deadline") and notice.deadline.ToMilliseconds() <= now_ms
+        return notice.HasField("deadline") and stamp_ms(notice.deadline) <= now_ms
     return False
 
 
@@ -373,7 +371,7 @@ class Gateway:
             jobs = self._plan(pending, batch)
             if not jobs:
                 break
-            await self._claim_and_limit(jobs, now_ms, batch.claimed)
+            await self._claim_and_limit(jobs, now_ms)
             await self._send(jobs)
             pending = await self._judge(jobs, batch)
             if pending:
@@ -544,7 +542,7 @@ class Gateway:
             batch.add(self._shared_limits(job.route, item.merchant_id), personal)
         return batch
 
-    async def _claim_and_limit(self, jobs: list[_Job], now_ms: int, claimed: set[str]) -> None:
+    async def _claim_and_limit(self, jobs: list[_Job], now_ms: int) -> None:
         pipe = self._redis.pipeline(transaction=False)
         if self._settings.limits_enabled:
             self._limiter.queue(pipe, now_ms, self._limit_batch(jobs))
@@ -568,9 +566,6 @@ class Gateway:
             job.wait_ms = wait_ms
             shard_claims = claims[job.item.entry.shard]
             job.claims = [next(shard_claims) for _ in job.keys]
-            for key, claim in zip(job.keys, job.claims, strict=True):
-                if claim is Claim.CLAIMED:
-                    claimed.add(key)
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -674,6 +669,8 @@ class Gateway:
         settlement, stats = batch.settlement, batch.stats
         fall_back: list[_Item] = []
         dead_by_recipient: dict[str, list[Destination]] = defaultdict(list)
+        # The keys this round claimed, gathered only if a job claimed none of its own (a copy, rare).
+        ours: set[str] | None = None
         for job in jobs:
             shard, notice = job.item.entry.shard, job.item.notice
             if job.wait_ms:
@@ -688,7 +685,11 @@ class Gateway:
                 self._settle_sent(job, results[0], 0, batch)
                 continue
             if Claim.CLAIMED not in claims:
-                self._settle_unclaimed(job, batch)
+                if ours is None:
+                    ours = {
+                        k for j in jobs for k, c in zip(j.keys, j.claims, strict=True) if c is Claim.CLAIMED
+                    }
+                self._settle_unclaimed(job, batch, ours)
                 continue
             if NOT_ATTEMPTED in results and not any(isinstance(r, Accepted) for r in results):
                 self._defer(job, batch, self._lease_ms)
@@ -714,14 +715,14 @@ class Gateway:
                 batch.settlement.free(shard, key)
         batch.settlement.reschedule(shard, job.item.notice, batch.now_ms + delay_ms)
 
-    def _settle_unclaimed(self, job: _Job, batch: _Batch) -> None:
+    def _settle_unclaimed(self, job: _Job, batch: _Batch, ours: set[str]) -> None:
         """Not one of the notice's sends was ours. All sent before, or claimed by this very batch: a
         copy of a notice sent (or being sent) and recorded, acknowledged and nothing more. Some held
         by another gateway: this entry may be one taken over from a gateway that died mid-send, whose
         claim has not expired yet, so the notice comes back when that claim has ended, either sent by
         its holder (then it is acknowledged as a copy) or free to send."""
         held = [key for key, claim in zip(job.keys, job.claims, strict=True) if claim is Claim.IN_FLIGHT]
-        if any(key not in batch.claimed for key in held):
+        if any(key not in ours for key in held):
             notice = job.item.notice
             batch.settlement.reschedule(job.item.entry.shard, notice, batch.now_ms + self._claim_ms)
             batch.stats.elsewhere += 1

@@ -79,10 +79,10 @@ def _nanos(stamp: timestamp_pb2.Timestamp, name: str) -> Problem | None:
 
 def _near(stamp: timestamp_pb2.Timestamp, name: str, now_ms: int) -> Problem | None:
     """A valid Timestamp within ``MAX_DISTANCE_DAYS`` of now."""
-    problem = _nanos(stamp, name)
-    if problem is not None:
-        return problem
-    at_ms = stamp_ms(stamp)
+    return _nanos(stamp, name) or _near_ms(stamp_ms(stamp), name, now_ms)
+
+
+def _near_ms(at_ms: int, name: str, now_ms: int) -> Problem | None:
     if at_ms < now_ms - MAX_DISTANCE_MS:
         return Problem(name, f"{name} is more than {MAX_DISTANCE_DAYS} days in the past")
     if at_ms > now_ms + MAX_DISTANCE_MS:
@@ -98,12 +98,16 @@ def _window(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
         return Problem("delivery_window.start", "delivery_window.start is required")
     if not window.HasField("end"):
         return Problem("delivery_window.end", "delivery_window.end is required")
-    problem = _near(window.start, "delivery_window.start", now_ms) or _near(
-        window.end, "delivery_window.end", now_ms
+    start, end = window.start, window.end
+    problem = _nanos(start, "delivery_window.start") or _nanos(end, "delivery_window.end")
+    if problem is not None:
+        return problem
+    start_ms, end_ms = stamp_ms(start), stamp_ms(end)
+    problem = _near_ms(start_ms, "delivery_window.start", now_ms) or _near_ms(
+        end_ms, "delivery_window.end", now_ms
     )
     if problem is not None:
         return problem
-    start_ms, end_ms = stamp_ms(window.start), stamp_ms(window.end)
     if end_ms <= start_ms:
         return Problem("delivery_window.end", "delivery_window.end must be after its start")
     if end_ms - start_ms > MAX_WINDOW_MS:

@@ -73,20 +73,17 @@ class PreferenceServicer(preferences_pb2_grpc.PreferenceServiceServicer):
         await _authorize(request.preferences.recipient_id, context)
         try:
             stored, changed = await self._store.update(request.preferences, request.update_mask)
+            # Re-planned even when nothing changed: the preferences are stored before the re-plan, so
+            # when a re-plan fails the caller's retry finds them unchanged, and skipping it then would
+            # leave pending notices on the old quiet hours and muted kinds for good. Re-planning is
+            # idempotent, and costs a constant number of round trips per recipient.
+            replanned = await self._replan(stored.recipient_id)
         except InvalidPreferencesError as exc:
             await abort_invalid(context, exc.problems)
-        # Re-planned even when nothing changed: the preferences are stored before the re-plan, so
-        # when a re-plan fails the caller's retry finds them unchanged, and skipping it then would
-        # leave pending notices on the old quiet hours and muted kinds for good. Re-planning is
-        # idempotent, and costs a constant number of round trips per recipient.
-        try:
-            replanned = await self._replan(stored.recipient_id)
         except ConflictError:
-            # The recipient's parcels kept changing under the re-plan (a burst of events): the
-            # preferences are stored, and the same request again re-plans.
-            await context.abort(
-                grpc.StatusCode.ABORTED, "parcels changed concurrently; send the same update again"
-            )
+            # Other updates of the recipient, or a burst of events on their parcels, kept landing in
+            # between: whatever was stored, the same request again finishes the job.
+            await context.abort(grpc.StatusCode.ABORTED, "changed concurrently; send the same update again")
             raise AssertionError("context.abort returned") from None  # pragma: no cover
         log.info(
             "preferences of %s %s, %d notices re-planned",

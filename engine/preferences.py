@@ -28,6 +28,7 @@ from relais.v1 import preferences_pb2, types_pb2
 
 from common import keys
 from common.quiet_hours import MINUTES_PER_DAY
+from engine.state import ConflictError
 from engine.validation import Problem
 from engine.zone_guess import guess_zone
 
@@ -260,6 +261,10 @@ def merge(
 
 # --- storage -----------------------------------------------------------------------------------------
 
+# Merges retried when another update of the same recipient landed in between: a person's preferences
+# change a few times a year, so this many in a row is a runaway client, not contention to wait out.
+MAX_WATCH_ATTEMPTS = 16
+
 
 class PreferenceStore:
     """Preferences in Redis, one key per recipient, shard-tagged by the recipient id."""
@@ -278,13 +283,14 @@ class PreferenceStore:
     async def update(
         self, update: RecipientPreferences, mask: field_mask_pb2.FieldMask
     ) -> tuple[RecipientPreferences, bool]:
-        """Merge, validate and store; ``(stored, changed)``. Raises ``InvalidPreferencesError``."""
+        """Merge, validate and store; ``(stored, changed)``. Raises ``InvalidPreferencesError``, or
+        ``ConflictError`` when other updates of the recipient kept landing in between."""
         problem = check_recipient_id(update.recipient_id, _P + "recipient_id")
         if problem is not None:
             raise InvalidPreferencesError([problem])
         key = self.key(update.recipient_id)
         async with self._redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(MAX_WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(key)
                     raw = await pipe.get(key)
@@ -298,6 +304,7 @@ class PreferenceStore:
                     return new, True
                 except WatchError:
                     continue  # another update landed between the read and the write: merge again
+        raise ConflictError(f"preferences changed {MAX_WATCH_ATTEMPTS} times during one update; retry")
 
     async def erase(self, recipient_id: str) -> bool:
         """Delete the recipient's preferences; whether there were any."""

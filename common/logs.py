@@ -41,6 +41,11 @@ class TraceContextFilter(logging.Filter):
         return True
 
 
+# Libraries that log what they send at INFO: httpx writes each request's URL, and a Web Push URL is
+# the subscription endpoint, a device's address. Only their warnings and errors are kept.
+QUIETED = ("httpx", "httpcore")
+
+
 def configure(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -48,3 +53,5 @@ def configure(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in QUIETED:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from opentelemetry import trace
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
@@ -21,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from redis.asyncio import Redis
 from relais.v1 import notice_pb2, parcel_pb2, parcel_pb2_grpc, types_pb2
 
-from common import keys
+from common import keys, logs
 from common.clock import ManualClock
 from common.logs import JsonFormatter, TraceContextFilter
 from common.settings import SecuritySettings, Settings
@@ -251,3 +252,32 @@ async def test_the_outbox_depth_gauge_follows_the_streams(redis: Redis) -> None:
     await watch_outbox_depth(redis, 8, telemetry.metrics, stop)
     depths = {attrs["shard"]: value for attrs, value in metric_points(reader)["relais.outbox.depth"]}
     assert depths == {0: 0, 1: 0, 2: 3, 3: 0, 4: 0, 5: 1, 6: 0, 7: 0}
+
+
+async def test_http_clients_do_not_log_the_urls_they_call(capsys: pytest.CaptureFixture[str]) -> None:
+    """A Web Push URL is a device's address: httpx's INFO line per request must not reach the log."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        logs.configure("INFO")
+        logging.getLogger("relais").info("a line that does reach the log")
+        async with httpx.AsyncClient() as client:
+            reply = await client.post(f"http://127.0.0.1:{port}/push/DEVICE-TOKEN-SECRET", content=b"x")
+        assert reply.status_code == 201
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+        server.close()
+        await server.wait_closed()
+    err = capsys.readouterr().err
+    assert "a line that does reach the log" in err
+    assert "DEVICE-TOKEN-SECRET" not in err

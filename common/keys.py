@@ -78,6 +78,8 @@ def outbox(shard: int) -> str:
 
 
 OUTBOX_GROUP = "gateway"
+# The parcel hash's state field (``ParcelState``), which the gateway reads for a late slot notice.
+PARCEL_STATE_FIELD = "s"
 
 
 # --- engine: recipients ----------------------------------------------------------------------------

@@ -63,7 +63,7 @@ MAX_ATTEMPTS = 8
 YIELD_EVERY = 64
 
 F_VERSION = b"v"
-F_STATE = b"s"
+F_STATE = keys.PARCEL_STATE_FIELD.encode()
 F_SCHEDULED = b"q"
 F_COUNTED = b"ct"
 

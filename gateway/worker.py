@@ -29,7 +29,7 @@ from typing import Protocol, TypeAlias
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from relais.v1 import notice_pb2, preferences_pb2, types_pb2
+from relais.v1 import notice_pb2, preferences_pb2, state_pb2, types_pb2
 
 from channels.base import (
     Accepted,
@@ -80,6 +80,17 @@ CANCELLED = notice_pb2.NOTICE_STATUS_CANCELLED
 # A message left unsent because its provider was slow (see ``_send_batch``): the notice comes back
 # later without an attempt spent, as a rate-limited one does.
 NOT_ATTEMPTED = TransientFailure("not attempted: the provider was slow")
+# A notice this long past its due time was held up (a backlog, quiet hours): its parcel is checked.
+LATE_MS = 60_000
+# Tracking statuses after which nothing about a slot goes out (DESIGN.md).
+FINISHED = frozenset(
+    {
+        types_pb2.TRACKING_STATUS_DELIVERED,
+        types_pb2.TRACKING_STATUS_RETURNING_TO_SENDER,
+        types_pb2.TRACKING_STATUS_RETURNED_TO_SENDER,
+        types_pb2.TRACKING_STATUS_EXPIRED,
+    }
+)
 PICKUP_KINDS = frozenset({types_pb2.NOTICE_KIND_AVAILABLE_FOR_PICKUP, types_pb2.NOTICE_KIND_PICKUP_REMINDER})
 
 
@@ -142,6 +153,8 @@ class _Item:
     merchant_id: str
     recipient_id: str
     prefs: preferences_pb2.RecipientPreferences | None = None
+    # Its parcel was delivered or returned since (read for late slot notices only).
+    finished: bool = False
 
 
 @dataclass(slots=True)
@@ -170,6 +183,11 @@ def _collapse_key(notice: notice_pb2.Notice) -> str:
     if notice.kind in SLOT_KINDS:
         return f"{notice.parcel_id}:slot"
     return notice.notice_id
+
+
+def _late(notice: notice_pb2.Notice, now_ms: int) -> bool:
+    """A retry, or a notice that waited in a backlog: long enough for its parcel to have moved on."""
+    return notice.attempt > 0 or now_ms - stamp_ms(notice.due_at) > LATE_MS
 
 
 def _expired(notice: notice_pb2.Notice, kind: types_pb2.NoticeKind.ValueType, now_ms: int) -> bool:
@@ -416,16 +434,23 @@ class Gateway:
         budget_keys = [
             self._sms_budget_key(merchant_id, now_ms) for merchant_id in {i.merchant_id for i in items}
         ]
+        # Slot notices that went out late (a retry, a backlog) may find their parcel delivered: the
+        # engine cancels what is still due, not what it already handed over.
+        late = [item for item in items if item.kind in SLOT_KINDS and _late(item.notice, now_ms)]
         pipe = self._redis.pipeline(transaction=False)
         ordered = recipients.queue_load(pipe, recipient_ids, self._shards)
         for budget_key in budget_keys:
             pipe.get(budget_key)
+        for item in late:
+            pipe.hget(keys.parcel(item.entry.shard, item.notice.parcel_id), keys.PARCEL_STATE_FIELD)
         replies = await pipe.execute()
-        loads = len(replies) - len(budget_keys)
+        loads = len(replies) - len(budget_keys) - len(late)
         prefs = recipients.parse_loaded(ordered, replies[:loads])
         for item in items:
             item.prefs = prefs[item.recipient_id]
-        spent = replies[loads:]
+        for item, raw in zip(late, replies[loads + len(budget_keys) :], strict=True):
+            item.finished = raw is not None and state_pb2.ParcelState.FromString(raw).status in FINISHED
+        spent = replies[loads : loads + len(budget_keys)]
         return {key: int(value or 0) for key, value in zip(budget_keys, spent, strict=True)}
 
     # --- routing ------------------------------------------------------------------------------
@@ -444,6 +469,12 @@ class Gateway:
         if _expired(notice, item.kind, now_ms):
             self._give_up(
                 item, CANCELLED, "too late: its slot or pickup deadline has passed", now_ms, settlement
+            )
+            stats.expired += 1
+            return None
+        if item.finished:
+            self._give_up(
+                item, CANCELLED, "the parcel was delivered or returned meanwhile", now_ms, settlement
             )
             stats.expired += 1
             return None

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from relais.v1 import notice_pb2, preferences_pb2, types_pb2
+from relais.v1 import notice_pb2, preferences_pb2, state_pb2, types_pb2
 
 from channels.base import EmailAddress, FcmToken, PermanentFailure, PhoneNumber, TransientFailure
 from common import keys
@@ -125,6 +125,35 @@ async def test_a_slot_over_or_a_pickup_deadline_passed_is_not_sent(redis: Redis,
         assert attempt.status == notice_pb2.NOTICE_STATUS_CANCELLED
         assert "too late" in attempt.error
     assert await outbox_left(redis) == 0
+
+
+async def test_a_slot_retry_after_the_parcel_was_delivered_is_not_sent(
+    redis: Redis, clock: ManualClock
+) -> None:
+    """The engine cancels what is still due; a retry it handed over before delivery is the gateway's
+    to drop: nothing about a slot goes out after delivery (DESIGN.md)."""
+    chans = channels()
+    gateway = await started(redis, clock, chans)
+    await put_prefs(redis, prefs(email="k@example.ch"))
+    slot = (T0_MS + HOUR_MS, T0_MS + 3 * HOUR_MS)
+    delivered = make_notice("p-40", types_pb2.NOTICE_KIND_SLOT_ANNOUNCED, slot_ms=slot)
+    on_the_van = make_notice("p-41", types_pb2.NOTICE_KIND_SLOT_ANNOUNCED, slot_ms=slot)
+    for notice, status in (
+        (delivered, types_pb2.TRACKING_STATUS_DELIVERED),
+        (on_the_van, types_pb2.TRACKING_STATUS_OUT_FOR_DELIVERY),
+    ):
+        notice.attempt = 1  # a retry
+        state = state_pb2.ParcelState(status=status).SerializeToString()
+        await hset(redis, keys.parcel(notice.shard, notice.parcel_id), keys.PARCEL_STATE_FIELD, state)
+        await queue_notice(redis, notice)
+
+    stats = await gateway.run_once()
+
+    assert (stats.sent, stats.expired) == (1, 1)
+    assert [m.idempotency_key for m in chans["email"].sent] == ["p-41:SLOT_ANNOUNCED:1:email"]
+    (attempt,) = await attempts(redis, delivered)
+    assert attempt.status == notice_pb2.NOTICE_STATUS_CANCELLED
+    assert "delivered" in attempt.error
 
 
 async def test_dead_push_token_falls_back_to_email_and_leaves_prefs(redis: Redis, clock: ManualClock) -> None:

@@ -104,6 +104,18 @@ class PermanentFailure:
 
 SendResult = Accepted | TransientFailure | PermanentFailure
 
+# How long a message waits when the provider refuses the channel's own credentials or configuration
+# (a rotated key, a skewed clock, a DMARC record, a relay that will not relay). That is the operator's
+# problem, not the recipient's: falling back would move every recipient to the next (maybe paid)
+# channel, and retrying sooner only spends attempts before the fix.
+CONFIGURATION_RETRY_AFTER_S = 300.0
+
+
+def configuration_problem(reason: str) -> TransientFailure:
+    """The result for a refusal of the channel's configuration. ``reason`` names the problem for the
+    operator and, like every reason, nothing personal."""
+    return TransientFailure(reason, retry_after_s=CONFIGURATION_RETRY_AFTER_S)
+
 
 @runtime_checkable
 class Channel(Protocol):

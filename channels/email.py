@@ -3,7 +3,8 @@ verification, AUTH, and SMTP replies mapped to results.
 
 Options (``RELAIS_CHANNEL_EMAIL_<OPTION>``): ``host`` (required), ``port`` (587; 465 with
 ``tls=implicit``), ``from`` (required, the sender address), ``from_name``, ``username``, ``password``,
-``tls`` (``starttls`` = required, the default; ``opportunistic``; ``implicit``; ``none``), ``ca_file``
+``tls`` (``starttls`` = required, the default; ``opportunistic``; ``implicit``; ``none``; a
+``username`` needs ``starttls`` or ``implicit`` unless the host is loopback), ``ca_file``
 (extra trusted CA bundle, PEM), ``pool_size`` (4), ``timeout_s`` (30), ``message_id_domain``
 (default: the sender's domain), ``helo_name`` (default: ``message_id_domain``).
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import ipaddress
+import re
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,12 +36,29 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 
-from channels.base import Accepted, EmailAddress, Message, PermanentFailure, SendResult, TransientFailure
+from channels.base import (
+    Accepted,
+    EmailAddress,
+    Message,
+    PermanentFailure,
+    SendResult,
+    TransientFailure,
+    configuration_problem,
+)
 from channels.email_message import InvalidAddressError, build_email, mailbox
 from channels.options import Options
 
-# RCPT replies that say the mailbox does not exist (RFC 5321 §4.2.3): the address is dead.
-_MAILBOX_UNKNOWN = frozenset({550, 551, 553})
+# RFC 3463 enhanced codes that condemn the address itself: no such mailbox (5.1.1), no such system
+# (5.1.2), bad address syntax (5.1.3), mailbox moved (5.1.6), domain accepts no mail (5.1.10, RFC 7505
+# null MX). A basic code alone never does: RFC 5321 §4.2.2 lets 550 mean a policy refusal too, and
+# Postfix answers RCPT with 553 for a sender the login may not use, so removing the address on 550/551/553
+# would, with a relay or DMARC problem, remove every recipient's. Without an enhanced code the send
+# fails for good (fall back) but the address stays; modern servers send enhanced codes (RFC 2034).
+_DEAD_ADDRESS_CODES = frozenset({"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10"})
+# An enhanced status code at the start of a reply's text (RFC 3463 §2: class.subject.detail).
+_ENHANCED_CODE = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?=\s|$)")
+# 552 on RCPT is "mailbox full" (5.2.2) in practice: RFC 5321 §4.5.3.1.10 says to treat it as temporary.
+_RCPT_TEMPORARY = 552
 # How long aclose waits for a polite QUIT on each pooled connection.
 _QUIT_TIMEOUT_S = 2.0
 
@@ -48,6 +68,21 @@ class Tls(enum.Enum):
     OPPORTUNISTIC = "opportunistic"  # upgrade when the server offers it
     IMPLICIT = "implicit"  # TLS from the first byte (SMTPS, port 465)
     NONE = "none"  # clear text, for a loopback sink only
+
+
+# Modes that guarantee TLS before AUTH: opportunistic gives way to a server (or an attacker) that does
+# not offer STARTTLS, and AUTH PLAIN/LOGIN would then carry the password in clear (RFC 4616 §6).
+_ENCRYPTED = frozenset({Tls.STARTTLS, Tls.IMPLICIT})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (no network between us and the server)."""
+    if host.lower() == "localhost":  # RFC 6761 §6.3: always the loopback address
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +108,8 @@ class EmailConfig:
             raise ValueError("timeout_s must be positive")
         if bool(self.username) != bool(self.password):
             raise ValueError("username and password go together")
+        if self.username and self.tls not in _ENCRYPTED and not is_loopback(self.host):
+            raise ValueError("username and password need tls=starttls or tls=implicit")
         mailbox(self.sender)  # raises InvalidAddressError (a ValueError) for a malformed sender
 
     @property
@@ -88,11 +125,18 @@ def config_from_options(options: Mapping[str, str]) -> EmailConfig:
         mailbox(sender)
     except InvalidAddressError:
         raise opts.error("from", "is not an email address") from None
+    host = opts.required("host")
     username, password = opts.text("username"), opts.text("password")
     if bool(username) != bool(password):
         raise opts.error("password" if username else "username", "is required with the other AUTH option")
+    if username and tls not in _ENCRYPTED and not is_loopback(host):
+        raise opts.error(
+            "tls",
+            f"={tls.value!r} could send the 'username'/'password' in clear text; "
+            "use starttls or implicit (RFC 4616 §6)",
+        )
     config = EmailConfig(
-        host=opts.required("host"),
+        host=host,
         sender=sender,
         port=opts.integer("port", 465 if tls is Tls.IMPLICIT else 587, low=1, high=65535),
         username=username,
@@ -108,21 +152,36 @@ def config_from_options(options: Mapping[str, str]) -> EmailConfig:
     return config
 
 
-def _reply_failure(code: int, stage: str, *, on_rcpt: bool) -> SendResult:
-    # The reply text is left out on purpose: servers echo the recipient's address in it.
-    reason = f"email: SMTP {code} on {stage}"
-    if 500 <= code < 600:
-        return PermanentFailure(reason, destination_invalid=on_rcpt and code in _MAILBOX_UNKNOWN)
-    return TransientFailure(reason)
+def enhanced_code(text: str) -> str:
+    """The RFC 3463 enhanced status code that opens a reply's text, or ""."""
+    match = _ENHANCED_CODE.match(text.lstrip())
+    return match.group(1) if match else ""
+
+
+def reply_failure(code: int, text: str, stage: str) -> SendResult:
+    """Map a refusal: ``code`` and ``text`` are the reply's, ``stage`` the command refused."""
+    enhanced = enhanced_code(text)
+    # The rest of the text is left out on purpose: servers echo the recipient's address in it.
+    reason = f"email: SMTP {code}{f' {enhanced}' if enhanced else ''} on {stage}"
+    if not 500 <= code < 600 or (stage == "RCPT" and code == _RCPT_TEMPORARY):
+        return TransientFailure(reason)
+    if stage == "AUTH":
+        return configuration_problem(f"{reason}: the server refused the configured username/password")
+    if enhanced.startswith("5.7."):
+        # RFC 3463 §3.8: security or policy status, i.e. a refusal of the sender (relaying denied,
+        # SPF/DKIM/DMARC 5.7.23-5.7.26, a blocklisted IP), which the operator has to fix.
+        return configuration_problem(f"{reason}: a policy refusal of the sender (relay, SPF/DKIM/DMARC)")
+    return PermanentFailure(reason, destination_invalid=stage == "RCPT" and enhanced in _DEAD_ADDRESS_CODES)
 
 
 def smtp_failure(exc: SMTPException | OSError) -> SendResult:
     """Translate aiosmtplib's exceptions (and socket/TLS errors) into a result."""
     if isinstance(exc, SMTPRecipientsRefused):
-        code = exc.recipients[0].code if exc.recipients else 550
-        return _reply_failure(code, "RCPT", on_rcpt=True)
+        if not exc.recipients:
+            return reply_failure(550, "", "RCPT")
+        exc = exc.recipients[0]
     if isinstance(exc, SMTPRecipientRefused):
-        return _reply_failure(exc.code, "RCPT", on_rcpt=True)
+        return reply_failure(exc.code, exc.message, "RCPT")
     if isinstance(exc, SMTPResponseException) and exc.code > 0:
         stages: dict[type[SMTPResponseException], str] = {
             SMTPSenderRefused: "MAIL",
@@ -130,7 +189,7 @@ def smtp_failure(exc: SMTPException | OSError) -> SendResult:
             SMTPAuthenticationError: "AUTH",
             SMTPHeloError: "EHLO",
         }
-        return _reply_failure(exc.code, stages.get(type(exc), "connect"), on_rcpt=False)
+        return reply_failure(exc.code, exc.message, stages.get(type(exc), "connect"))
     # Disconnects, timeouts, refused connections, TLS handshake or verification failures.
     return TransientFailure(f"email: {type(exc).__name__}")
 

@@ -1,5 +1,6 @@
 """A real aiosmtpd server in the test's event loop that records what it receives, counts the
-connections it accepts and can refuse chosen recipients with a chosen reply."""
+connections it accepts and can refuse chosen recipients with a chosen reply, refuse to relay, or
+reject a message after DATA on a policy ground, as real servers do."""
 
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ class RecordingSmtp:
     credentials: tuple[str, str] | None = None
     # recipient address -> SMTP reply to its RCPT, e.g. "550 5.1.1 No such user"
     refuse: dict[str, str] = field(default_factory=dict)
+    # Domains it accepts mail for from anyone; None: every domain. A session that has not
+    # authenticated gets Postfix's reply for any other recipient (reject_unauth_destination).
+    relay_domains: frozenset[str] | None = None
+    # Replaces "250 queued" at the end of DATA, e.g. Gmail's "550 5.7.26 ..." for a message that fails
+    # the sender domain's DMARC policy: the content is judged only after it has been received.
+    data_reply: str = ""
     received: list[Received] = field(default_factory=list)
     connections: int = 0
     port: int = 0
@@ -46,10 +53,15 @@ class RecordingSmtp:
     ) -> str:
         if address in self.refuse:
             return self.refuse[address]
+        domain = address.rpartition("@")[2].lower()
+        if self.relay_domains is not None and domain not in self.relay_domains and not session.authenticated:
+            return f"554 5.7.1 <{address}>: Relay access denied"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply:
+            return self.data_reply
         self.received.append(
             Received(
                 mail_from=str(envelope.mail_from),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from channels.base import (
+    CONFIGURATION_RETRY_AFTER_S,
     Accepted,
     EmailAddress,
     FcmToken,
@@ -152,15 +153,76 @@ async def test_smtp_replies_are_mapped(smtp: RecordingSmtp) -> None:
         mail("4", to="ada@example.com"),
     )
 
-    assert results[0] == PermanentFailure("email: SMTP 550 on RCPT", destination_invalid=True)
-    assert results[1] == PermanentFailure("email: SMTP 552 on RCPT", destination_invalid=False)
-    assert results[2] == TransientFailure("email: SMTP 451 on RCPT")
+    assert results[0] == PermanentFailure("email: SMTP 550 5.1.1 on RCPT", destination_invalid=True)
+    # RFC 5321 §4.5.3.1.10: 552 on RCPT (mailbox full) is temporary.
+    assert results[1] == TransientFailure("email: SMTP 552 5.2.2 on RCPT")
+    assert results[2] == TransientFailure("email: SMTP 451 4.7.1 on RCPT")
     assert isinstance(results[3], Accepted)
     # The refusals reset the envelope and kept the one connection usable.
     assert smtp.connections == 1
     assert [r.rcpt_tos for r in smtp.received] == [["ada@example.com"]]
     # Nothing personal in a reason: the server's reply text (which echoes the address) is dropped.
     assert all("example.com" not in getattr(r, "reason", "") for r in results)
+
+
+@pytest.mark.parametrize(
+    ("reply", "dead"),
+    [
+        ("550 5.1.1 <x@example.com>: Recipient address rejected: User unknown", True),
+        ("550 5.1.2 Host unknown", True),
+        ("553 5.1.3 Bad recipient address syntax", True),
+        ("551 5.1.6 Mailbox has moved", True),
+        ("550 5.1.10 Recipient domain accepts no mail (null MX)", True),
+        # No enhanced code: 550 may be a policy refusal (RFC 5321 §4.2.2), so the address stays.
+        ("550 Requested action not taken: mailbox unavailable", False),
+        ("553 Mailbox name not allowed", False),
+        ("554 5.2.1 Mailbox disabled", False),
+    ],
+)
+async def test_only_address_status_codes_condemn_the_address(
+    smtp: RecordingSmtp, reply: str, dead: bool
+) -> None:
+    smtp.refuse = {"x@example.com": reply}
+    [result] = await send(channel_for(smtp.port), mail(to="x@example.com"))
+
+    assert isinstance(result, PermanentFailure)
+    assert result.destination_invalid is dead
+    assert "example.com" not in result.reason
+
+
+async def test_policy_refusals_wait_for_the_operator_and_keep_the_address(smtp: RecordingSmtp) -> None:
+    # A relay that will not relay for an unauthenticated client refuses every outside recipient with
+    # 554 5.7.1; a provider may say 550 5.7.1 for the same thing.
+    smtp.relay_domains = frozenset({"relais.example"})
+    smtp.refuse = {"bob@example.org": "550 5.7.1 Relaying denied"}
+    results = await send(
+        channel_for(smtp.port, pool_size="1"),
+        mail("1", to="ada@example.com"),
+        mail("2", to="bob@example.org"),
+        mail("3", to="ops@relais.example"),
+    )
+
+    assert results[0] == TransientFailure(
+        "email: SMTP 554 5.7.1 on RCPT: a policy refusal of the sender (relay, SPF/DKIM/DMARC)",
+        retry_after_s=CONFIGURATION_RETRY_AFTER_S,
+    )
+    assert results[1] == TransientFailure(
+        "email: SMTP 550 5.7.1 on RCPT: a policy refusal of the sender (relay, SPF/DKIM/DMARC)",
+        retry_after_s=CONFIGURATION_RETRY_AFTER_S,
+    )
+    assert isinstance(results[2], Accepted)
+    assert [r.rcpt_tos for r in smtp.received] == [["ops@relais.example"]]
+
+
+async def test_dmarc_rejection_after_data_waits_for_the_operator(smtp: RecordingSmtp) -> None:
+    smtp.data_reply = "550 5.7.26 Unauthenticated email from relais.example is not accepted (DMARC)"
+    [result] = await send(channel_for(smtp.port), mail())
+
+    assert result == TransientFailure(
+        "email: SMTP 550 5.7.26 on DATA: a policy refusal of the sender (relay, SPF/DKIM/DMARC)",
+        retry_after_s=CONFIGURATION_RETRY_AFTER_S,
+    )
+    assert smtp.received == []
 
 
 async def test_invalid_destination_fails_without_connecting(smtp: RecordingSmtp) -> None:
@@ -204,7 +266,7 @@ async def test_starttls_verified_against_ca_file_with_auth(certs: SelfSigned) ->
     assert received.authenticated
 
 
-async def test_wrong_password_is_permanent(certs: SelfSigned) -> None:
+async def test_wrong_password_waits_for_the_operator(certs: SelfSigned) -> None:
     server = RecordingSmtp(tls_context=certs.server_context(), credentials=("relais", "s3cret"))
     await server.start()
     try:
@@ -214,7 +276,11 @@ async def test_wrong_password_is_permanent(certs: SelfSigned) -> None:
         [result] = await send(channel, mail())
     finally:
         await server.stop()
-    assert result == PermanentFailure("email: SMTP 535 on AUTH")
+    # Not the recipient's fault: falling back would move everyone to the next channel.
+    assert result == TransientFailure(
+        "email: SMTP 535 5.7.8 on AUTH: the server refused the configured username/password",
+        retry_after_s=CONFIGURATION_RETRY_AFTER_S,
+    )
     assert server.received == []
 
 
@@ -247,8 +313,20 @@ async def test_required_starttls_never_falls_back_to_clear_text(smtp: RecordingS
         ({"host": "h", "from": "a@b.example", "username": "u"}, "'password'"),
         ({"host": "h", "from": "a@b.example", "prot": "25"}, "prot"),
         ({"host": "h", "from": "a@b.example", "ca_file": "/nonexistent/ca.pem"}, "'ca_file'"),
+        # RFC 4616 §6: AUTH PLAIN must not cross a network without TLS.
+        ({"host": "h", "from": "a@b.example", "username": "u", "password": "p", "tls": "none"}, "'tls'"),
+        (
+            {"host": "h", "from": "a@b.example", "username": "u", "password": "p", "tls": "opportunistic"},
+            "'tls'",
+        ),
     ],
 )
 def test_bad_options_name_the_option(options: dict[str, str], named: str) -> None:
     with pytest.raises(ChannelConfigError, match=named):
         EmailChannel.from_options(options)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+def test_credentials_without_tls_only_to_loopback(host: str) -> None:
+    options = {"host": host, "from": "a@b.example", "username": "u", "password": "p", "tls": "none"}
+    assert EmailChannel.from_options(options).config.username == "u"

@@ -25,7 +25,15 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from channels.base import Accepted, FcmToken, Message, PermanentFailure, SendResult, TransientFailure
+from channels.base import (
+    Accepted,
+    FcmToken,
+    Message,
+    PermanentFailure,
+    SendResult,
+    TransientFailure,
+    configuration_problem,
+)
 from channels.http_common import new_client, send_bounded, status_failure, transport_failure
 from channels.jose import sign_rs256
 from channels.options import Options
@@ -40,6 +48,9 @@ ASSERTION_LIFETIME_S = 3600
 TOKEN_REFRESH_MARGIN_S = 120.0
 # errorCode values that condemn the token: the app was uninstalled / the token belongs to another sender.
 _DEAD_TOKEN_CODES = frozenset({"UNREGISTERED", "SENDER_ID_MISMATCH"})
+# 401 with this errorCode: APNs or the Web Push service refused the project's certificate or key, which
+# the operator uploads to Firebase; neither the device's fault nor our access token's.
+_THIRD_PARTY_AUTH = "THIRD_PARTY_AUTH_ERROR"
 _FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 _BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 
@@ -170,13 +181,22 @@ class AccessTokens:
         except httpx.HTTPError as exc:
             raise _NoAccessTokenError(transport_failure("fcm token", exc)) from None
         if response.status_code != 200:
-            raise _NoAccessTokenError(status_failure("fcm token", response, _oauth_error(response)))
+            raise _NoAccessTokenError(token_failure(response))
         try:
             payload = response.json()
             token, expires_in_s = str(payload["access_token"]), float(payload.get("expires_in", 3600))
         except (ValueError, KeyError, TypeError):
             raise _NoAccessTokenError(TransientFailure("fcm token: malformed token response")) from None
         self._token, self._expires_s = token, now_s + expires_in_s
+
+
+def token_failure(response: httpx.Response) -> SendResult:
+    """A refusal from the token endpoint concerns the service account, never a recipient."""
+    result = status_failure("fcm token", response, _oauth_error(response))
+    if isinstance(result, PermanentFailure):
+        # invalid_grant (RFC 6749 §5.2): a deleted or wrong key, or a clock more than minutes off.
+        return configuration_problem(f"{result.reason}: check the service account key and the clock")
+    return result
 
 
 def _oauth_error(response: httpx.Response) -> str:
@@ -216,38 +236,60 @@ def message_body(message: Message, token: str, now_s: float) -> dict[str, Any]:
     return {"message": body}
 
 
-def _error_parts(response: httpx.Response) -> tuple[str, str, bool]:
-    """(status, FCM errorCode, whether a field violation names the token) from an error body."""
-    try:
-        error = response.json()["error"]
-        status, details = str(error.get("status", "")), list(error.get("details", []))
-        message = str(error.get("message", ""))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return "", "", False
-    error_code = ""
-    on_token = "registration token" in message.lower()
-    for detail in details:
-        if not isinstance(detail, dict):
-            continue
-        if detail.get("@type") == _FCM_ERROR_TYPE:
-            error_code = str(detail.get("errorCode", ""))
-        if detail.get("@type") == _BAD_REQUEST_TYPE:
-            fields = [v.get("field") for v in detail.get("fieldViolations", []) if isinstance(v, dict)]
-            on_token = on_token or "message.token" in fields
-    return status, error_code, on_token
+@dataclass(frozen=True, slots=True)
+class FcmErrorBody:
+    """What an error body says: its status, the FCM errorCode, whether a field violation names the token."""
+
+    status: str = ""
+    error_code: str = ""
+    on_token: bool = False
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> FcmErrorBody:
+        try:
+            error = response.json()["error"]
+            status, details = str(error.get("status", "")), list(error.get("details", []))
+            message = str(error.get("message", ""))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls()
+        error_code = ""
+        on_token = "registration token" in message.lower()
+        for detail in details:
+            if not isinstance(detail, dict):
+                continue
+            if detail.get("@type") == _FCM_ERROR_TYPE:
+                error_code = str(detail.get("errorCode", ""))
+            if detail.get("@type") == _BAD_REQUEST_TYPE:
+                fields = [v.get("field") for v in detail.get("fieldViolations", []) if isinstance(v, dict)]
+                on_token = on_token or "message.token" in fields
+        return cls(status, error_code, on_token)
+
+    @property
+    def expired_access_token(self) -> bool:
+        """A 401 without an errorCode: the access token was revoked or expired early."""
+        return not self.error_code
 
 
-def fcm_failure(response: httpx.Response) -> SendResult:
-    status, error_code, on_token = _error_parts(response)
-    label = error_code or status
+def fcm_failure(response: httpx.Response, error: FcmErrorBody) -> SendResult:
+    label = error.error_code or error.status
     reason = f"fcm: HTTP {response.status_code}{f' {label}' if label else ''}"
-    if error_code in _DEAD_TOKEN_CODES or (response.status_code == 404 and not error_code):
+    code = response.status_code
+    # FCM condemns a token with UNREGISTERED (404), SENDER_ID_MISMATCH (403) or INVALID_ARGUMENT (400)
+    # naming the token; nothing else says anything about the device.
+    if error.error_code in _DEAD_TOKEN_CODES or (code == 400 and error.on_token):
         return PermanentFailure(reason, destination_invalid=True)
-    if response.status_code == 400 and on_token:
-        return PermanentFailure(reason, destination_invalid=True)
-    if response.status_code == 401:
-        # The access token was revoked or expired early: fetch a new one on the retry.
+    if error.error_code == _THIRD_PARTY_AUTH:
+        return configuration_problem(f"{reason}: APNs or Web Push refused the project's certificate or key")
+    if code == 401:
+        # The channel dropped its access token (expired_access_token) and fetches a new one on the retry.
         return TransientFailure(reason)
+    if code == 403:
+        # PERMISSION_DENIED: the service account lacks the role, or the API is off for the project.
+        return configuration_problem(f"{reason}: the service account may not send for project_id")
+    if code == 404:
+        # A bare 404 is a wrong project_id or api_base ("Requested entity was not found"): the same
+        # for every token, so it must not delete them.
+        return configuration_problem(f"{reason}: no FCM project at project_id/api_base")
     return status_failure("fcm", response, label)
 
 
@@ -303,9 +345,10 @@ class FcmChannel:
             return transport_failure("fcm", exc)
         if response.status_code == 200:
             return Accepted(provider_message_id=_message_name(response))
-        if response.status_code == 401:
+        error = FcmErrorBody.of(response)
+        if response.status_code == 401 and error.expired_access_token:
             self.tokens.invalidate()
-        return fcm_failure(response)
+        return fcm_failure(response, error)
 
 
 def _message_name(response: httpx.Response) -> str:

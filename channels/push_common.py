@@ -14,6 +14,9 @@ from channels.jose import b64url
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 # APNs refuses an apns-collapse-id longer than 64 bytes.
 _APNS_COLLAPSE_MAX_BYTES = 64
+# FCM refuses an android.ttl or a webpush TTL above 28 days (400 INVALID_ARGUMENT); Web Push services
+# keep messages no longer than that either (RFC 8030 §5.2 lets them shorten a TTL).
+MAX_TTL_S = 2_419_200
 
 
 def _digest(key: str) -> str:
@@ -32,7 +35,8 @@ def apns_collapse_id(collapse_key: str) -> str:
 
 
 def ttl_s(expires_at: datetime | None, now_s: float) -> int | None:
-    """Whole seconds left before ``expires_at`` (0 when past), None when there is no expiry."""
+    """Whole seconds left before ``expires_at`` (0 when past, at most ``MAX_TTL_S``), None when there
+    is no expiry."""
     if expires_at is None:
         return None
-    return max(0, math.floor(expires_at.timestamp() - now_s))
+    return min(MAX_TTL_S, max(0, math.floor(expires_at.timestamp() - now_s)))

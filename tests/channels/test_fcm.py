@@ -5,6 +5,7 @@ the bearer token and the message document, and answers with FCM's real error sha
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -18,16 +19,28 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from channels.base import Accepted, FcmToken, Message, PermanentFailure, TransientFailure
+from channels.base import (
+    CONFIGURATION_RETRY_AFTER_S,
+    Accepted,
+    FcmToken,
+    Message,
+    PermanentFailure,
+    TransientFailure,
+)
 from channels.errors import ChannelConfigError
 from channels.fcm import GRANT_TYPE, SCOPE, FcmChannel, config_from_options
 from channels.jose import b64url_decode
 from tests.channels.http_fakes import HttpFake, Request, Response
 
 PROJECT = "relais-test"
+# A project that exists but where the service account has no role: FCM says 403 PERMISSION_DENIED.
+FOREIGN_PROJECT = "someone-else"
 CLIENT_EMAIL = "relais@relais-test.iam.gserviceaccount.com"
 KEY_ID = "k" * 40
 NOW_S = 1_773_133_200.0
+# FCM's bounds for android.ttl (a Duration, "<seconds>s") and the webpush TTL header: 0 to 28 days.
+MAX_TTL_S = 2_419_200
+DURATION = re.compile(r"(\d+)(\.\d{1,9})?s")
 
 
 def fcm_error(code: int, status: str, message: str, error_code: str = "", **extra: Any) -> Response:
@@ -66,7 +79,24 @@ TOKEN_ERRORS = {
     "too-big": fcm_error(
         400, "INVALID_ARGUMENT", "Message is too big", "INVALID_ARGUMENT", field="message.data"
     ),
+    # An iOS device whose app's APNs key (or a browser's Web Push key) Firebase could not use.
+    "ios-bad-apns-key": fcm_error(
+        401, "UNAUTHENTICATED", "Auth error from APNS or Web Push Service", "THIRD_PARTY_AUTH_ERROR"
+    ),
 }
+
+
+def ttl_violation(message: dict[str, Any]) -> str:
+    """The field FCM names when a TTL is malformed or beyond 28 days, or ""."""
+    android_ttl = message.get("android", {}).get("ttl")
+    if android_ttl is not None:
+        match = DURATION.fullmatch(android_ttl)
+        if match is None or int(match.group(1)) > MAX_TTL_S:
+            return "message.android.ttl"
+    webpush_ttl = message.get("webpush", {}).get("headers", {}).get("TTL")
+    if webpush_ttl is not None and not (webpush_ttl.isdigit() and int(webpush_ttl) <= MAX_TTL_S):
+        return "message.webpush.headers"
+    return ""
 
 
 @dataclass
@@ -82,7 +112,18 @@ class Google:
             return self.token(request)
         if request.path == f"/v1/projects/{PROJECT}/messages:send" and request.method == "POST":
             return self.send(request)
-        return fcm_error(404, "NOT_FOUND", "not found")
+        if request.path == f"/v1/projects/{FOREIGN_PROJECT}/messages:send" and self.authorized(request):
+            return fcm_error(
+                403,
+                "PERMISSION_DENIED",
+                f"Permission 'cloudmessaging.messages.create' denied on resource "
+                f"'//cloudresourcemanager.googleapis.com/projects/{FOREIGN_PROJECT}' (or it may not exist).",
+            )
+        # An unknown project or a wrong base path: no FcmError detail, nothing about a token.
+        return fcm_error(404, "NOT_FOUND", "Requested entity was not found.")
+
+    def authorized(self, request: Request) -> bool:
+        return request.headers.get("authorization", "").removeprefix("Bearer ") in self.issued
 
     def token(self, request: Request) -> Response:
         self.token_requests += 1
@@ -115,14 +156,16 @@ class Google:
         return Response.json(200, {"access_token": token, "expires_in": 3599, "token_type": "Bearer"})
 
     def send(self, request: Request) -> Response:
-        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
-        if bearer not in self.issued:
+        if not self.authorized(request):
             return fcm_error(401, "UNAUTHENTICATED", "Request had invalid authentication credentials.")
         document = request.json()
         assert set(document) == {"message"}
         message = document["message"]
         assert set(message) <= {"token", "notification", "data", "android", "apns", "webpush"}
         assert all(isinstance(v, str) for v in message["data"].values())
+        if violation := ttl_violation(message):
+            invalid = f"Invalid value at '{violation}'"
+            return fcm_error(400, "INVALID_ARGUMENT", invalid, "INVALID_ARGUMENT", field=violation)
         self.messages.append(message)
         if message["token"] in TOKEN_ERRORS:
             return TOKEN_ERRORS[message["token"]]
@@ -170,10 +213,11 @@ Fakes = tuple[Google, HttpFake]
 def make_channel(
     tmp_path: Path, rsa_key: rsa.RSAPrivateKey, google: tuple[Google, HttpFake], client_tls: ssl.SSLContext
 ) -> MakeChannel:
-    def make(clock: Clock | None = None, key: rsa.RSAPrivateKey = rsa_key) -> FcmChannel:
+    def make(clock: Clock | None = None, key: rsa.RSAPrivateKey = rsa_key, **extra: str) -> FcmChannel:
         server = google[1]
         account = write_service_account(tmp_path, key, f"{server.url}/token")
-        config = config_from_options({"service_account_file": str(account), "api_base": server.url})
+        options = {"service_account_file": str(account), "api_base": server.url} | extra
+        config = config_from_options(options)
         return FcmChannel(config, now_s=clock or Clock(), tls_context=client_tls)
 
     return make
@@ -262,7 +306,66 @@ async def test_errors_are_mapped(make_channel: MakeChannel) -> None:
         TransientFailure("fcm: HTTP 503 UNAVAILABLE"),
         TransientFailure("fcm: HTTP 500 INTERNAL"),
         PermanentFailure("fcm: HTTP 400 INVALID_ARGUMENT", destination_invalid=False),
+        TransientFailure(
+            "fcm: HTTP 401 THIRD_PARTY_AUTH_ERROR: APNs or Web Push refused the project's certificate or key",
+            retry_after_s=CONFIGURATION_RETRY_AFTER_S,
+        ),
     ]
+
+
+async def test_a_third_party_auth_error_keeps_the_access_token(
+    make_channel: MakeChannel, google: tuple[Google, HttpFake]
+) -> None:
+    fake, _ = google
+    channel = make_channel()
+    try:
+        [refused] = await channel.send([push("ios-bad-apns-key")])
+        [android] = await channel.send([push("android-ok")])
+    finally:
+        await channel.aclose()
+    assert isinstance(refused, TransientFailure)
+    assert isinstance(android, Accepted)
+    # The access token was good: only a 401 without an errorCode means it expired.
+    assert fake.token_requests == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"project_id": "no-such-project"}, "fcm: HTTP 404 NOT_FOUND: no FCM project at"),
+        ({"project_id": FOREIGN_PROJECT}, "fcm: HTTP 403 PERMISSION_DENIED: the service account may not"),
+    ],
+)
+async def test_a_wrong_project_condemns_no_token(
+    make_channel: MakeChannel, options: dict[str, str], reason: str
+) -> None:
+    channel = make_channel(**options)
+    try:
+        results = await channel.send([push("device-1"), push("device-2")])
+    finally:
+        await channel.aclose()
+    # Every token would be deleted if a 404 without UNREGISTERED meant a dead token; and a project the
+    # account may not use is the operator's to fix, not a reason to fall back to paid SMS.
+    for result in results:
+        assert isinstance(result, TransientFailure)
+        assert result.reason.startswith(reason)
+        assert result.retry_after_s == CONFIGURATION_RETRY_AFTER_S
+
+
+async def test_ttl_is_capped_at_28_days(make_channel: MakeChannel, google: tuple[Google, HttpFake]) -> None:
+    fake, _ = google
+    channel = make_channel()
+    expires_at = datetime.fromtimestamp(NOW_S + 60 * 86_400, UTC)
+    try:
+        [result] = await channel.send([push("device-1", expires_at=expires_at)])
+    finally:
+        await channel.aclose()
+    assert isinstance(result, Accepted)
+    [message] = fake.messages
+    assert message["android"]["ttl"] == f"{MAX_TTL_S}s"
+    assert message["webpush"]["headers"]["TTL"] == str(MAX_TTL_S)
+    # APNs takes an absolute expiry and documents no bound: the message's own.
+    assert message["apns"]["headers"]["apns-expiration"] == str(int(expires_at.timestamp()))
 
 
 async def test_revoked_access_token_is_refetched(
@@ -289,7 +392,12 @@ async def test_a_key_the_token_endpoint_rejects_fails_every_message(make_channel
         results = await channel.send([push("a"), push("b")])
     finally:
         await channel.aclose()
-    assert results == [PermanentFailure("fcm token: HTTP 400 invalid_grant")] * 2
+    # The operator's to fix (a rotated key, a skewed clock): wait for it rather than fall back.
+    expected = TransientFailure(
+        "fcm token: HTTP 400 invalid_grant: check the service account key and the clock",
+        retry_after_s=CONFIGURATION_RETRY_AFTER_S,
+    )
+    assert results == [expected] * 2
 
 
 async def test_expired_message_is_not_sent(

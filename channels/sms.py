@@ -20,7 +20,15 @@ from typing import Self
 import httpx
 import phonenumbers
 
-from channels.base import Accepted, Message, PermanentFailure, PhoneNumber, SendResult, TransientFailure
+from channels.base import (
+    Accepted,
+    Message,
+    PermanentFailure,
+    PhoneNumber,
+    SendResult,
+    TransientFailure,
+    configuration_problem,
+)
 from channels.http_common import new_client, retry_after_s, send_bounded, status_failure, transport_failure
 from channels.options import Options
 from channels.ratelimit import TokenBucket
@@ -31,6 +39,9 @@ from channels.sms_encoding import split
 DEAD_NUMBER_CODES = frozenset({21211, 21610, 21614})
 # "Too many requests" in the body, sometimes with another HTTP status.
 RATE_LIMITED_CODE = 20429
+# Authentication failed (HTTP 401): a wrong account_sid/auth_token, e.g. mid-rotation. Every message
+# would fail alike, so it waits for the operator instead of falling back for each recipient.
+AUTH_FAILED_CODE = 20003
 DEFAULT_BASE_URL = "https://api.twilio.com"
 
 
@@ -117,6 +128,9 @@ def provider_failure(response: httpx.Response) -> SendResult:
         return TransientFailure(f"sms: HTTP {response.status_code} {detail}", retry_after_s(response))
     if code in DEAD_NUMBER_CODES:
         return PermanentFailure(f"sms: HTTP {response.status_code} {detail}", destination_invalid=True)
+    if code == AUTH_FAILED_CODE or response.status_code == 401:
+        reason = f"sms: HTTP {response.status_code}{f' {detail}' if detail else ''}"
+        return configuration_problem(f"{reason}: the provider refused account_sid/auth_token")
     return status_failure("sms", response, detail)
 
 

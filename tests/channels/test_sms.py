@@ -8,7 +8,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from channels.base import Accepted, EmailAddress, Message, PermanentFailure, PhoneNumber, TransientFailure
+from channels.base import (
+    CONFIGURATION_RETRY_AFTER_S,
+    Accepted,
+    EmailAddress,
+    Message,
+    PermanentFailure,
+    PhoneNumber,
+    TransientFailure,
+)
 from channels.errors import ChannelConfigError
 from channels.ratelimit import TokenBucket
 from channels.sms import SmsChannel
@@ -138,13 +146,18 @@ async def test_provider_errors_are_mapped(provider: HttpFake) -> None:
     ]
 
 
-async def test_wrong_credentials_are_permanent(provider: HttpFake) -> None:
+async def test_wrong_credentials_wait_for_the_operator(provider: HttpFake) -> None:
     channel = channel_for(provider, auth_token="wrong")
     try:
-        [result] = await channel.send([sms("+41791234567")])
+        results = await channel.send([sms("+41791234567"), sms("+41797654321")])
     finally:
         await channel.aclose()
-    assert result == PermanentFailure("sms: HTTP 401 code 20003")
+    # Not the recipients' fault: no fallback for everyone while a token is rotated.
+    expected = TransientFailure(
+        "sms: HTTP 401 code 20003: the provider refused account_sid/auth_token",
+        retry_after_s=CONFIGURATION_RETRY_AFTER_S,
+    )
+    assert results == [expected] * 2
 
 
 async def test_local_checks_spare_the_provider(provider: HttpFake) -> None:

@@ -40,7 +40,7 @@ from channels.base import (
 from channels.http_common import new_client, send_bounded, status_failure, transport_failure
 from channels.jose import b64url, b64url_decode, sign_es256
 from channels.options import Options
-from channels.push_common import ttl_s, webpush_topic
+from channels.push_common import MAX_TTL_S, ttl_s, webpush_topic
 
 URGENCIES = ("very-low", "low", "normal", "high")
 # RFC 8291 §4: one 4096-byte record; minus the 86-byte header and 17 bytes of tag and delimiter.
@@ -99,7 +99,7 @@ def config_from_options(options: Mapping[str, str]) -> WebPushConfig:
     config = WebPushConfig(
         vapid_key=key,
         vapid_subject=subject,
-        default_ttl_s=opts.integer("default_ttl_s", 86_400, low=0, high=2_419_200),
+        default_ttl_s=opts.integer("default_ttl_s", 86_400, low=0, high=MAX_TTL_S),
         urgency=opts.choice("urgency", "normal", URGENCIES),
         token_lifetime_s=opts.integer("token_lifetime_s", 43_200, low=60, high=MAX_TOKEN_LIFETIME_S),
         max_concurrency=opts.integer("max_concurrency", 16, low=1, high=1024),

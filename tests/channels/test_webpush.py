@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import http_ece
+import httpx
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,7 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from channels.base import Accepted, Message, PermanentFailure, TransientFailure, WebPushSubscription
 from channels.errors import ChannelConfigError
 from channels.jose import b64url, b64url_decode
-from channels.webpush import WebPushChannel, config_from_options
+from channels.push_common import MAX_TTL_S
+from channels.webpush import VapidTokens, WebPushChannel, config_from_options
 from tests.channels.http_fakes import HttpFake, Request, Response
 
 TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -67,7 +69,9 @@ class PushService:
             return Response(401)
         headers = request.headers
         assert headers["content-encoding"] == "aes128gcm"
-        assert int(headers["ttl"]) >= 0
+        if not headers.get("ttl", "").isdigit():
+            # RFC 8030 §5.2: a push service MUST answer 400 to a request without a TTL.
+            return Response(400)
         assert headers.get("urgency", "normal") in {"very-low", "low", "normal", "high"}
         assert "topic" not in headers or TOPIC.fullmatch(headers["topic"])
         subscription_id = request.path.removeprefix("/push/")
@@ -183,6 +187,30 @@ async def test_delivers_an_encrypted_payload_with_vapid(service: PushService, ma
     assert first_headers["topic"] != "parcel:123:slot"
     assert second_headers["topic"] == "slot123"
     assert second_headers["ttl"] == "86400"
+
+
+async def test_ttl_is_capped_at_28_days(service: PushService, make_channel: Make) -> None:
+    channel = make_channel()
+    subscription = service.browser.subscription(f"{service.url}/push/abc")
+    expires_at = datetime.fromtimestamp(time.time() + 60 * 86_400, UTC)
+    try:
+        [result] = await channel.send([notice(subscription, expires_at=expires_at)])
+    finally:
+        await channel.aclose()
+    assert isinstance(result, Accepted)
+    [(headers, _)] = service.delivered
+    assert headers["ttl"] == str(MAX_TTL_S)
+
+
+async def test_the_fake_answers_400_without_ttl(service: PushService, make_channel: Make) -> None:
+    channel = make_channel()
+    await channel.aclose()
+    vapid = VapidTokens(channel.config, time.time)
+    headers = {"Content-Encoding": "aes128gcm", "Authorization": vapid.authorization(service.url)}
+    async with httpx.AsyncClient() as client:
+        response = await client.post(f"{service.url}/push/abc", content=b"x", headers=headers)
+    assert response.status_code == 400
+    assert service.delivered == []
 
 
 async def test_refusals_are_mapped(service: PushService, make_channel: Make) -> None:

@@ -5,7 +5,7 @@ Options (``RELAIS_CHANNEL_EMAIL_<OPTION>``): ``host`` (required), ``port`` (587;
 ``tls=implicit``), ``from`` (required, the sender address), ``from_name``, ``username``, ``password``,
 ``tls`` (``starttls`` = required, the default; ``opportunistic``; ``implicit``; ``none``; a
 ``username`` needs ``starttls`` or ``implicit`` unless the host is loopback), ``ca_file``
-(extra trusted CA bundle, PEM), ``pool_size`` (4), ``timeout_s`` (30), ``message_id_domain``
+(extra trusted CA bundle, PEM), ``pool_size`` (4), ``timeout_s`` (10), ``message_id_domain``
 (default: the sender's domain), ``helo_name`` (default: ``message_id_domain``).
 """
 
@@ -95,7 +95,9 @@ class EmailConfig:
     tls: Tls = Tls.STARTTLS
     ca_file: Path | None = None
     pool_size: int = 4
-    timeout_s: float = 30.0
+    # Per SMTP step, well under the gateway's send timeout (30 s) for a chunk of messages: a relay
+    # that hangs on one message fails that message, not the chunk (whose sends would all be retried).
+    timeout_s: float = 10.0
     message_id_domain: str = ""
     helo_name: str = ""
 
@@ -144,7 +146,7 @@ def config_from_options(options: Mapping[str, str]) -> EmailConfig:
         tls=tls,
         ca_file=opts.file("ca_file"),
         pool_size=opts.integer("pool_size", 4, low=1, high=256),
-        timeout_s=opts.number("timeout_s", 30.0, low=0.1, high=600.0),
+        timeout_s=opts.number("timeout_s", 10.0, low=0.1, high=600.0),
         message_id_domain=opts.text("message_id_domain"),
         helo_name=opts.text("helo_name"),
     )

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from gateway.dlq import list_dead_letters, replay
 log = logging.getLogger("relais.gateway")
 
 COMMANDS = frozenset({"gateway", "dlq"})
+CHANNELS_VARIABLE = "RELAIS_CHANNELS"
 
 
 def add_commands(sub: Any) -> None:
@@ -46,6 +48,15 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     """Run a gateway subcommand; the exit status."""
     if not settings.redis_url:
         print(f"relais {args.command}: set REDIS_URL to the Redis the engine uses", file=sys.stderr)
+        return 2
+    if args.command == "gateway" and CHANNELS_VARIABLE not in os.environ:
+        # The built-in default ("file") writes recipients' messages to disk and counts them sent:
+        # right for `relais run` on a laptop, a silent loss of every notice in production.
+        print(
+            f"relais gateway: set {CHANNELS_VARIABLE} to the channels to send by (e.g. email,fcm,sms) "
+            "and each one's RELAIS_CHANNEL_<NAME>_<OPTION>; `relais run` uses local sinks",
+            file=sys.stderr,
+        )
         return 2
     if args.command == "dlq" and args.dlq_command == "replay" and args.all == bool(args.ids):
         print("relais dlq replay: give either --all or one or more IDs", file=sys.stderr)

@@ -46,3 +46,14 @@ def test_dlq_list_and_replay(redis_url: str) -> None:
     assert client.xlen(keys.dead_letters(shard)) == 0
     assert client.zscore(keys.due(shard), "p-cli:SHIPPED") is not None
     client.close()
+
+
+def test_a_standalone_gateway_needs_its_channels_named(redis_url: str) -> None:
+    """Without RELAIS_CHANNELS it would write recipients' messages to local files and call them sent."""
+    env = {k: v for k, v in os.environ.items() if k != "RELAIS_CHANNELS"}
+    env |= {"REDIS_URL": redis_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "gateway"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "set RELAIS_CHANNELS" in done.stderr

@@ -459,8 +459,10 @@ class Settings:
     keepalive_min_client_interval_s: float = 10.0
     # Finished parcels (delivered, returned, expired) are removed after this many days.
     retention_days: int = 30
-    # Channels the gateway loads, by entry-point name.
+    # Channels the gateway loads, by entry-point name; ``channels_named``: RELAIS_CHANNELS was set (a
+    # standalone gateway requires it: the default writes messages to files).
     channels: tuple[str, ...] = ("file",)
+    channels_named: bool = False
     # Options per channel, from RELAIS_CHANNEL_<NAME>_<OPTION>.
     channel_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     # Where the local sinks write what recipients would receive.
@@ -509,6 +511,7 @@ class Settings:
             ),
             retention_days=_int(env, "RELAIS_RETENTION_DAYS", cls.retention_days, low=1, high=3650),
             channels=_names(env, "RELAIS_CHANNELS", ",".join(cls.channels)),
+            channels_named="RELAIS_CHANNELS" in env,
             channel_options=_channel_options(env),
             sink_dir=Path(env.get("RELAIS_SINK_DIR") or cls.sink_dir),
             run_gateway=_bool(env, "RELAIS_RUN_GATEWAY", cls.run_gateway),

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -29,7 +28,6 @@ from gateway.dlq import list_dead_letters, replay
 log = logging.getLogger("relais.gateway")
 
 COMMANDS = frozenset({"gateway", "dlq"})
-CHANNELS_VARIABLE = "RELAIS_CHANNELS"
 
 
 def add_commands(sub: Any) -> None:
@@ -49,11 +47,11 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.redis_url:
         print(f"relais {args.command}: set REDIS_URL to the Redis the engine uses", file=sys.stderr)
         return 2
-    if args.command == "gateway" and CHANNELS_VARIABLE not in os.environ:
+    if args.command == "gateway" and not settings.channels_named:
         # The built-in default ("file") writes recipients' messages to disk and counts them sent:
         # right for `relais run` on a laptop, a silent loss of every notice in production.
         print(
-            f"relais gateway: set {CHANNELS_VARIABLE} to the channels to send by (e.g. email,fcm,sms) "
+            "relais gateway: set RELAIS_CHANNELS to the channels to send by (e.g. email,fcm,sms) "
             "and each one's RELAIS_CHANNEL_<NAME>_<OPTION>; `relais run` uses local sinks",
             file=sys.stderr,
         )

@@ -2,7 +2,8 @@
 
 RelaisError
 ├── SettingsError (ValueError)      a RELAIS_* / REDIS_URL variable is missing or malformed
-└── RedisUnavailableError           no Redis to talk to and none can be started
+├── RedisUnavailableError           no Redis to talk to and none can be started
+└── ListenError (OSError)           the gRPC address cannot be listened on (taken, not local)
 """
 
 
@@ -16,3 +17,7 @@ class SettingsError(RelaisError, ValueError):
 
 class RedisUnavailableError(RelaisError, RuntimeError):
     """No Redis server could be reached or started."""
+
+
+class ListenError(RelaisError, OSError):
+    """The server cannot listen on its address; the message names it."""

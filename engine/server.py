@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from common.clock import Clock, SystemClock
+from common.errors import ListenError
 from common.settings import Settings
 from common.telemetry import Telemetry, noop_telemetry
 from engine.auth import check_open_listener, server_credentials
@@ -115,12 +116,18 @@ async def start_server(
         registry,
     )
     credentials = server_credentials(security.tls_cert, security.tls_key, security.tls_client_ca)
-    if credentials is None:
-        port = server.add_insecure_port(settings.listen)
-    else:
-        port = server.add_secure_port(settings.listen, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(settings.listen)
+        else:
+            port = server.add_secure_port(settings.listen, credentials)
+    except RuntimeError:
+        # grpcio raises (older releases returned 0) when the address is taken or not this host's.
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {settings.listen}")
+        raise ListenError(
+            f"cannot listen on {settings.listen} (RELAIS_LISTEN): the port is taken, or not local"
+        )
     running = EngineServer(server=server, health=health_servicer, port=port, grace_s=settings.grace_s)
     await running.set_serving(False)
     await server.start()

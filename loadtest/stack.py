@@ -30,7 +30,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.redis_server import EmbeddedRedis, free_port
+from common.redis_server import EmbeddedRedis, free_port, tether
 from loadtest.meter import process_tree
 
 READY_TIMEOUT_S = 60.0
@@ -128,7 +128,8 @@ class Stack:
     def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
         log = (self.config.log_dir / f"{name}.log").open("wb")
         self._logs.append(log)
-        return subprocess.Popen(args, env=dict(env), stdout=log, stderr=subprocess.STDOUT)
+        # Tethered: a harness killed outright (a timeout's SIGKILL) takes its engine and gateways along.
+        return subprocess.Popen([*tether(), *args], env=dict(env), stdout=log, stderr=subprocess.STDOUT)
 
     def start(self) -> Stack:
         self.config.log_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -72,6 +73,18 @@ def test_bad_setting_stops_relais_with_a_clear_message() -> None:
     done = subprocess.run([str(RELAIS), "serve"], env=env, capture_output=True, timeout=30, check=False)
     assert done.returncode == 2
     assert b"RELAIS_SHARDS" in done.stderr
+
+
+def test_a_taken_port_stops_relais_with_a_clear_message() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, RELAIS_LISTEN=f"127.0.0.1:{port}", REDIS_URL="redis://127.0.0.1:1/0")
+        done = subprocess.run([str(RELAIS), "serve"], env=env, capture_output=True, timeout=30, check=False)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}".encode() in done.stderr
+    assert b"Traceback" not in done.stderr
 
 
 async def journey(port: int) -> None:

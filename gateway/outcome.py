@@ -20,7 +20,6 @@ class Verdict(enum.Enum):
     SENT = "sent"
     RETRY = "retry"
     FALL_BACK = "fall_back"
-    ELSEWHERE = "elsewhere"  # every address is being sent by another gateway right now
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +52,10 @@ def judge(results: Sequence[SendResult | None], destinations: Sequence[Destinati
             Verdict.RETRY, reason=transient[0].reason, retry_after_ms=int(retry_after_s * 1000), dead=dead
         )
     permanent = [r for r in results if isinstance(r, PermanentFailure)]
-    if permanent:
-        return Outcome(Verdict.FALL_BACK, reason=permanent[0].reason, dead=dead)
-    return Outcome(Verdict.ELSEWHERE)
+    if not permanent:
+        # The gateway judges a notice only when one of its sends was its own (see _settle_unclaimed).
+        raise ValueError("no result to judge: every address is another gateway's")
+    return Outcome(Verdict.FALL_BACK, reason=permanent[0].reason, dead=dead)
 
 
 def backoff_ms(attempt: int, *, base_s: float, max_s: float, rng: random.Random) -> int:

@@ -14,6 +14,7 @@ Run it with ``make loadtest`` (everything started for you) or by hand against a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -93,6 +94,7 @@ class Shared:
     tally: Tally = field(default_factory=Tally)
     recent_parcels: deque[str] = field(default_factory=lambda: deque(maxlen=20_000))
     carriers_active: int = 0
+    carriers_failed: int = 0
     stopping: bool = False
     next_carrier: int = 0
     run_id: str = ""
@@ -139,14 +141,34 @@ class RelaisUser(User):
         return True
 
     def fire(self, name: str, started: float, length: int, exc: BaseException | None) -> None:
+        """A request event timed from ``started`` (``time.perf_counter``) to now."""
+        self.fire_ms(name, (time.perf_counter() - started) * 1000, length, exc)
+
+    def fire_ms(self, name: str, response_ms: float, length: int, exc: BaseException | None) -> None:
         self.environment.events.request.fire(
             request_type="grpc",
             name=name,
-            response_time=(time.perf_counter() - started) * 1000,
+            response_time=response_ms,
             response_length=length,
             exception=exc,
             context={},
         )
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One carrier's StreamEvents call as its sender and its ack reader share it."""
+
+    credits: BoundedSemaphore
+    # seq -> (when the batch was planned to go, ``time.monotonic``; its events)
+    in_flight: dict[int, tuple[float, int]] = field(default_factory=dict)
+    # Set by the sender once it has sent everything: the stream ending before that is a failure.
+    finished: bool = False
+    failure: BaseException | None = None
+
+
+class StreamEndedEarlyError(RuntimeError):
+    """The engine closed the stream before the carrier had sent everything."""
 
 
 class CarrierUser(RelaisUser):
@@ -176,15 +198,14 @@ class CarrierUser(RelaisUser):
             max_groups=opts.relais_groups,
         )
         try:
-            self._stream(planner, opts.relais_window)
+            self._stream(planner, opts.relais_window, index)
         finally:
             self._carrier_done()
 
-    def _stream(self, planner: StagePlanner, window: int) -> None:
+    def _stream(self, planner: StagePlanner, window: int, index: int) -> None:
         tally = self.shared.tally
         outgoing: Queue[bytes | None] = Queue()
-        credits = BoundedSemaphore(window)
-        in_flight: dict[int, tuple[float, int]] = {}
+        stream = _Stream(credits=BoundedSemaphore(window))
 
         def requests() -> Iterator[bytes]:
             while (data := outgoing.get()) is not None:
@@ -194,57 +215,88 @@ class CarrierUser(RelaisUser):
             STREAM_EVENTS, request_serializer=None, response_deserializer=decode_ack
         )
         acks = method(requests())
-        reader = gevent.spawn(self._read_acks, acks, in_flight, credits)
+        reader = gevent.spawn(self._read_acks, acks, stream)
         seq = 0
         promised = promised_date(time.time_ns() // 1_000_000)
-        while (step := planner.next(time.monotonic())) is not None:
+        while stream.failure is None and (step := planner.next(time.monotonic())) is not None:
             if isinstance(step, Wait):
                 gevent.sleep(step.seconds)
                 continue
             assert isinstance(step, Send)
-            if step.new and self.register("RegisterParcels", step.group.journeys, promised):
-                self.shared.recent_parcels.extend(j.parcel_id for j in step.group.journeys)
-            credits.acquire()
+            planned_s = step.planned_s
+            if step.new:
+                if self.register("RegisterParcels", step.group.journeys, promised):
+                    self.shared.recent_parcels.extend(j.parcel_id for j in step.group.journeys)
+                # A shop registers long before the first scan; the generator does it inline only so
+                # the parcels exist, and its time is RegisterParcels', not this batch's.
+                planned_s = time.monotonic()
+            stream.credits.acquire()
+            if stream.failure is not None:
+                break  # the reader let us through because the stream broke, not for window room
             seq += 1
             data, count = encode_next(step.group, seq, time.time_ns() // 1_000_000)
-            in_flight[seq] = (time.perf_counter(), count)
+            # Timed from when the batch was due, not from when the window let it through: a
+            # slow engine that holds the sender back shows in the latency (no coordinated omission).
+            stream.in_flight[seq] = (planned_s, count)
             if not tally.first_send_s:
                 tally.first_send_s = time.time()
             tally.events_sent += count
             outgoing.put(data)
             planner.sent(step.group, time.monotonic())
+        stream.finished = stream.failure is None
         outgoing.put(None)
         reader.join()
+        if stream.failure is not None:
+            self._broken(stream, index)
 
-    def _read_acks(
-        self, acks: Any, in_flight: dict[int, tuple[float, int]], credits: BoundedSemaphore
-    ) -> None:
+    def _read_acks(self, acks: Any, stream: _Stream) -> None:
         tally = self.shared.tally
         try:
             for ack in acks:
-                started, count = in_flight.pop(ack.seq)
+                planned_s, count = stream.in_flight.pop(ack.seq)
                 tally.batches += 1
                 tally.events_accepted += ack.accepted
                 tally.events_duplicate += ack.duplicates
                 tally.events_rejected += len(ack.rejected)
                 tally.last_ack_s = time.time()
-                self.fire("StreamEvents batch", started, count, None)
-                credits.release()
-        except grpc.RpcError as exc:
-            # The stream broke: every batch still in flight is lost; say so, once each.
-            for started, _count in in_flight.values():
-                tally.batch_failures += 1
-                self.fire("StreamEvents batch", started, 0, exc)
-            in_flight.clear()
-            raise StopUser() from exc
+                self.fire_ms("StreamEvents batch", (time.monotonic() - planned_s) * 1000, count, None)
+                stream.credits.release()
+            if not stream.finished:
+                raise StreamEndedEarlyError("the engine ended the stream before the carrier was done")
+        except Exception as exc:
+            # Whatever ended the reader (an RPC error, an ack for no batch, an early end), the sender
+            # must not wait for window room that will never come: record it and let it through.
+            stream.failure = exc
+            with contextlib.suppress(ValueError):  # the window was not full: nobody is waiting
+                stream.credits.release()
+
+    def _broken(self, stream: _Stream, index: int) -> None:
+        """The stream broke: every batch still in flight is lost (say so, once each), and the run
+        must fail, not wait for its time cap."""
+        tally, exc = self.shared.tally, stream.failure
+        for _planned_s, _count in stream.in_flight.values():
+            tally.batch_failures += 1
+            self.fire_ms("StreamEvents batch", 0.0, 0, exc)
+        stream.in_flight.clear()
+        tally.streams_broken += 1
+        self.shared.carriers_failed += 1
+        # The status code only: an error's details may quote a request.
+        code = exc.code() if isinstance(exc, grpc.RpcError) else type(exc).__name__
+        log.error("carrier %d: StreamEvents failed (%s): its remaining events were not sent", index, code)
 
     def _carrier_done(self) -> None:
         shared = self.shared
         shared.carriers_active -= 1
         spent = shared.budget is not None and shared.budget.remaining == 0
-        if shared.carriers_active == 0 and spent and not shared.stopping:
+        failed = shared.carriers_failed
+        # After a broken stream the budget may never be spent: stop anyway rather than idle the
+        # other users until the time cap.
+        if shared.carriers_active == 0 and (spent or failed) and not shared.stopping:
             shared.stopping = True
-            log.info("every carrier has sent its events: stopping")
+            if failed:
+                log.error("every carrier has stopped, %d of them on a broken stream: stopping", failed)
+            else:
+                log.info("every carrier has sent its events: stopping")
             runner = self.environment.runner
             if isinstance(runner, WorkerRunner):
                 # A worker that quits by itself sends no final report (only one the master asked

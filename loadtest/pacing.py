@@ -18,10 +18,13 @@ from loadtest.journeys import EventBudget, Group, JourneyFactory
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send the group's next stage; ``new`` when the group was just started (register it first)."""
+    """Send the group's next stage; ``new`` when the group was just started (register it first).
+    ``planned_s``: when it was due (the caller's clock): a send that had to wait for the system is
+    timed from then, not from when it went out."""
 
     group: Group
     new: bool
+    planned_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +55,12 @@ class StagePlanner:
     def next(self, now_s: float) -> Send | Wait | None:
         """What to do at ``now_s``: send a stage, wait, or None once every journey is over."""
         if self._waiting and self._waiting[0][0] <= now_s:
-            _, _, group = heapq.heappop(self._waiting)
-            return Send(group, new=False)
+            planned_s, _, group = heapq.heappop(self._waiting)
+            return Send(group, new=False, planned_s=planned_s)
         if len(self._waiting) < self.max_groups:
             started = self.budget.take_group(self.factory, self.parcels_per_group)
             if started is not None:
-                return Send(started, new=True)
+                return Send(started, new=True, planned_s=now_s)
         if self._waiting:
             return Wait(self._waiting[0][0] - now_s)
         return None

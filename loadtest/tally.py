@@ -18,6 +18,8 @@ class Tally:
     events_duplicate: int = 0
     events_rejected: int = 0
     batch_failures: int = 0
+    # StreamEvents calls that ended in an error: that carrier's remaining events were never sent.
+    streams_broken: int = 0
     parcels_registered: int = 0
     parcels_rejected: int = 0
     parcel_reads: int = 0

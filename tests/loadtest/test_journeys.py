@@ -108,8 +108,11 @@ def test_planner_paces_stages_a_gap_apart() -> None:
     wait = planner.next(0.5)
     assert isinstance(wait, Wait)
     assert wait.seconds == pytest.approx(1.5)
-    again = planner.next(2.0)
-    assert isinstance(again, Send)
+    assert first.planned_s == 0.0
+    late = planner.next(3.5)  # the sender was held up 1.5 s: the stage was still due at 2.0
+    assert isinstance(late, Send)
+    assert late.planned_s == pytest.approx(2.0)
+    again = late
     assert not again.new
     assert again.group is first.group
     again.group.next_batch(2, T0_MS)

@@ -2,12 +2,17 @@
 
 *Drained* means nothing is due that has not been claimed, and every outbox entry was read and
 acknowledged by a gateway. The audit then reads what the engine planned, straight from the parcel
-hashes (``nv:<KIND>``: a planned notice; ``ns:<KIND>``: withdrawn — cancelled, superseded or
-suppressed), what still waits in the due sets for later (pickup reminders, DELAYED notices of parcels
-still on the way), and compares with what the counting channels received:
+hashes (``nv:<KIND>``: a planned notice and its version; ``ns:<KIND>``: withdrawn — cancelled,
+superseded or suppressed), what still waits in the due sets for later (pickup reminders, DELAYED
+notices of parcels still on the way), and compares with what the counting channels received:
 
     expected = planned - withdrawn - scheduled for later
     missing  = expected notices never delivered;  duplicated = delivered more than once
+    withdrawn delivered = a withdrawn notice delivered at the version that was withdrawn
+    extra    = delivered notices that were not expected (withdrawn, for later, or never planned)
+
+It passes only when the deliveries are exactly the expected notices, each once: a withdrawn notice
+that went out is as much a failure as one that never did.
 
 The lag from due time to send is read for a sample of deliveries (their notice's ``due_at``).
 """
@@ -18,8 +23,8 @@ import asyncio
 import random
 import statistics
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from relais.v1 import notice_pb2
@@ -65,25 +70,62 @@ async def backlog(redis: Redis, shards: int, now_ms: int) -> Backlog:
     return Backlog(due_now=due_now, scheduled_later=later, outbox_undelivered=undelivered)
 
 
-async def wait_drained(
-    redis: Redis, shards: int, *, timeout_s: float, quiet_s: float = 1.0, poll_s: float = 0.25
-) -> tuple[Backlog, float]:
-    """Poll until drained for ``quiet_s`` in a row (or ``timeout_s``); the last backlog and the
-    seconds waited."""
-    started = time.monotonic()
-    drained_since: float | None = None
-    while True:
-        now = time.monotonic()
-        seen = await backlog(redis, shards, time.time_ns() // 1_000_000)
-        if seen.drained:
-            drained_since = drained_since if drained_since is not None else now
-            if now - drained_since >= quiet_s:
-                return seen, now - started
-        else:
-            drained_since = None
-        if now - started >= timeout_s:
-            return seen, now - started
+@dataclass(slots=True)
+class DrainWatch:
+    """When the system last started to have nothing left (unix seconds), from repeated looks.
+
+    Watched from before the load starts, so the drain is measured from the last ack to the first
+    drained look after it, not from whenever the harness got round to looking. A look that is not
+    drained ends the stretch: the next drained one starts a new one."""
+
+    drained_since_s: float | None = None
+    last: Backlog | None = None
+
+    def observe(self, seen: Backlog, at_s: float) -> None:
+        self.last = seen
+        if not seen.drained:
+            self.drained_since_s = None
+        elif self.drained_since_s is None:
+            self.drained_since_s = at_s
+
+
+async def watch(
+    redis: Redis, shards: int, drain: DrainWatch, done: Callable[[], bool], poll_s: float
+) -> None:
+    """Look every ``poll_s`` until ``done()``: the drain watch of the load phase."""
+    while not done():
+        drain.observe(await backlog(redis, shards, time.time_ns() // 1_000_000), time.time())
         await asyncio.sleep(poll_s)
+
+
+async def wait_drained(
+    redis: Redis,
+    shards: int,
+    *,
+    timeout_s: float,
+    quiet_s: float = 1.0,
+    poll_s: float = 0.1,
+    drain: DrainWatch | None = None,
+) -> tuple[Backlog, float | None]:
+    """Poll until the system has been drained for ``quiet_s`` in a row (or ``timeout_s`` passed):
+    the last backlog and when the drained stretch began (unix seconds; None when it never drained).
+    ``quiet_s`` only confirms the drain (a claim or a retry may still come): it is not part of the
+    figure, which is the stretch's start."""
+    drain = drain if drain is not None else DrainWatch()
+    started = time.monotonic()
+    while True:
+        now_s = time.time()
+        seen = await backlog(redis, shards, time.time_ns() // 1_000_000)
+        drain.observe(seen, now_s)
+        since = drain.drained_since_s
+        if since is not None and now_s - since >= quiet_s:
+            return seen, since
+        if time.monotonic() - started >= timeout_s:
+            return seen, since
+        await asyncio.sleep(poll_s)
+
+
+SAMPLE = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +141,12 @@ class Audit:
     duplicated_keys: int
     duplicated_notices: int
     unexpected: int
+    withdrawn_delivered: int
+    extra: int
     missing_sample: tuple[str, ...]
+    withdrawn_delivered_sample: tuple[str, ...]
+    extra_sample: tuple[str, ...]
+    duplicated_sample: tuple[str, ...]
     lag_ms_p50: float | None
     lag_ms_p95: float | None
     lag_ms_p99: float | None
@@ -107,43 +154,65 @@ class Audit:
 
     @property
     def exactly_once(self) -> bool:
+        """Every expected notice delivered once, and nothing else delivered: the counts agree and
+        no withdrawn notice went out."""
         return (
             self.missing == 0
             and self.duplicated_keys == 0
             and self.duplicated_notices == 0
             and self.unexpected == 0
+            and self.withdrawn_delivered == 0
+            and self.extra == 0
+            and self.delivered == self.expected
         )
 
 
-async def _planned(redis: Redis) -> tuple[int, set[str], set[str]]:
-    """Parcels seen, planned notice ids and withdrawn ones, from the parcel hashes' field names."""
-    parcels = 0
-    planned: set[str] = set()
-    withdrawn: set[str] = set()
+@dataclass(slots=True)
+class _Plan:
+    parcels: int = 0
+    planned: set[str] = field(default_factory=set)
+    # Withdrawn notice id -> the version that was withdrawn (``nv:`` stays when ``ns:`` is set).
+    withdrawn: dict[str, int] = field(default_factory=dict)
+
+
+async def _planned(redis: Redis) -> _Plan:
+    """Parcels seen, planned notice ids and withdrawn ones with their versions, from the parcel
+    hashes."""
+    plan = _Plan()
     batch: list[str] = []
-
-    async def flush() -> None:
-        pipe = redis.pipeline(transaction=False)
-        for key in batch:
-            pipe.hkeys(key)
-        for key, fields in zip(batch, await pipe.execute(), strict=True):
-            parcel_id = key.split(":", 3)[3]
-            for raw in fields:
-                name = raw.decode()
-                if name.startswith("nv:"):
-                    planned.add(f"{parcel_id}:{name[3:]}")
-                elif name.startswith("ns:"):
-                    withdrawn.add(f"{parcel_id}:{name[3:]}")
-        batch.clear()
-
     async for key in redis.scan_iter(match=PARCEL_MATCH, count=SCAN_COUNT):
-        parcels += 1
+        plan.parcels += 1
         batch.append(key.decode())
         if len(batch) >= SCAN_COUNT:
-            await flush()
+            await _read_parcels(redis, batch, plan)
+            batch.clear()
     if batch:
-        await flush()
-    return parcels, planned, withdrawn
+        await _read_parcels(redis, batch, plan)
+    return plan
+
+
+async def _read_parcels(redis: Redis, batch: list[str], plan: _Plan) -> None:
+    """The hashes' field names, then the version of each withdrawn notice (few: read only those)."""
+    pipe = redis.pipeline(transaction=False)
+    for key in batch:
+        pipe.hkeys(key)
+    withdrawn: list[tuple[str, str, str]] = []
+    for key, fields in zip(batch, await pipe.execute(), strict=True):
+        parcel_id = key.split(":", 3)[3]
+        for raw in fields:
+            name = raw.decode()
+            if name.startswith("nv:"):
+                plan.planned.add(f"{parcel_id}:{name[3:]}")
+            elif name.startswith("ns:"):
+                withdrawn.append((key, parcel_id, name[3:]))
+    if not withdrawn:
+        return
+    pipe = redis.pipeline(transaction=False)
+    for key, _, kind in withdrawn:
+        pipe.hget(key, f"nv:{kind}")
+    for (_, parcel_id, kind), version in zip(withdrawn, await pipe.execute(), strict=True):
+        # No version: withdrawn without ever being planned; any delivery of it is wrong.
+        plan.withdrawn[f"{parcel_id}:{kind}"] = int(version) if version is not None else 0
 
 
 async def _scheduled(redis: Redis, shards: int) -> set[str]:
@@ -158,10 +227,19 @@ async def _scheduled(redis: Redis, shards: int) -> set[str]:
 
 def notice_of_key(key: str) -> str:
     """``<notice_id>:<version>:<channel>[:<address digest>]`` → ``<notice_id>``."""
+    return _split_key(key)[0]
+
+
+def version_of_key(key: str) -> int:
+    """``<notice_id>:<version>:<channel>[:<address digest>]`` → ``<version>``."""
+    return int(_split_key(key)[1])
+
+
+def _split_key(key: str) -> tuple[str, str]:
     parts = key.split(":")
     if parts[-1] not in {"push", "email", "sms"}:
         parts = parts[:-1]
-    return ":".join(parts[:-2])
+    return ":".join(parts[:-2]), parts[-2]
 
 
 async def _lags_ms(redis: Redis, shards: int, deliveries: Deliveries, sample: Iterable[str]) -> list[float]:
@@ -188,21 +266,30 @@ def percentile(values: list[float], q: int) -> float | None:
 
 
 async def audit(redis: Redis, shards: int, deliveries: Deliveries, *, seed: int = 0) -> Audit:
-    parcels, planned, withdrawn = await _planned(redis)
+    plan = await _planned(redis)
+    planned, withdrawn = plan.planned, set(plan.withdrawn)
     later = await _scheduled(redis, shards) - withdrawn
     per_notice: dict[str, int] = {}
+    # A withdrawn notice counts as delivered against its withdrawal only at the withdrawn version:
+    # an earlier version may have gone out before the kind was planned again and then withdrawn.
+    withdrawn_sent: set[str] = set()
     for key, n in deliveries.per_key.items():
         notice_id = notice_of_key(key)
         per_notice[notice_id] = per_notice.get(notice_id, 0) + n
+        version = plan.withdrawn.get(notice_id)
+        if version is not None and version in (0, version_of_key(key)):
+            withdrawn_sent.add(notice_id)
     delivered_ids = set(per_notice)
     expected = planned - withdrawn - later
     missing = sorted(expected - delivered_ids)
+    extra = sorted(delivered_ids - expected)
+    duplicated = sorted(notice for notice, n in per_notice.items() if n > 1)
     rng = random.Random(seed)
     all_keys = list(deliveries.per_key)
     sample = rng.sample(all_keys, min(LAG_SAMPLE, len(all_keys)))
     lags = await _lags_ms(redis, shards, deliveries, sample)
     return Audit(
-        parcels=parcels,
+        parcels=plan.parcels,
         planned=len(planned),
         withdrawn=len(withdrawn),
         scheduled_later=len(later),
@@ -211,9 +298,14 @@ async def audit(redis: Redis, shards: int, deliveries: Deliveries, *, seed: int 
         delivered_notices=len(delivered_ids),
         missing=len(missing),
         duplicated_keys=len(deliveries.duplicated),
-        duplicated_notices=sum(1 for n in per_notice.values() if n > 1),
+        duplicated_notices=len(duplicated),
         unexpected=len(delivered_ids - planned),
-        missing_sample=tuple(missing[:10]),
+        withdrawn_delivered=len(withdrawn_sent),
+        extra=len(extra),
+        missing_sample=tuple(missing[:SAMPLE]),
+        withdrawn_delivered_sample=tuple(sorted(withdrawn_sent)[:SAMPLE]),
+        extra_sample=tuple(extra[:SAMPLE]),
+        duplicated_sample=tuple(duplicated[:SAMPLE]),
         lag_ms_p50=percentile(lags, 50),
         lag_ms_p95=percentile(lags, 95),
         lag_ms_p99=percentile(lags, 99),

@@ -10,9 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.run import RESULTS
+
+LATEST = RESULTS / "loadtest-summary.json"
+
+
+def _stamp(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
 
 @pytest.mark.timeout(300)
 def test_quick_load_test_delivers_every_notice_exactly_once(tmp_path: Path) -> None:
+    latest_before = _stamp(LATEST)
     proc = subprocess.run(
         [sys.executable, "-m", "loadtest.run", "--quick", "--out", str(tmp_path)],
         capture_output=True,
@@ -25,6 +34,8 @@ def test_quick_load_test_delivers_every_notice_exactly_once(tmp_path: Path) -> N
     assert summary["events_accepted"] == 5000
     assert summary["events_rejected"] == 0
     assert summary["batch_failures"] == 0
+    assert summary["streams_broken"] == 0
+    assert summary["notices_withdrawn_delivered"] == 0
     assert summary["drained"]
     assert summary["exactly_once"]
     assert summary["notices_delivered"] == summary["notices_expected"] > 0
@@ -32,3 +43,5 @@ def test_quick_load_test_delivers_every_notice_exactly_once(tmp_path: Path) -> N
     assert (tmp_path / "locust.html").exists()
     assert (tmp_path / "locust_stats.csv").exists()
     assert "PASSED" in proc.stdout
+    # A run with its own --out is not the latest real run: the default summary is left alone.
+    assert _stamp(LATEST) == latest_before

@@ -1,0 +1,149 @@
+"""The run's verdict against a real Redis: what the engine planned (parcel hashes, due sets) against
+what the counting sinks received, the drain figure, and the summary that names failing notices."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from common import keys
+from loadtest.audit import Audit, Backlog, DrainWatch, audit, wait_drained
+from loadtest.counting_channel import Deliveries
+from loadtest.run import QUICK, Outcome, drain_seconds, parse_args, passed, report, summarize
+
+SHARDS = 16
+
+
+async def _parcel(redis: Redis, parcel_id: str, fields: dict[str, str | int]) -> None:
+    """A parcel hash with the engine's notice fields, as ``common/lua/apply.lua`` leaves them."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hset(keys.parcel(keys.shard_of(parcel_id, SHARDS), parcel_id), mapping=fields)
+    await pipe.execute()
+
+
+def _sent(*idempotency_keys: str) -> Deliveries:
+    return Deliveries(per_key=Counter(idempotency_keys), first_sent_ms=dict.fromkeys(idempotency_keys, 0))
+
+
+def _verdict(result: Audit, tmp_path: Path) -> tuple[bool, str]:
+    """The run's verdict and printed summary for this audit, every event accepted and drained."""
+    drained = Backlog(due_now=0, scheduled_later=0, outbox_undelivered=0)
+    outcome = Outcome(drained, time.time(), time.time(), result, "api")
+    summary = summarize(QUICK, tmp_path, outcome, {})
+    summary.update(events_accepted=QUICK.events, events_duplicate=0, events_rejected=0)
+    return passed(summary), report(summary)
+
+
+async def test_every_expected_notice_once_and_nothing_else_passes(redis: Redis, tmp_path: Path) -> None:
+    await _parcel(redis, "A1", {"nv:SHIPPED": 1, "nv:SLOT_ANNOUNCED": 2, "ns:SLOT_ANNOUNCED": "CANCELLED"})
+    result = await audit(redis, SHARDS, _sent("A1:SHIPPED:1:email"))
+    assert (result.expected, result.delivered, result.withdrawn) == (1, 1, 1)
+    assert result.exactly_once
+    ok, _ = _verdict(result, tmp_path)
+    assert ok
+
+
+async def test_a_cancelled_notice_that_was_delivered_fails_the_audit(redis: Redis, tmp_path: Path) -> None:
+    await _parcel(redis, "C1", {"nv:SHIPPED": 1, "nv:SLOT_ANNOUNCED": 1, "ns:SLOT_ANNOUNCED": "CANCELLED"})
+    result = await audit(redis, SHARDS, _sent("C1:SHIPPED:1:email", "C1:SLOT_ANNOUNCED:1:push:ab12"))
+    assert result.withdrawn_delivered == 1
+    assert result.withdrawn_delivered_sample == ("C1:SLOT_ANNOUNCED",)
+    assert result.unexpected == 0  # it was planned: the old check let it through
+    assert not result.exactly_once
+    ok, printed = _verdict(result, tmp_path)
+    assert not ok
+    assert "FAILED" in printed
+    assert "withdrawn yet sent: C1:SLOT_ANNOUNCED" in printed
+
+
+async def test_delivered_not_equal_to_expected_fails_the_audit(redis: Redis, tmp_path: Path) -> None:
+    # D1's pickup reminder waits in the due set for later, yet a delivery of it arrived: nothing is
+    # missing, duplicated or unplanned, but two deliveries for one expected notice is not a pass.
+    await _parcel(redis, "D1", {"nv:SHIPPED": 1, "nv:PICKUP_REMINDER": 1})
+    shard = keys.shard_of("D1", SHARDS)
+    await redis.zadd(keys.due(shard), {"D1:PICKUP_REMINDER": time.time_ns() // 1_000_000 + 3_600_000})
+    result = await audit(redis, SHARDS, _sent("D1:SHIPPED:1:email", "D1:PICKUP_REMINDER:1:sms"))
+    assert (result.expected, result.delivered) == (1, 2)
+    assert (result.missing, result.unexpected, result.duplicated_notices) == (0, 0, 0)
+    assert result.extra_sample == ("D1:PICKUP_REMINDER",)
+    assert not result.exactly_once
+    ok, printed = _verdict(result, tmp_path)
+    assert not ok
+    assert "not expected:      D1:PICKUP_REMINDER" in printed
+
+
+async def test_an_earlier_version_sent_before_a_withdrawal_is_not_called_withdrawn(redis: Redis) -> None:
+    # DELAYED v1 went out; the kind was planned again (v2) and that one withdrawn. Sending v1 was
+    # right, but it is still a delivery nobody expected at the end, so the counts disagree.
+    await _parcel(redis, "E1", {"nv:SHIPPED": 1, "nv:DELAYED": 2, "ns:DELAYED": "CANCELLED"})
+    result = await audit(redis, SHARDS, _sent("E1:SHIPPED:1:email", "E1:DELAYED:1:email"))
+    assert result.withdrawn_delivered == 0
+    assert result.extra == 1
+    assert not result.exactly_once
+
+
+async def test_drain_is_timed_from_the_last_ack_not_padded_by_the_quiet_period(redis: Redis) -> None:
+    last_ack_s = time.time()
+    drain = DrainWatch()
+    seen, drained_at = await wait_drained(redis, SHARDS, timeout_s=5, quiet_s=0.5, poll_s=0.05, drain=drain)
+    assert seen.drained
+    assert drained_at is not None
+    assert time.time() - drained_at >= 0.5  # confirmed quiet for the period...
+    outcome = Outcome(seen, drained_at, time.time(), _empty_audit(), "api")
+    figure = drain_seconds(outcome, last_ack_s)
+    assert figure is not None
+    assert figure < 0.5  # ...which is not part of the figure
+
+
+def test_drain_watch_restarts_the_stretch_when_work_comes_back() -> None:
+    drain = DrainWatch()
+    idle, busy = Backlog(0, 0, 0), Backlog(1, 0, 0)
+    drain.observe(idle, 10.0)
+    drain.observe(busy, 11.0)
+    drain.observe(idle, 12.0)
+    drain.observe(idle, 13.0)
+    assert drain.drained_since_s == 12.0
+    outcome = Outcome(idle, 12.0, 14.0, _empty_audit(), "api")
+    assert drain_seconds(outcome, 11.5) == pytest.approx(0.5)
+    assert drain_seconds(outcome, 12.5) == 0.0  # drained before the last ack: nothing to wait for
+    assert drain_seconds(outcome, 0.0) is None  # no ack at all
+    never = Outcome(busy, None, 20.0, _empty_audit(), "api")
+    assert drain_seconds(never, 11.5) == pytest.approx(8.5)  # never drained: the whole wait
+
+
+def test_options_parse_as_their_fields_are_declared() -> None:
+    profile, _ = parse_args(["--quick", "--spawn-rate", "2.5", "--events", "300"])
+    assert profile.spawn_rate == 2.5
+    assert profile.events == 300
+    with pytest.raises(SystemExit):
+        parse_args(["--events", "2.5"])
+
+
+def _empty_audit() -> Audit:
+    return Audit(
+        parcels=0,
+        planned=0,
+        withdrawn=0,
+        scheduled_later=0,
+        expected=0,
+        delivered=0,
+        delivered_notices=0,
+        missing=0,
+        duplicated_keys=0,
+        duplicated_notices=0,
+        unexpected=0,
+        withdrawn_delivered=0,
+        extra=0,
+        missing_sample=(),
+        withdrawn_delivered_sample=(),
+        extra_sample=(),
+        duplicated_sample=(),
+        lag_ms_p50=None,
+        lag_ms_p95=None,
+        lag_ms_p99=None,
+        lag_ms_max=None,
+    )

@@ -4,7 +4,9 @@ Each ``send`` appends one line per message, ``<idempotency key>\\t<unix ms>``, t
 ``<dir>/sent-<pid>.tsv`` (one file per gateway process, so several gateways never interleave), and
 flushes once per call. Afterwards ``read_deliveries`` counts deliveries per idempotency key: the run
 checks every expected notice arrived exactly once, and takes the send times for the lag from due
-time to send. Enabled by name (``count``) like any channel; options: ``dir`` (required).
+time to send. It is not an installed channel (no ``relais.channels`` entry point names it):
+``loadtest.sink_gateway`` hands it to the gateway itself, under the catch-all name ``null``.
+``from_options`` takes ``dir`` (required); ``count`` is only the name its option errors use.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 from relais.v1 import parcel_pb2, parcel_pb2_grpc
 
-from common.errors import SettingsError
+from common.errors import ListenError, SettingsError
 from common.redis_server import free_port
 from common.settings import Settings
 from engine.server import start_server
@@ -43,7 +43,7 @@ async def test_a_lone_server_keeps_its_port_and_workers_share_it(redis: Redis) -
     """Without reuse_port a second engine on the same address fails loudly; with it, both listen."""
     first = await start_server(Settings(listen="127.0.0.1:0"), redis)
     try:
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{first.port}"):
             await start_server(Settings(listen=f"127.0.0.1:{first.port}"), redis)
     finally:
         await first.stop(0)

@@ -119,9 +119,9 @@ def _rates(env: Mapping[str, str], name: str) -> dict[str, float]:
 class GatewaySettings:
     """The gateway's knobs, from ``RELAIS_GATEWAY_*`` variables."""
 
-    # How long one round of a batch's sends may take (a chunk is not started in its last half; see
-    # gateway.worker), and the idle time after which another gateway reclaims an outbox entry of a
-    # crashed one. An idempotency claim lasts twice as long, so it outlives the round it was taken for.
+    # How long one chunk of sends may take; no chunk starts later than half of it into a batch, so a
+    # batch's sends end within 1.5 of it (gateway.worker). Another gateway takes over an outbox entry
+    # idle for twice as long (its gateway died), and an idempotency claim lasts as long.
     send_timeout_s: float = 30.0
     # Messages handed to a provider at once: a chunk that times out is the most that may go out twice.
     send_chunk: int = 64
@@ -511,7 +511,8 @@ class Settings:
             ),
             retention_days=_int(env, "RELAIS_RETENTION_DAYS", cls.retention_days, low=1, high=3650),
             channels=_names(env, "RELAIS_CHANNELS", ",".join(cls.channels)),
-            channels_named="RELAIS_CHANNELS" in env,
+            # Set to something: an empty value (a template with nothing filled in) names nothing.
+            channels_named=bool(env.get("RELAIS_CHANNELS", "").strip()),
             channel_options=_channel_options(env),
             sink_dir=Path(env.get("RELAIS_SINK_DIR") or cls.sink_dir),
             run_gateway=_bool(env, "RELAIS_RUN_GATEWAY", cls.run_gateway),

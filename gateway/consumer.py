@@ -3,9 +3,9 @@
 Each process reads every shard's stream in one blocking ``XREADGROUP`` under its own consumer name.
 An entry stays pending until its batch is settled (XACK in the settle script, which then trims the
 stream up to its oldest pending entry: never an entry pending or not yet delivered). Entries of a
-gateway that died stay pending too, and in the stream: after the send timeout they are idle long
-enough that another gateway takes them over with ``XAUTOCLAIM`` (``min-idle-time`` = send timeout),
-so a crash delays notices but loses none.
+gateway that died stay pending too, and in the stream: after two send timeouts (a live gateway's
+batch ends within 1.5) they are idle long enough that another gateway takes them over with
+``XAUTOCLAIM`` (``min-idle-time``), so a crash delays notices but loses none.
 
 A reclaimed entry carries how many times the group delivered it (``XPENDING``): an entry whose
 batches keep failing (a notice that makes the gateway raise) is told apart from one whose gateway
@@ -78,7 +78,7 @@ class Outbox:
         return entries
 
     async def reclaim(self) -> list[Entry]:
-        """Entries other consumers left pending longer than the send timeout, now ours, each with its
+        """Entries other consumers left pending longer than ``min_idle_ms``, now ours, each with its
         delivery count. Two round trips: the claims, then the counts of the shards that had any."""
         pipe = self._redis.pipeline(transaction=False)
         for name, shard in self._streams.items():

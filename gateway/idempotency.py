@@ -3,8 +3,8 @@
 Before a send the gateway claims the key: ``SET key sending NX GET PX <2 x send timeout>``, for a
 whole shard's keys in one ``idem_claim.lua`` call pipelined with the batch's other commands. After the
 provider accepted, the settle script sets it to ``sent`` for the retention period. A gateway that dies
-mid-send leaves its outbox entry to another gateway after one send timeout, and its ``sending`` claim
-until it expires: the survivor puts such a notice back in the due set until then, and sends it only
+mid-send leaves its outbox entry to another gateway after two send timeouts, and its ``sending``
+claim until it expires: the survivor puts such a notice back in the due set until then, and sends it only
 if the claim expired unsent (at most once more: the message in flight at the crash). A key already
 ``sent`` is never sent again. The key also travels to the provider (``Message.idempotency_key``) so a provider
 that deduplicates makes the rare resend invisible.

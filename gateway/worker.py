@@ -241,7 +241,9 @@ class Gateway:
             consumer or default_consumer_name(),
             batch_size=self._settings.batch_size,
             block_ms=self._settings.block_ms,
-            min_idle_ms=self._lease_ms,
+            # Two send timeouts: a live gateway's batch ends within 1.5 (see ``_send_batch``), so an
+            # entry taken over is a dead gateway's, never one still being sent.
+            min_idle_ms=2 * self._lease_ms,
         )
         self._limiter = Limiter(redis)
         self._shared_limits_by_name: dict[tuple[tuple[str, ...], str], tuple[Limit, ...]] = {}
@@ -251,8 +253,8 @@ class Gateway:
         )
         self._budget_keys: dict[tuple[str, str], str] = {}
         self._settle = LuaScript(redis, "settle")
-        # Longer than a round (at most 1.5 leases): a claim taken for a send is still held when that
-        # send's outcome is settled, even if another gateway took the entry over meanwhile.
+        # Longer than what is left of a batch when a claim is taken (at most 1.5 send timeouts in
+        # all): a claim is still held when its send's outcome is settled.
         self._claim_ms = 2 * self._lease_ms
         self._claims = idempotency.Claims(redis, self._claim_ms)
 
@@ -385,12 +387,14 @@ class Gateway:
         items = self._parse(entries, settlement)
         batch.sms_spent = await self._load(items, now_ms)
         pending = items
+        # No chunk of any round starts after this: the batch's sends end within 1.5 send timeouts.
+        last_start = asyncio.get_running_loop().time() + self._settings.send_timeout_s / 2
         for _ in range(MAX_ROUNDS + 1):
             jobs = self._plan(pending, batch)
             if not jobs:
                 break
             await self._claim_and_limit(jobs, now_ms)
-            await self._send(jobs)
+            await self._send(jobs, last_start)
             pending = await self._judge(jobs, batch)
             if pending:
                 # Another round follows (fallbacks, rare): what this one sent is marked sent first,
@@ -619,7 +623,7 @@ class Gateway:
             locale=prefs.locale or "en",
         )
 
-    async def _send(self, jobs: list[_Job]) -> None:
+    async def _send(self, jobs: list[_Job], last_start: float) -> None:
         by_provider: dict[str, list[tuple[_Job, int, Message]]] = defaultdict(list)
         for job in jobs:
             job.results = [None] * len(job.keys)
@@ -636,7 +640,7 @@ class Gateway:
                 by_provider[job.route.targets[index].provider].append(
                     (job, index, self._message(job, index, rendered))
                 )
-        await asyncio.gather(*(self._send_provider(p, batch) for p, batch in by_provider.items()))
+        await asyncio.gather(*(self._send_provider(p, b, last_start) for p, b in by_provider.items()))
 
     def _render(self, job: _Job) -> Rendered | None:
         notice, prefs = job.item.notice, job.item.prefs
@@ -652,26 +656,29 @@ class Gateway:
             job.results = [PermanentFailure(f"render failed: {type(exc).__name__}")] * len(job.keys)
             return None
 
-    async def _send_provider(self, provider: str, batch: list[tuple[_Job, int, Message]]) -> None:
+    async def _send_provider(
+        self, provider: str, batch: list[tuple[_Job, int, Message]], last_start: float
+    ) -> None:
         spans = send_spans(self._telemetry, provider, [(j.item.notice, j.route.channel) for j, _, _ in batch])
         try:
-            await self._send_batch(provider, batch)
+            await self._send_batch(provider, batch, last_start)
         finally:
             end_send_spans(spans, [job.results[index] for job, index, _ in batch])
 
-    async def _send_batch(self, provider: str, batch: list[tuple[_Job, int, Message]]) -> None:
+    async def _send_batch(
+        self, provider: str, batch: list[tuple[_Job, int, Message]], last_start: float
+    ) -> None:
         """The provider's messages in chunks, each under the send timeout. A chunk that times out or
-        fails is retried whole (what it sent may go out twice: at most one chunk); a chunk is not
-        started in the round's last half timeout, so a slow provider leaves the rest for a retry,
-        never sent, and the round ends well inside the claims it holds."""
+        fails is retried whole (what it sent may go out twice: at most one chunk); no chunk starts
+        after ``last_start`` (half a send timeout into the batch), so a slow provider leaves the rest
+        for later, never sent, and the batch ends before another gateway may take it over."""
         loop = asyncio.get_running_loop()
         timeout_s = self._settings.send_timeout_s
-        last_start = loop.time() + timeout_s / 2
         chunk = self._settings.send_chunk
         for start in range(0, len(batch), chunk):
             part = batch[start : start + chunk]
             results: Sequence[SendResult]
-            if start and loop.time() > last_start:
+            if loop.time() > last_start:
                 results = [NOT_ATTEMPTED] * len(part)
             else:
                 results = await self._send_chunk(provider, part, timeout_s)

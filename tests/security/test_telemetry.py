@@ -267,6 +267,7 @@ async def test_http_clients_do_not_log_the_urls_they_call(capsys: pytest.Capture
     port = server.sockets[0].getsockname()[1]
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
+    quieted = {name: logging.getLogger(name).level for name in logs.QUIETED}
     try:
         logs.configure("INFO")
         logging.getLogger("relais").info("a line that does reach the log")
@@ -276,6 +277,8 @@ async def test_http_clients_do_not_log_the_urls_they_call(capsys: pytest.Capture
     finally:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
+        for name, level in quieted.items():
+            logging.getLogger(name).setLevel(level)
         server.close()
         await server.wait_closed()
     err = capsys.readouterr().err

@@ -16,9 +16,7 @@ import base64
 import binascii
 import re
 from collections.abc import Iterator, Sequence
-from functools import cache
 from urllib.parse import urlsplit
-from zoneinfo import available_timezones
 
 import phonenumbers
 from google.protobuf import field_mask_pb2
@@ -30,7 +28,7 @@ from common import keys
 from common.quiet_hours import MINUTES_PER_DAY
 from engine.state import ConflictError
 from engine.validation import Problem
-from engine.zone_guess import guess_zone
+from engine.zone_guess import guess_zone, known_zones
 
 RecipientPreferences = preferences_pb2.RecipientPreferences
 
@@ -75,12 +73,6 @@ def check_recipient_id(recipient_id: str, name: str = "recipient_id") -> Problem
     if len(recipient_id) > MAX_RECIPIENT_ID or not _ID.fullmatch(recipient_id):
         return Problem(name, f"{name} must be 1 to {MAX_RECIPIENT_ID} printable ASCII characters")
     return None
-
-
-@cache
-def _zones() -> frozenset[str]:
-    # Only names tzdata lists: ZoneInfo alone would also accept file-system paths like "localtime".
-    return frozenset(available_timezones())
 
 
 def normalise_locale(locale: str) -> str | None:
@@ -211,7 +203,7 @@ def _setting_problems(prefs: RecipientPreferences, out: RecipientPreferences) ->
     if not prefs.time_zone:
         # Times shown and quiet hours in UTC would be an hour or two off for most recipients.
         out.time_zone = guess_zone(phone=out.phone, region=out.region, locale=out.locale)
-    elif prefs.time_zone not in _zones():
+    elif prefs.time_zone not in known_zones():
         yield Problem(_P + "time_zone", _P + 'time_zone must be an IANA time zone, e.g. "Europe/Zurich"')
     for name in ("start_minute", "end_minute"):
         if getattr(prefs.quiet_hours, name) >= MINUTES_PER_DAY:

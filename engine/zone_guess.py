@@ -53,13 +53,15 @@ def phone_zone(e164: str) -> str | None:
     except phonenumbers.NumberParseException:
         return None
     zones = phone_timezones.time_zones_for_number(number)
-    if len(zones) == 1 and zones[0] in _known():
+    if len(zones) == 1 and zones[0] in known_zones():
         return zones[0]
     return country_zone(phonenumbers.region_code_for_number(number) or "")
 
 
 @cache
-def _known() -> frozenset[str]:
+def known_zones() -> frozenset[str]:
+    """The IANA zone names tzdata lists (ZoneInfo alone would also accept file-system paths such as
+    "localtime"): read once, the listing walks the zone files."""
     return frozenset(available_timezones())
 
 

@@ -126,6 +126,27 @@ async def claim_due(redis: Redis, now_ms: int) -> int:
     return moved
 
 
+async def age_pending(redis: Redis, idle_ms: int = 3_600_000) -> int:
+    """Every pending outbox entry made ``idle_ms`` idle on the server's clock, its owner and delivery
+    count kept (XCLAIM IDLE JUSTID): time passing for XAUTOCLAIM without a test racing a short send
+    timeout against a busy machine."""
+    aged = 0
+    for shard in range(SHARDS):
+        stream = keys.outbox(shard)
+        for entry in await redis.xpending_range(stream, keys.OUTBOX_GROUP, "-", "+", 10_000):
+            await redis.xclaim(
+                stream,
+                keys.OUTBOX_GROUP,
+                entry["consumer"],
+                0,
+                [entry["message_id"]],
+                idle=idle_ms,
+                justid=True,
+            )
+            aged += 1
+    return aged
+
+
 async def attempts(redis: Redis, notice: notice_pb2.Notice) -> list[notice_pb2.DeliveryAttempt]:
     raw = await hget(redis, keys.parcel(notice.shard, notice.parcel_id), f"a:{kind_name(notice.kind)}")
     view = notice_pb2.NoticeView()

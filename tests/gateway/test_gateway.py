@@ -20,6 +20,7 @@ from tests.conftest import T0_MS
 from tests.gateway.support import (
     SHARDS,
     ScriptedChannel,
+    age_pending,
     attempts,
     body,
     claim_due,
@@ -464,15 +465,16 @@ async def test_a_claim_held_elsewhere_comes_back_once_its_holder_settled(
 async def test_a_claim_whose_holder_died_is_sent_once_it_expires(redis: Redis, clock: ManualClock) -> None:
     """A gateway died mid-send: the survivor took its entry over before the claim expired."""
     chans = channels()
-    gateway = await started(redis, clock, chans, send_timeout_s=0.1)
+    gateway = await started(redis, clock, chans, send_timeout_s=30.0)
     await put_prefs(redis, prefs(email="j@example.ch"))
     notice = make_notice("p-22")
-    await redis.set(keys.idempotency(notice.shard, "p-22:SHIPPED:1:email"), "sending", px=150)
+    await redis.set(keys.idempotency(notice.shard, "p-22:SHIPPED:1:email"), "sending", px=100)
     await queue_notice(redis, notice)
 
     assert (await gateway.run_once()).elsewhere == 1
-    await asyncio.sleep(0.2)  # the dead holder's claim expires (Redis's clock, not the test's)
-    clock.advance_ms(200)
+    await asyncio.sleep(0.15)  # the dead holder's claim expires (Redis's clock, not the test's)
+    assert await redis.exists(keys.idempotency(notice.shard, "p-22:SHIPPED:1:email")) == 0
+    clock.advance_ms(60_000)  # the notice comes back after two send timeouts
     assert await claim_due(redis, clock.now_ms()) == 1
 
     assert (await gateway.run_once()).sent == 1
@@ -581,15 +583,17 @@ async def test_malformed_entry_is_acknowledged_and_dropped(redis: Redis, clock: 
 
 async def test_crashed_consumers_entries_are_reclaimed(redis: Redis, clock: ManualClock) -> None:
     chans = channels()
-    crashed = await started(redis, clock, chans, send_timeout_s=0.05)
+    crashed = await started(redis, clock, chans)
     await put_prefs(redis, prefs(email="m@example.ch"))
     await queue_notice(redis, make_notice("p-25"))
     # The first gateway reads the entry and dies before settling it.
     assert len(await crashed.outbox.read(block=False)) == 1
-    survivor = Gateway(settings(send_timeout_s=0.05), redis, clock, chans, consumer="survivor")
+    survivor = Gateway(settings(), redis, clock, chans, consumer="survivor")
     await survivor.start()
     assert (await survivor.run_once()).sent == 0
-    await asyncio.sleep(0.15)  # two send timeouts, on the server's clock (XAUTOCLAIM)
+    # Not yet idle for two send timeouts: a live gateway's entry is not taken over.
+    assert (await survivor.run_once(reclaim=True)).sent == 0
+    assert await age_pending(redis) == 1
     assert (await survivor.run_once(reclaim=True)).sent == 1
     assert len(chans["email"].sent) == 1
     assert await outbox_left(redis) == 0
@@ -608,14 +612,14 @@ async def test_a_notice_that_fails_every_batch_is_isolated_then_dead_lettered(
     redis: Redis, clock: ManualClock
 ) -> None:
     chans = channels()
-    gateway = _Brittle(settings(send_timeout_s=0.05, max_deliveries=4), redis, clock, chans, consumer="test")
+    gateway = _Brittle(settings(max_deliveries=4), redis, clock, chans, consumer="test")
     await gateway.start()
     await put_prefs(redis, prefs(email="m@example.ch"))
     for parcel_id in ("p-1", "p-poison", "p-2"):
         await queue_notice(redis, make_notice(parcel_id))
 
     async def redelivered() -> BatchStats:
-        await asyncio.sleep(0.15)  # two send timeouts, on the server's clock (XAUTOCLAIM)
+        await age_pending(redis)  # past two send timeouts, on the server's clock (XAUTOCLAIM)
         return await gateway.run_once(reclaim=True)
 
     # Delivery 1, and 2 (reclaimed together: their gateway may just have died): the batch fails.

@@ -3,7 +3,6 @@ the batch that meets NOSCRIPT fails and stays pending, the next one reloads the 
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import pytest
@@ -13,14 +12,20 @@ from relais.v1 import preferences_pb2
 
 from common.clock import ManualClock
 from gateway.worker import Gateway
-from tests.gateway.support import ScriptedChannel, make_notice, outbox_left, put_prefs, queue_notice, settings
+from tests.gateway.support import (
+    ScriptedChannel,
+    age_pending,
+    make_notice,
+    outbox_left,
+    put_prefs,
+    queue_notice,
+    settings,
+)
 
 
 async def test_scripts_reload_after_redis_lost_them(redis: Redis, clock: ManualClock) -> None:
     email = ScriptedChannel("email")
-    gateway = Gateway(
-        settings(send_timeout_s=0.05), redis, clock, {"email": email}, consumer="t", rng=random.Random(1)
-    )
+    gateway = Gateway(settings(), redis, clock, {"email": email}, consumer="t", rng=random.Random(1))
     await gateway.start()
     await put_prefs(redis, preferences_pb2.RecipientPreferences(recipient_id="r-1", email="a@example.ch"))
     await queue_notice(redis, make_notice("s-1"))
@@ -30,7 +35,7 @@ async def test_scripts_reload_after_redis_lost_them(redis: Redis, clock: ManualC
     await queue_notice(redis, make_notice("s-2"))
     with pytest.raises(NoScriptError):
         await gateway.run_once()
-    await asyncio.sleep(0.1)  # the failed entry idles past the send timeout: reclaimable
+    assert await age_pending(redis) == 1  # the failed entry idles past two send timeouts: reclaimable
     stats = await gateway.run_once(reclaim=True)
 
     assert stats.sent == 1

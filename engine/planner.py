@@ -132,6 +132,8 @@ class Plan:
     checked: set[Kind] = field(default_factory=set)
     # Scheduled kinds that had been withdrawn: only theirs has a withdrawal field to clear.
     revived: set[Kind] = field(default_factory=set)
+    # Every kind scheduled once planned, new or kept, by name (the parcel hash's field ``q``).
+    pending_names: list[str] = field(default_factory=list)
 
 
 def plan(
@@ -154,7 +156,11 @@ def plan(
     ``trace_context``: what the notices carry to continue the trace (by default the current span's).
     """
     planner = _Planner(state, pending, audience, now_ms, rules, shard, trace_context)
-    return planner.erase() if erase else planner.run(refresh=refresh)
+    result = planner.erase() if erase else planner.run(refresh=refresh)
+    result.pending_names = [
+        kind_name(kind) for kind, mark in planner.marks.items() if mark.status == SCHEDULED
+    ]
+    return result
 
 
 def end_of_day_ms(date: types_pb2.LocalDate, time_zone: str) -> int:
@@ -222,9 +228,10 @@ class _Planner:
 
     def _observe_claims(self) -> None:
         """Scheduled notices no longer in the due set went out; slot ones set what the recipient knows."""
+        pending = self.pending
         for kind in sorted(self.marks):
             mark = self.marks[kind]
-            if mark.status == SCHEDULED and kind_name(kind) not in self.pending:
+            if mark.status == SCHEDULED and kind_name(kind) not in pending:
                 mark.status = QUEUED
                 if kind in (ANNOUNCED, CORRECTED):
                     self.state.told_slot.CopyFrom(mark.slot)

@@ -296,9 +296,7 @@ def change_of(record: ParcelRecord, result: Plan, *, now_ms: int, settings: Sett
         change.sets += [withdrawn, _reason(status)]
         change.dels += [body, version]
         change.rems.append(keys.notice_id(pid, kind_name(kind)).encode())
-    scheduled = ",".join(
-        [kind_name(mark.kind) for mark in state.notices if mark.status == notice_pb2.NOTICE_STATUS_SCHEDULED]
-    )
+    scheduled = ",".join(result.pending_names)
     change.sets += [
         F_STATE,
         stored_state(state),

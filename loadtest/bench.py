@@ -42,7 +42,7 @@ from loadtest.arq_baseline import measure_arq
 from loadtest.audit import backlog, percentile
 from loadtest.counting_channel import read_deliveries
 from loadtest.get_parcel_latency import measure_in_process as measure_get_parcel
-from loadtest.get_parcel_latency import tree_cpu_s
+from loadtest.get_parcel_latency import processes_cpu_s, tree_cpu_s
 from loadtest.ingest_client import Batch, plan_streams, stream_batches
 from loadtest.journeys import (
     EventBudget,
@@ -182,8 +182,10 @@ async def bench_ingest(results: Results, sizes: Sizes, stack: Stack, run_dir: Pa
     # CPU seconds per side: what each event costs, so the events/s two cores allow can be read off
     # (2 / the sum), whatever else the machine did meanwhile.
     cpu_before = ingest_cpu_s(stack)
+    workers_before = processes_cpu_s(stack.engine_pid())
     engine_result = await stream_batches(stack.target, streams, window=WINDOW)
     cpu = {side: spent - cpu_before[side] for side, spent in ingest_cpu_s(stack).items()}
+    workers = [s - workers_before.get(p, 0.0) for p, s in processes_cpu_s(stack.engine_pid()).items()]
     per_event = {
         side: s / engine_result.events * 1e6 if engine_result.events else None for side, s in cpu.items()
     }
@@ -203,6 +205,9 @@ async def bench_ingest(results: Results, sizes: Sizes, stack: Stack, run_dir: Pa
             "ingest_engine_cpu_us_per_event": per_event["engine"],
             "ingest_redis_cpu_us_per_event": per_event["redis"],
             "ingest_client_cpu_us_per_event": per_event["client"],
+            # The kernel spreads connections over the workers (SO_REUSEPORT) by a hash, not by load:
+            # 0.5 with two workers is an even split; above, the busiest one bounds the run.
+            "ingest_busiest_worker_cpu_share": max(workers) / sum(workers) if sum(workers) else None,
         }
     )
 
@@ -587,6 +592,7 @@ ROWS = (
     ),
     ("load average during GetParcel", "get_parcel_load_average_1m", None, ""),
     ("engine worker processes", "engine_workers", None, ""),
+    ("busiest worker's ingest CPU share", "ingest_busiest_worker_cpu_share", None, ""),
     ("Redis bytes / parcel", "redis_bytes_per_parcel", None, ""),
     ("engine RSS bytes", "engine_rss_bytes", None, ""),
 )

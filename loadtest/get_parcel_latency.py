@@ -65,16 +65,21 @@ async def sample_parcel_ids(redis: Redis, count: int) -> list[str]:
 
 def tree_cpu_s(pid: int | None) -> float:
     """CPU seconds (user + system) of a process and its children so far; 0 without a pid."""
+    return sum(processes_cpu_s(pid).values())
+
+
+def processes_cpu_s(pid: int | None) -> dict[int, float]:
+    """CPU seconds (user + system) so far of a process and each of its children, by pid."""
     if pid is None:
-        return 0.0
-    total = 0.0
+        return {}
+    spent: dict[int, float] = {}
     for proc in process_tree(pid):
         try:
             times = proc.cpu_times()
         except psutil.NoSuchProcess:
             continue
-        total += times.user + times.system
-    return total
+        spent[proc.pid] = times.user + times.system
+    return spent
 
 
 async def measure(

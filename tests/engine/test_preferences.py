@@ -19,6 +19,7 @@ from relais.v1 import preferences_pb2, preferences_pb2_grpc, types_pb2
 from common import keys
 from common.settings import Settings
 from engine.preference_service import PreferenceServicer, add_preference_service
+from engine.preferences import MAX_WATCH_ATTEMPTS, PreferenceStore
 from engine.server import start_server
 from engine.state import ConflictError
 
@@ -397,3 +398,31 @@ async def test_concurrent_masked_updates_keep_each_other(
     stored = await stub.GetPreferences(preferences_pb2.GetPreferencesRequest(recipient_id="busy"))
     assert stored.email.startswith("a")
     assert stored.quiet_hours.end_minute == 600
+
+
+async def test_a_burst_of_updates_of_one_recipient_takes_turns(redis: Redis) -> None:
+    """More concurrent updates of one recipient than WATCH retries: none is overtaken into ABORTED,
+    and none drops another's field."""
+    store = PreferenceStore(redis, SHARDS)
+    burst = 3 * MAX_WATCH_ATTEMPTS
+    await store.update(Prefs(recipient_id="burst"), field_mask_pb2.FieldMask())
+    results = await asyncio.gather(
+        *(
+            store.update(
+                Prefs(recipient_id="burst", email=f"b{i}@example.org")
+                if i % 2
+                else Prefs(
+                    recipient_id="burst",
+                    quiet_hours=preferences_pb2.QuietHours(start_minute=i, end_minute=600),
+                ),
+                field_mask_pb2.FieldMask(paths=["email" if i % 2 else "quiet_hours"]),
+            )
+            for i in range(burst)
+        )
+    )
+    assert len(results) == burst
+    assert all(changed for _, changed in results)
+    stored = await store.get("burst")
+    assert stored is not None
+    assert stored.email == f"b{burst - 1}@example.org"  # turns are taken in arrival order
+    assert stored.quiet_hours.start_minute == burst - 2

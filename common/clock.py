@@ -47,4 +47,4 @@ def from_datetime(dt: datetime) -> int:
 def stamp_ms(stamp: timestamp_pb2.Timestamp) -> int:
     """``stamp`` in unix ms, without ``ToMilliseconds``'s range check on every call: this runs per event
     (validation, timeline order, counters, alert facts) and per notice the gateway sends."""
-    return int(stamp.seconds) * 1000 + stamp.nanos // 1_000_000
+    return stamp.seconds * 1000 + stamp.nanos // 1_000_000

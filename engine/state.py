@@ -112,10 +112,6 @@ class ParcelRecord:
         return self.version > 0
 
 
-def event_ms(event: tracking_pb2.TrackingEvent) -> int:
-    return stamp_ms(event.occurred_at)
-
-
 def seen_event_ids(state: state_pb2.ParcelState) -> set[str]:
     return {entry.event.event_id for entry in state.timeline}
 
@@ -127,11 +123,11 @@ def apply_event(
     if event.event_id in seen:
         return False
     seen.add(event.event_id)
-    occurred_ms = event_ms(event)
+    occurred_ms = stamp_ms(event.occurred_at)
     timeline = state.timeline
     # Events mostly arrive in order: look for the place from the end.
     at = len(timeline)
-    while at > 0 and event_ms(timeline[at - 1].event) > occurred_ms:
+    while at > 0 and stamp_ms(timeline[at - 1].event.occurred_at) > occurred_ms:
         at -= 1
     if not state.carrier:
         state.carrier = event.carrier

@@ -45,7 +45,8 @@ def outcome_digest(facts: ParcelFacts, ev: Evaluation) -> str:
     """What applying a verdict leaves in the alert store, timer aside: the same digest twice means the
     second apply would open or resolve nothing (CRC-32: a collision only skips one apply). The daily
     counters are not in it: the parcel's own write counts them (``engine.counting``)."""
-    return _digest(facts.merchant_id, tuple(sorted(finding.kind for finding in ev.firing)))
+    firing = ev.firing  # mostly none: no generator, sort and tuple built for nothing
+    return _digest(facts.merchant_id, tuple(sorted(f.kind for f in firing)) if firing else ())
 
 
 @functools.lru_cache(maxsize=4096)

@@ -263,20 +263,24 @@ _RULES: Mapping[AlertKind, Callable[[ParcelFacts, int, Thresholds], _Outcome]] =
 }
 
 
+# Every rule quiet: most parcels, most of the time (one set shared, not one built per parcel).
+_ALL_QUIET: frozenset[AlertKind] = frozenset(_RULES)
+
+
 def evaluate(facts: ParcelFacts, now_ms: int, thresholds: Thresholds) -> Evaluation:
     """Every rule on one parcel."""
     firing: list[Finding] = []
-    quiet: set[AlertKind] = set()
-    due: list[int] = []
+    due: int | None = None
     for kind, rule in _RULES.items():
         outcome = rule(facts, now_ms, thresholds)
         if outcome.firing:
             firing.append(Finding(kind, outcome.summary))
-        else:
-            quiet.add(kind)
-            if outcome.due_ms is not None:
-                due.append(outcome.due_ms)
-    return Evaluation(tuple(firing), frozenset(quiet), min(due) if due else None)
+        elif outcome.due_ms is not None and (due is None or outcome.due_ms < due):
+            due = outcome.due_ms
+    if not firing:
+        return Evaluation((), _ALL_QUIET, due)
+    fired = {finding.kind for finding in firing}
+    return Evaluation(tuple(firing), _ALL_QUIET - fired, due)
 
 
 # --- configuration ---------------------------------------------------------------------------------

@@ -80,5 +80,5 @@ def facts_from_state(state: state_pb2.ParcelState) -> ParcelFacts:
         delivered_ms=state.status_occurred_ms
         if state.status == types_pb2.TRACKING_STATUS_DELIVERED
         else None,
-        trouble_events=tuple(trouble),
+        trouble_events=tuple(trouble) if trouble else (),
     )

@@ -226,7 +226,7 @@ class ParcelChange:
     def argv(self, key_index: Callable[[str], int]) -> list[bytes | int]:
         """The entry's items; ``key_index`` numbers a counter hash among the call's KEYS."""
         items: list[bytes | int] = [
-            str(self.expected_version).encode(),  # compared with the hash's ``v``, a string
+            b"%d" % self.expected_version,  # compared with the hash's ``v``, a string
             self.ttl_ms,
             len(self.checks),
             len(self.sets) // 2,
@@ -279,14 +279,15 @@ def change_of(record: ParcelRecord, result: Plan, *, now_ms: int, settings: Sett
             ttl_ms = settings.engine.idle_retention_days * DAY_MS
     change = ParcelChange(expected_version=record.version, ttl_ms=ttl_ms)
     pid = record.parcel_id
-    change.checks.extend(keys.notice_id(pid, kind_name(kind)).encode() for kind in result.checked)
+    if result.checked:
+        change.checks.extend(keys.notice_id(pid, kind_name(kind)).encode() for kind in result.checked)
     for notice in result.scheduled.values():
         body, version, withdrawn = _kind_fields(notice.kind)
-        change.sets += [body, notice.SerializeToString(), version, str(notice.version).encode()]
+        change.sets += [body, notice.SerializeToString(), version, b"%d" % notice.version]
         if notice.kind in result.revived:
             change.dels.append(withdrawn)
         due_ms = stamp_ms(notice.due_at)
-        change.adds += [str(due_ms).encode(), notice.notice_id.encode()]
+        change.adds += [b"%d" % due_ms, notice.notice_id.encode()]
     for kind, status in result.withdrawn.items():
         body, version, withdrawn = _kind_fields(kind)
         change.sets += [withdrawn, _reason(status)]
@@ -297,7 +298,7 @@ def change_of(record: ParcelRecord, result: Plan, *, now_ms: int, settings: Sett
         F_STATE,
         stored_state(state),
         F_VERSION,
-        str(record.version + 1).encode(),
+        b"%d" % (record.version + 1),
         F_SCHEDULED,
         scheduled.encode(),
     ]

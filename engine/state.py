@@ -223,9 +223,10 @@ class ParcelChange:
     rems: list[bytes] = field(default_factory=list)
     incs: list[Increment] = field(default_factory=list)
 
-    def argv(self, key_index: Callable[[str], int]) -> list[bytes | int]:
-        """The entry's items; ``key_index`` numbers a counter hash among the call's KEYS."""
-        items: list[bytes | int] = [
+    def add_items(self, items: list[bytes | int], key_index: Callable[[str], int]) -> None:
+        """Append the entry's items to the call's ``items``; ``key_index`` numbers a counter hash among
+        the call's KEYS."""
+        items += (
             b"%d" % self.expected_version,  # compared with the hash's ``v``, a string
             self.ttl_ms,
             len(self.checks),
@@ -234,16 +235,15 @@ class ParcelChange:
             len(self.adds) // 2,
             len(self.rems),
             len(self.incs),
-            *self.checks,
-            *self.sets,
-            *self.dels,
-            *self.adds,
-            *self.rems,
-        ]
+        )
+        items += self.checks
+        items += self.sets
+        items += self.dels
+        items += self.adds
+        items += self.rems
         for inc in self.incs:
             items.append(key_index(inc.key))
             items += inc.words
-        return items
 
 
 @functools.cache
@@ -386,7 +386,10 @@ def shard_call(shard: int, entries: Sequence[tuple[str, ParcelChange]]) -> tuple
 
     # The apply script's one argument: one instead of dozens per parcel, because packing each
     # argument costs the client more than the whole script costs Redis.
-    return call_keys, lua_array([item for _pid, change in entries for item in change.argv(key_index)])
+    items: list[bytes | int] = []
+    for _pid, change in entries:
+        change.add_items(items, key_index)
+    return call_keys, lua_array(items)
 
 
 # Changes a parcel's state in place; False when nothing changed (nothing is written then).

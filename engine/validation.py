@@ -34,8 +34,6 @@ MAX_DISTANCE_DAYS = 366
 MAX_DISTANCE_MS = MAX_DISTANCE_DAYS * 86_400_000
 _MAX_NANOS = 999_999_999
 
-# Printable ASCII without spaces: ids end up in Redis keys and notice ids.
-_ID = re.compile(r"[\x21-\x7e]+")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 # Computed once: ``Enum.values()`` builds a list on every call, and this runs per event.
 _STATUSES = frozenset(types_pb2.TrackingStatus.values()) - {types_pb2.TRACKING_STATUS_UNSPECIFIED}
@@ -58,7 +56,9 @@ def _ident(value: str, name: str, max_len: int) -> Problem | None:
         return Problem(name, f"{name} is required")
     if len(value) > max_len:
         return Problem(name, f"{name} is longer than {max_len} characters")
-    if not _ID.fullmatch(value):
+    # Printable ASCII without spaces (0x21-0x7e): ids end up in Redis keys and notice ids. Three
+    # string methods, not a regex: this runs three times per event.
+    if not (value.isascii() and value.isprintable()) or " " in value:
         return Problem(name, f"{name} must be printable ASCII without spaces")
     return None
 

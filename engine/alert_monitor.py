@@ -35,6 +35,9 @@ class Updated(Protocol):
     def state(self) -> state_pb2.ParcelState: ...
 
     @property
+    def parcel_id(self) -> str: ...
+
+    @property
     def alert_mark(self) -> str: ...
 
     @property
@@ -136,13 +139,19 @@ class AlertMonitor:
         """The engine's hook after it wrote parcels (events applied, registrations merged): only the
         parcels whose alerts could change cost round trips."""
         marks: dict[str, str] = {}
+        facts: list[ParcelFacts] = []
         for record in records:
-            pid, mark = record.state.parcel_id, record.alert_mark
+            pid, mark = record.parcel_id, record.alert_mark
             written = self._written.pop(pid, None)
             if written is not None and written[0] == mark:
                 mark = written[1]  # read before this process's previous hook wrote it
             marks[pid] = mark
-        facts = [r.facts or facts_from_state(r.state) for r in records if r.state.merchant_id]
+            # Facts come with every parcel written with a merchant; read ones only are mapped here.
+            found = record.facts
+            if found is None and record.state.merchant_id:
+                found = facts_from_state(record.state)
+            if found is not None:
+                facts.append(found)
         await self.check(facts, marks=marks)
 
     async def on_timer(self, shard: int, parcel_id: str, name: str) -> None:

@@ -102,6 +102,10 @@ class Read:
     alert_mark: str
     facts: ParcelFacts | None = None  # the hook reads them off the state then
 
+    @property
+    def parcel_id(self) -> str:
+        return self.state.parcel_id
+
 
 async def test_a_mark_read_before_the_previous_hook_wrote_is_taken_as_written(
     redis: Redis, clock: ManualClock

@@ -168,6 +168,9 @@ class _Job:
     claims: list[Claim] = field(default_factory=list)
     wait_ms: int = 0
     results: list[SendResult | None] = field(default_factory=list)
+    # Rendered once, when its first message's chunk is about to go out (see ``_send_batch``).
+    rendered: Rendered | None = None
+    render_failed: bool = False
 
 
 @functools.lru_cache(maxsize=64)
@@ -626,23 +629,27 @@ class Gateway:
         )
 
     async def _send(self, jobs: list[_Job], last_start: float) -> None:
-        by_provider: dict[str, list[tuple[_Job, int, Message]]] = defaultdict(list)
+        by_provider: dict[str, list[tuple[_Job, int]]] = defaultdict(list)
         for job in jobs:
             job.results = [None] * len(job.keys)
             if job.wait_ms:
                 continue
-            rendered: Rendered | None = None
             for index, claim in enumerate(job.claims):
-                if claim is not Claim.CLAIMED:
-                    continue
-                if rendered is None:
-                    rendered = self._render(job)
-                    if rendered is None:
-                        break
-                by_provider[job.route.targets[index].provider].append(
-                    (job, index, self._message(job, index, rendered))
-                )
+                if claim is Claim.CLAIMED:
+                    by_provider[job.route.targets[index].provider].append((job, index))
         await asyncio.gather(*(self._send_provider(p, b, last_start) for p, b in by_provider.items()))
+
+    def _message_for(self, job: _Job, index: int) -> Message | None:
+        """The message to ``index``, its job rendered on first use; None when rendering failed (the
+        job's results then say so for every address)."""
+        if job.rendered is None:
+            if job.render_failed:
+                return None
+            job.rendered = self._render(job)
+            if job.rendered is None:
+                job.render_failed = True
+                return None
+        return self._message(job, index, job.rendered)
 
     def _render(self, job: _Job) -> Rendered | None:
         notice, prefs = job.item.notice, job.item.prefs
@@ -658,33 +665,37 @@ class Gateway:
             job.results = [PermanentFailure(f"render failed: {type(exc).__name__}")] * len(job.keys)
             return None
 
-    async def _send_provider(
-        self, provider: str, batch: list[tuple[_Job, int, Message]], last_start: float
-    ) -> None:
-        spans = send_spans(self._telemetry, provider, [(j.item.notice, j.route.channel) for j, _, _ in batch])
+    async def _send_provider(self, provider: str, batch: list[tuple[_Job, int]], last_start: float) -> None:
+        spans = send_spans(self._telemetry, provider, [(j.item.notice, j.route.channel) for j, _ in batch])
         try:
             await self._send_batch(provider, batch, last_start)
         finally:
-            end_send_spans(spans, [job.results[index] for job, index, _ in batch])
+            end_send_spans(spans, [job.results[index] for job, index in batch])
 
-    async def _send_batch(
-        self, provider: str, batch: list[tuple[_Job, int, Message]], last_start: float
-    ) -> None:
+    async def _send_batch(self, provider: str, batch: list[tuple[_Job, int]], last_start: float) -> None:
         """The provider's messages in chunks, each under the send timeout. A chunk that times out or
         fails is retried whole (what it sent may go out twice: at most one chunk); no chunk starts
         after ``last_start`` (half a send timeout into the batch), so a slow provider leaves the rest
-        for later, never sent, and the batch ends before another gateway may take it over."""
+        for later, never sent, and the batch ends before another gateway may take it over. Messages
+        are rendered just before their chunk goes out, not all first: a large batch's rendering
+        does not use up the time before the cut and leave every chunk unsent."""
         loop = asyncio.get_running_loop()
         timeout_s = self._settings.send_timeout_s
         chunk = self._settings.send_chunk
         for start in range(0, len(batch), chunk):
             part = batch[start : start + chunk]
-            results: Sequence[SendResult]
             if loop.time() > last_start:
-                results = [NOT_ATTEMPTED] * len(part)
-            else:
-                results = await self._send_chunk(provider, part, timeout_s)
-            for (job, index, _), result in zip(part, results, strict=True):
+                for job, index in part:
+                    if not job.render_failed:  # a render failure stands for every address
+                        job.results[index] = NOT_ATTEMPTED
+                continue
+            ready = [
+                (job, index, m) for job, index in part if (m := self._message_for(job, index)) is not None
+            ]
+            if not ready:
+                continue
+            results = await self._send_chunk(provider, ready, timeout_s)
+            for (job, index, _), result in zip(ready, results, strict=True):
                 job.results[index] = result
 
     async def _send_chunk(

@@ -29,6 +29,7 @@ def test_defaults_listen_on_loopback() -> None:
         ({"RELAIS_CHANNEL_EMAIL": "x"}, "RELAIS_CHANNEL_EMAIL"),
         ({"RELAIS_GATEWAY_LINK_BASE": "http://track.example"}, "RELAIS_GATEWAY_LINK_BASE"),
         ({"RELAIS_GATEWAY_TEMPLATES_DIR": "/nonexistent/templates"}, "RELAIS_GATEWAY_TEMPLATES_DIR"),
+        ({"RELAIS_GATEWAY_SEND_TIMEOUT_S": "0.5"}, "RELAIS_GATEWAY_SEND_TIMEOUT_S"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], named: str) -> None:

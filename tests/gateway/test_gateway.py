@@ -4,6 +4,7 @@ as the engine stores them, time from the ManualClock, the real renderer, scripte
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from channels.base import EmailAddress, FcmToken, PermanentFailure, PhoneNumber,
 from common import keys
 from common.clock import ManualClock
 from gateway.dlq import list_dead_letters, replay
+from gateway.render import Rendered, Renderer
 from gateway.worker import BatchStats, Gateway
 from tests.conftest import T0_MS
 from tests.gateway.support import (
@@ -513,6 +515,49 @@ async def test_a_slow_provider_gets_chunks_and_nothing_goes_out_twice(
     # No attempt was spent waiting: each notice's one attempt is its send.
     for notice in notices:
         assert [a.status for a in await attempts(redis, notice)] == [SENT]
+
+
+class _SlowRenderer:
+    """Templates that take 50 ms each (blocking, as heavy rendering does)."""
+
+    def __init__(self) -> None:
+        self._inner = Renderer(settings().gateway.templates_dir)
+
+    def render(self, notice: notice_pb2.Notice, **how: Any) -> Rendered:
+        time.sleep(0.05)
+        return self._inner.render(notice, **how)
+
+
+async def test_slow_rendering_does_not_leave_a_batch_unsent(redis: Redis, clock: ManualClock) -> None:
+    """24 notices at 50 ms of rendering each: 1.2 s, past the half-second cut of a 1 s send timeout.
+    Rendered chunk by chunk, the batch's first chunks still go out before the cut (rendered all
+    first, none would, batch after batch)."""
+    chans = channels()
+    gateway = Gateway(
+        settings(send_timeout_s=1.0, send_chunk=4, limits_enabled=False),
+        redis,
+        clock,
+        chans,
+        renderer=_SlowRenderer(),
+        consumer="test",
+    )
+    await gateway.start()
+    notices = []
+    for i in range(24):
+        await put_prefs(redis, prefs(f"r-render-{i}", email=f"render{i}@example.ch"))
+        notices.append(make_notice(f"p-render-{i}", recipient_id=f"r-render-{i}"))
+        await queue_notice(redis, notices[-1])
+
+    first = await gateway.run_once()
+    assert first.sent >= 4
+    assert (first.sent + first.deferred_slow, first.retrying) == (24, 0)
+    while len(chans["email"].sent) < len(notices):
+        clock.advance_ms(1_000)  # deferred by one send timeout
+        assert await claim_due(redis, clock.now_ms()) > 0
+        await gateway.run_once()
+    assert sorted(m.idempotency_key for m in chans["email"].sent) == sorted(
+        f"{n.notice_id}:1:email" for n in notices
+    )
 
 
 async def test_quiet_hours_hold_until_morning(redis: Redis, clock: ManualClock) -> None:

@@ -484,6 +484,29 @@ async def test_a_claim_whose_holder_died_is_sent_once_it_expires(redis: Redis, c
     assert [m.idempotency_key for m in chans["email"].sent] == ["p-22:SHIPPED:1:email"]
 
 
+async def queue_for_many(redis: Redis, name: str, count: int) -> list[notice_pb2.Notice]:
+    """``count`` notices, each to a recipient of its own with an email address, in the outbox."""
+    notices = []
+    for i in range(count):
+        await put_prefs(redis, prefs(f"r-{name}-{i}", email=f"{name}{i}@example.ch"))
+        notices.append(make_notice(f"p-{name}-{i}", recipient_id=f"r-{name}-{i}"))
+        await queue_notice(redis, notices[-1])
+    return notices
+
+
+async def send_the_rest(
+    gateway: Gateway, redis: Redis, clock: ManualClock, chans: dict[str, ScriptedChannel], total: int
+) -> int:
+    """Rounds of the gateway, each a send timeout later, until ``total`` messages went out; how many."""
+    rounds = 0
+    while len(chans["email"].sent) < total:
+        clock.advance_ms(1_000)  # deferred by one send timeout
+        assert await claim_due(redis, clock.now_ms()) > 0
+        await gateway.run_once()
+        rounds += 1
+    return rounds
+
+
 async def test_a_slow_provider_gets_chunks_and_nothing_goes_out_twice(
     redis: Redis, clock: ManualClock
 ) -> None:
@@ -494,24 +517,14 @@ async def test_a_slow_provider_gets_chunks_and_nothing_goes_out_twice(
     chans = channels()
     chans["email"].delay_s = 0.05
     gateway = await started(redis, clock, chans, send_timeout_s=1.0, send_chunk=4, limits_enabled=False)
-    notices = []
-    for i in range(24):
-        await put_prefs(redis, prefs(f"r-slow-{i}", email=f"slow{i}@example.ch"))
-        notices.append(make_notice(f"p-slow-{i}", recipient_id=f"r-slow-{i}"))
-        await queue_notice(redis, notices[-1])
+    notices = await queue_for_many(redis, "slow", 24)
 
     first = await gateway.run_once()
     assert (first.sent, first.deferred_slow, first.retrying) == (12, 12, 0)
-    rounds = 1
-    while len(chans["email"].sent) < len(notices):
-        clock.advance_ms(1_000)  # deferred by one send timeout
-        assert await claim_due(redis, clock.now_ms()) > 0
-        await gateway.run_once()
-        rounds += 1
+    assert await send_the_rest(gateway, redis, clock, chans, len(notices)) == 1
 
     keys_sent = [m.idempotency_key for m in chans["email"].sent]
     assert sorted(keys_sent) == sorted(f"{n.notice_id}:1:email" for n in notices)
-    assert rounds == 2
     # No attempt was spent waiting: each notice's one attempt is its send.
     for notice in notices:
         assert [a.status for a in await attempts(redis, notice)] == [SENT]
@@ -542,19 +555,12 @@ async def test_slow_rendering_does_not_leave_a_batch_unsent(redis: Redis, clock:
         consumer="test",
     )
     await gateway.start()
-    notices = []
-    for i in range(24):
-        await put_prefs(redis, prefs(f"r-render-{i}", email=f"render{i}@example.ch"))
-        notices.append(make_notice(f"p-render-{i}", recipient_id=f"r-render-{i}"))
-        await queue_notice(redis, notices[-1])
+    notices = await queue_for_many(redis, "render", 24)
 
     first = await gateway.run_once()
     assert first.sent >= 4
     assert (first.sent + first.deferred_slow, first.retrying) == (24, 0)
-    while len(chans["email"].sent) < len(notices):
-        clock.advance_ms(1_000)  # deferred by one send timeout
-        assert await claim_due(redis, clock.now_ms()) > 0
-        await gateway.run_once()
+    await send_the_rest(gateway, redis, clock, chans, len(notices))
     assert sorted(m.idempotency_key for m in chans["email"].sent) == sorted(
         f"{n.notice_id}:1:email" for n in notices
     )

@@ -9,6 +9,7 @@ here.
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 from relais.v1 import types_pb2
@@ -21,6 +22,7 @@ def shard_of(ident: str, shards: int) -> int:
     return zlib.crc32(ident.encode()) % shards
 
 
+@functools.cache  # a few shards, built for every key of every parcel
 def tag(shard: int) -> str:
     return "{" + str(shard) + "}"
 

@@ -27,6 +27,7 @@ scheduler has since claimed it from the due set (``pending`` no longer lists it)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -535,7 +536,13 @@ _NOT_LATE = frozenset(
 
 
 def _date_subject(date: types_pb2.LocalDate) -> str:
-    return f"{date.year:04d}-{date.month:02d}-{date.day:02d}"
+    return _day_subject(date.year, date.month, date.day)
+
+
+@functools.lru_cache(maxsize=1024)
+def _day_subject(year: int, month: int, day: int) -> str:
+    # Cached: read for every parcel planned, and promised dates are a few days near today.
+    return f"{year:04d}-{month:02d}-{day:02d}"
 
 
 def _pickup_subject(point: types_pb2.PickupPoint) -> str:

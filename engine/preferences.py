@@ -12,13 +12,10 @@ lose each other's fields.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
 import phonenumbers
@@ -30,6 +27,7 @@ from relais.v1 import preferences_pb2, types_pb2
 from common import keys
 from common.quiet_hours import MINUTES_PER_DAY
 from engine.state import ConflictError
+from engine.turns import Turns
 from engine.validation import Problem
 from engine.zone_guess import guess_zone, known_zones
 
@@ -261,12 +259,6 @@ def merge(
 MAX_WATCH_ATTEMPTS = 16
 
 
-@dataclass(slots=True)
-class _Turn:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
-
-
 class PreferenceStore:
     """Preferences in Redis, one key per recipient, shard-tagged by the recipient id."""
 
@@ -276,21 +268,7 @@ class PreferenceStore:
         # Updates of one recipient in this process take turns: a burst of them (a merchant's import,
         # a retrying client) would otherwise overtake each other's WATCH until one gives up. WATCH
         # stays the guard between processes, where such bursts are spread out.
-        self._turns: dict[str, _Turn] = {}
-
-    @asynccontextmanager
-    async def _turn(self, key: str) -> AsyncIterator[None]:
-        turn = self._turns.get(key)
-        if turn is None:
-            turn = self._turns[key] = _Turn()
-        turn.users += 1
-        try:
-            async with turn.lock:
-                yield
-        finally:
-            turn.users -= 1
-            if not turn.users:
-                del self._turns[key]
+        self._turns = Turns()
 
     def key(self, recipient_id: str) -> str:
         return keys.preferences(keys.shard_of(recipient_id, self._shards), recipient_id)
@@ -308,7 +286,7 @@ class PreferenceStore:
         if problem is not None:
             raise InvalidPreferencesError([problem])
         key = self.key(update.recipient_id)
-        async with self._turn(key), self._redis.pipeline(transaction=True) as pipe:
+        async with self._turns.one(key), self._redis.pipeline(transaction=True) as pipe:
             for _attempt in range(MAX_WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(key)

@@ -46,6 +46,7 @@ from engine.alert_rules import ParcelFacts
 from engine.counting import count_change, parse_counted
 from engine.facts import facts_from_state
 from engine.planner import Audience, Plan, PlanRules, plan
+from engine.turns import Turns
 from engine.validation import set_stamp_ms
 
 FINISHED = frozenset(
@@ -418,30 +419,9 @@ class ParcelStore:
         # Parcels an update of this process is working on: concurrent batches of one process touching
         # the same parcel take turns instead of conflicting (version conflicts remain the guard
         # between processes).
-        self._busy: dict[str, asyncio.Future[None]] = {}
+        self._busy = Turns()
         # Parcels whose ``after_update`` hook is running: the next hook of a parcel waits its turn.
-        self._hooking: dict[str, asyncio.Future[None]] = {}
-
-    @staticmethod
-    async def _take(
-        holders: dict[str, asyncio.Future[None]], parcel_ids: Sequence[str]
-    ) -> asyncio.Future[None]:
-        while busy := {holders[pid] for pid in parcel_ids if pid in holders}:
-            await asyncio.wait(busy)
-        # No await between the check and the claim: all of them or none.
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for pid in parcel_ids:
-            holders[pid] = turn
-        return turn
-
-    @staticmethod
-    def _release(
-        holders: dict[str, asyncio.Future[None]], parcel_ids: Sequence[str], turn: asyncio.Future[None]
-    ) -> None:
-        for pid in parcel_ids:
-            if holders.get(pid) is turn:
-                del holders[pid]
-        turn.set_result(None)
+        self._hooking = Turns()
 
     def shard(self, ident: str) -> int:
         return keys.shard_of(ident, self.settings.shards)
@@ -517,7 +497,7 @@ class ParcelStore:
         Returns the records as written, each with its ``plan`` (unchanged ones as read, without).
         """
         todo = list(dict.fromkeys(parcel_ids))
-        turn = await self._take(self._busy, todo)
+        turn = await self._busy.take(todo)
         hook_turn: asyncio.Future[None] | None = None
         try:
             done = await self._update(todo, mutate, refresh=refresh, erase=erase)
@@ -525,14 +505,14 @@ class ParcelStore:
                 # Hand over hand: take the parcels' hook turn before letting the next update of them
                 # in, so hooks run in the order the updates did, while the next update's round trips
                 # overlap this hook's instead of queueing behind them.
-                hook_turn = await self._take(self._hooking, todo)
+                hook_turn = await self._hooking.take(todo)
         finally:
-            self._release(self._busy, todo, turn)
+            self._busy.release(todo, turn)
         if self.after_update is not None and hook_turn is not None:
             try:
                 await self.after_update([r for r in done.values() if r.exists or r.plan is not None])
             finally:
-                self._release(self._hooking, todo, hook_turn)
+                self._hooking.release(todo, hook_turn)
         return done
 
     async def _update(

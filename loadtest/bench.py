@@ -41,8 +41,9 @@ from common.redis_server import free_port
 from loadtest.arq_baseline import measure_arq
 from loadtest.audit import backlog, percentile
 from loadtest.counting_channel import read_deliveries
+from loadtest.echo_server import write_views
 from loadtest.get_parcel_latency import measure_in_process as measure_get_parcel
-from loadtest.get_parcel_latency import processes_cpu_s, tree_cpu_s
+from loadtest.get_parcel_latency import processes_cpu_s, sample_parcel_ids, tree_cpu_s
 from loadtest.ingest_client import Batch, plan_streams, stream_batches
 from loadtest.journeys import (
     EventBudget,
@@ -64,6 +65,8 @@ REGISTER_CHUNK = 5000
 # Carriers connect many systems: 16 connections spread over the engine's workers (the kernel hashes
 # each connection to one of them), 2 unacknowledged batches each: 16,000 events in flight.
 STREAMS = 16
+# Views the GetParcel floor answers with, taken from the engine's parcels (sizes as the engine's).
+FLOOR_VIEWS = 200
 WINDOW = 2
 PARCELS_PER_BATCH = 500
 DRAIN_TIMEOUT_S = 600.0
@@ -153,10 +156,15 @@ async def register_all(target: str, journeys: list[Journey], now_ms: int) -> Non
         raise RuntimeError(f"{rejected} registrations rejected")
 
 
-def spawn_echo(log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def spawn_echo(
+    log_dir: Path, *, name: str = "echo", views: Path | None = None, workers: int = 1
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The echo services (``loadtest.echo_server``) in a process of their own: the framework's share."""
     port = free_port()
-    log = (log_dir / "echo.log").open("wb")
-    args = [sys.executable, "-m", "loadtest.echo_server", "--port", str(port)]
+    log = (log_dir / f"{name}.log").open("wb")
+    args = [sys.executable, "-m", "loadtest.echo_server", "--port", str(port), "--workers", str(workers)]
+    if views is not None:
+        args += ["--views", str(views)]
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     return proc, f"127.0.0.1:{port}"
@@ -431,10 +439,14 @@ def _fields(journey: Journey) -> dict[str, Any]:
 # --- 3b. GetParcel -----------------------------------------------------------------------------------
 
 
-async def bench_get_parcel(results: Results, sizes: Sizes, stack: Stack) -> None:
+async def bench_get_parcel(results: Results, sizes: Sizes, stack: Stack, run_dir: Path) -> None:
     """Open-loop GetParcel at 1,000 requests/s over the parcels ingest left (timelines, notices), from
     a client process of its own (16 connections, spread over the engine's workers); with the
-    engine's and the client's CPU per call, and the load average the latencies were measured under."""
+    engine's and the client's CPU per call, and the load average the latencies were measured under.
+
+    Then the same client, rate and time against the floor: bare grpc.aio processes, as many as the
+    engine's workers, answering with views the engine just gave (``loadtest.echo_server``). What the
+    framework and the machine cost a call that does nothing, measured beside the engine's."""
     seconds = 5.0 if sizes is QUICK else 30.0
     latency = await measure_get_parcel(
         stack.target, stack.redis_url, rps=1000.0, seconds=seconds, server_pid=stack.engine_pid()
@@ -443,6 +455,32 @@ async def bench_get_parcel(results: Results, sizes: Sizes, stack: Stack) -> None
         {f"get_parcel_{name}": value for name, value in dataclasses.asdict(latency).items()}
     )
     results.figures["get_parcel_load_average_1m"] = os.getloadavg()[0]
+    views = run_dir / "views.bin"
+    write_views(views, await fetch_views(stack.target, stack.redis_url, FLOOR_VIEWS))
+    echo, echo_target = spawn_echo(run_dir, name="echo-get-parcel", views=views, workers=stack.engine_workers)
+    try:
+        await asyncio.sleep(1.0)
+        floor = await measure_get_parcel(
+            echo_target, stack.redis_url, rps=1000.0, seconds=seconds, server_pid=echo.pid
+        )
+    finally:
+        echo.terminate()
+        echo.wait()
+    results.figures.update(
+        {f"get_parcel_floor_{name}": value for name, value in dataclasses.asdict(floor).items()}
+    )
+
+
+async def fetch_views(target: str, redis_url: str, count: int) -> list[parcel_pb2.ParcelView]:
+    """Up to ``count`` views, as GetParcel gives them, of parcels sampled from Redis."""
+    redis = connect(redis_url)
+    try:
+        ids = await sample_parcel_ids(redis, count)
+    finally:
+        await redis.aclose()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = parcel_pb2_grpc.ParcelServiceStub(channel)
+        return [await stub.GetParcel(parcel_pb2.GetParcelRequest(parcel_id=pid)) for pid in ids]
 
 
 # --- 5. memory ---------------------------------------------------------------------------------------
@@ -542,7 +580,11 @@ async def run(
             )
         if wanted("get_parcel"):
             print("3b. GetParcel at 1k rps on the ingested parcels", file=sys.stderr)
-            await section(results, ["get_parcel_p99_ms"], lambda: bench_get_parcel(results, sizes, stack))
+            await section(
+                results,
+                ["get_parcel_p99_ms", "get_parcel_floor_p99_ms"],
+                lambda: bench_get_parcel(results, sizes, stack, run_dir),
+            )
         if wanted("memory"):
             print("5. memory", file=sys.stderr)
             await section(
@@ -584,10 +626,17 @@ ROWS = (
     ("Redis round trips / notice", "redis_round_trips_per_notice", "redis_commands_per_notice", "commands"),
     ("end to end: notices", "e2e_notices", "e2e_seconds", "seconds"),
     ("GetParcel p99 ms at 1k rps", "get_parcel_p99_ms", "get_parcel_p50_ms", "p50"),
+    ("GetParcel p99 ms, bare grpc.aio", "get_parcel_floor_p99_ms", "get_parcel_floor_p50_ms", "p50"),
     (
         "GetParcel CPU us/call, engine",
         "get_parcel_server_cpu_us_per_call",
         "get_parcel_client_cpu_us_per_call",
+        "client",
+    ),
+    (
+        "GetParcel CPU us/call, bare",
+        "get_parcel_floor_server_cpu_us_per_call",
+        "get_parcel_floor_client_cpu_us_per_call",
         "client",
     ),
     ("load average during GetParcel", "get_parcel_load_average_1m", None, ""),

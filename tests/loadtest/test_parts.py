@@ -1,15 +1,23 @@
-"""The harness's own parts against real servers: the echo baseline, the streaming client, the
+"""The harness's own parts against real servers: the echo baselines, the streaming client, the
 counting channel and its reader, Redis round-trip counting."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import grpc
+import pytest
 from redis.asyncio import Redis
+from relais.v1 import parcel_pb2, parcel_pb2_grpc
 
 from channels.base import Accepted, EmailAddress, Message
+from common.redis_server import free_port
 from loadtest.counting_channel import CountingChannel, read_deliveries
-from loadtest.echo_server import start_echo
+from loadtest.echo_server import read_views, start_echo, write_views
 from loadtest.ingest_client import plan_streams, stream_batches
 from loadtest.journeys import EventBudget, JourneyFactory
 from loadtest.redis_stats import RoundTrips, command_stats, counting_client
@@ -32,6 +40,80 @@ async def test_echo_server_acks_every_event_of_the_streamed_batches() -> None:
     assert result.rejected == 0
     assert result.seconds > 0
     assert len(result.ack_ms) == sum(len(s) for s in streams)  # one ack per batch
+
+
+def _views(count: int) -> list[parcel_pb2.ParcelView]:
+    views = []
+    for n in range(count):
+        view = parcel_pb2.ParcelView(parcel_id=f"V{n}", merchant_id="m-1", substatus="HUB_SCAN" * n)
+        view.timeline.add().event.event_id = f"V{n}-e1"
+        views.append(view)
+    return views
+
+
+async def _get(port: int, parcel_id: str) -> parcel_pb2.ParcelView:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = parcel_pb2_grpc.ParcelServiceStub(channel)
+        reply: parcel_pb2.ParcelView = await stub.GetParcel(parcel_pb2.GetParcelRequest(parcel_id=parcel_id))
+        return reply
+
+
+async def test_echo_server_answers_get_parcel_with_its_views_in_turn() -> None:
+    views = _views(2)
+    server, port = await start_echo(views=views)
+    try:
+        answers = [await _get(port, f"any-{n}") for n in range(3)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await parcel_pb2_grpc.ParcelServiceStub(channel).RegisterParcels(
+                    parcel_pb2.RegisterParcelsRequest()
+                )
+    finally:
+        await server.stop(0)
+    assert answers == [views[0], views[1], views[0]]
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_echo_server_without_views_does_not_serve_get_parcel() -> None:
+    server, port = await start_echo()
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _get(port, "P1")
+    finally:
+        await server.stop(0)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_views_file_keeps_every_view_whole(tmp_path: Path) -> None:
+    views = _views(5)
+    write_views(tmp_path / "views.bin", views)
+    assert read_views(tmp_path / "views.bin") == views
+
+
+async def test_echo_server_workers_share_one_port_and_stop_on_sigterm(tmp_path: Path) -> None:
+    views = _views(3)
+    write_views(tmp_path / "views.bin", views)
+    port = free_port()
+    command = [sys.executable, "-m", "loadtest.echo_server", "--port", str(port), "--workers", "2"]
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a child we signal and reap below, not awaited IO
+        [*command, "--views", str(tmp_path / "views.bin")], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            try:
+                answer = await _get(port, "P1")
+                break
+            except grpc.aio.AioRpcError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert answer in views
+    assert out.decode().count("echo services on") == 2, err.decode()  # one line per worker
+    assert proc.returncode == 0, err.decode()
 
 
 async def test_counting_channel_records_each_send_and_reader_counts_duplicates(tmp_path: Path) -> None:

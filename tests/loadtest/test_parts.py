@@ -4,12 +4,14 @@ counting channel and its reader, Redis round-trip counting."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from redis.asyncio import Redis
 from relais.v1 import parcel_pb2, parcel_pb2_grpc
@@ -100,20 +102,26 @@ async def test_echo_server_workers_share_one_port_and_stop_on_sigterm(tmp_path: 
     )
     try:
         deadline = asyncio.get_running_loop().time() + 30
-        while True:
-            try:
-                answer = await _get(port, "P1")
-                break
-            except grpc.aio.AioRpcError:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
+        # Both workers listen on the one port before the stop: each then reports and ends cleanly.
+        while _listening_workers(proc.pid, port) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "the workers did not both listen"
+            await asyncio.sleep(0.1)
+        answers = [await _get(port, f"P{n}") for n in range(4)]
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
-    assert answer in views
+    assert all(answer in views for answer in answers)
     assert out.decode().count("echo services on") == 2, err.decode()  # one line per worker
     assert proc.returncode == 0, err.decode()
+
+
+def _listening_workers(supervisor: int, port: int) -> int:
+    listening = 0
+    for child in psutil.Process(supervisor).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            sockets = child.net_connections(kind="tcp")
+            listening += any(s.status == psutil.CONN_LISTEN and s.laddr.port == port for s in sockets)
+    return listening
 
 
 async def test_counting_channel_records_each_send_and_reader_counts_duplicates(tmp_path: Path) -> None:

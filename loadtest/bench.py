@@ -65,8 +65,6 @@ REGISTER_CHUNK = 5000
 # Carriers connect many systems: 16 connections spread over the engine's workers (the kernel hashes
 # each connection to one of them), 2 unacknowledged batches each: 16,000 events in flight.
 STREAMS = 16
-# Views the GetParcel floor answers with, taken from the engine's parcels (sizes as the engine's).
-FLOOR_VIEWS = 200
 WINDOW = 2
 PARCELS_PER_BATCH = 500
 DRAIN_TIMEOUT_S = 600.0
@@ -437,6 +435,9 @@ def _fields(journey: Journey) -> dict[str, Any]:
 
 
 # --- 3b. GetParcel -----------------------------------------------------------------------------------
+
+# Views the GetParcel floor answers with, taken from the engine's parcels (sizes as the engine's).
+FLOOR_VIEWS = 200
 
 
 async def bench_get_parcel(results: Results, sizes: Sizes, stack: Stack, run_dir: Path) -> None:

@@ -6,7 +6,7 @@
 - ``EchoParcels`` answers every GetParcel with the next of a set of views the engine gave (same
   messages, same sizes) and reads nothing: its latency and CPU per call at the benchmark's rate are the
   floor a unary call sits on here, and the engine's GetParcel figures are read against them. The floor
-  moves with the machine's speed from one day to the next; the engine's distance above it does not.
+  moves with the machine's speed from one day to the next; the distance above it is the engine's own.
 
 ``python -m loadtest.echo_server --port 50099 [--views FILE --workers N]`` serves until interrupted;
 ``--workers`` runs N processes on the port, as the engine's workers share theirs.
@@ -84,6 +84,7 @@ def write_views(path: Path, views: Sequence[parcel_pb2.ParcelView]) -> None:
 
 
 def read_views(path: Path) -> list[parcel_pb2.ParcelView]:
+    """The views ``write_views`` wrote."""
     data, views, at = path.read_bytes(), [], 0
     while at < len(data):
         (size,) = _LENGTH.unpack_from(data, at)

@@ -181,8 +181,9 @@ class GatewaySettings:
     def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
         p = "RELAIS_GATEWAY_"
         return cls(
-            # At least a second: a batch is planned, claimed and rendered before its first chunk,
-            # and no chunk starts past half of it, so a shorter one can leave every batch unsent.
+            # At least a second: a batch is planned and claimed, and its first chunk rendered, before
+            # that chunk goes out, and no chunk starts past half of it: a shorter one can leave every
+            # batch unsent.
             send_timeout_s=_float(env, p + "SEND_TIMEOUT_S", cls.send_timeout_s, low=1.0, high=3600.0),
             send_chunk=_int(env, p + "SEND_CHUNK", cls.send_chunk, low=1, high=10_000),
             max_attempts=_int(env, p + "MAX_ATTEMPTS", cls.max_attempts, low=1, high=100),

@@ -36,6 +36,7 @@ from common.telemetry import setup_telemetry
 from engine.app import build_engine
 from engine.auth import Principal, add_key, describe_listener
 from engine.server import install_signal_handlers, start_server
+from engine.stream_balance import WorkerPeers, peers_directory
 from gateway import commands as gateway_commands
 
 log = logging.getLogger("relais")
@@ -59,6 +60,8 @@ class Worker:
 
     index: int = 0
     count: int = 1
+    # The workers' private directory (``engine.stream_balance``); None: streams stay where they land.
+    peers_dir: Path | None = None
 
     @property
     def runs_loops(self) -> bool:
@@ -79,10 +82,14 @@ async def serve(
     telemetry = setup_telemetry(settings)
     try:
         clock = SystemClock()
-        engine = build_engine(settings, redis, clock, telemetry.metrics, telemetry.tracer)
+        peers = WorkerPeers.open(worker.peers_dir, worker.count, worker.index, settings)
+        relay = peers.relay if peers is not None else None
+        engine = build_engine(settings, redis, clock, telemetry.metrics, telemetry.tracer, relay)
         running = await start_server(
             settings, redis, register=engine.register, telemetry=telemetry, reuse_port=worker.count > 1
         )
+        if peers is not None:
+            await peers.attach(running, engine.ingestor, settings)
         install_signal_handlers(running, asyncio.Event(), worker.signals)
         tune_collector(ENGINE_YOUNG_THRESHOLD)
         sec = settings.security
@@ -106,12 +113,15 @@ async def serve(
         telemetry.shutdown()
 
 
-def run_worker(settings: Settings, with_gateway: bool, where: str, count: int, index: int) -> None:
+def run_worker(
+    settings: Settings, with_gateway: bool, where: str, count: int, peers_dir: Path | None, index: int
+) -> None:
     """One of ``count`` server processes (``cli.workers`` calls it in a fresh interpreter)."""
     logs.configure(settings.log_level)
     import uvloop
 
-    uvloop.run(serve(settings, with_gateway=with_gateway, where=where, worker=Worker(index, count)))
+    worker = Worker(index, count, peers_dir)
+    uvloop.run(serve(settings, with_gateway=with_gateway, where=where, worker=worker))
 
 
 def serve_all(settings: Settings, *, with_gateway: bool, count: int) -> int:
@@ -124,7 +134,9 @@ def serve_all(settings: Settings, *, with_gateway: bool, count: int) -> int:
             return 0
         shared = dataclasses.replace(resolved, listen=shared_listen(settings.listen))
         log.info("relais engine: %d workers on %s", count, shared.listen)
-        return run_workers(functools.partial(run_worker, shared, with_gateway, where, count), count)
+        with peers_directory(settings, count) as peers_dir:
+            main = functools.partial(run_worker, shared, with_gateway, where, count, peers_dir)
+            return run_workers(main, count)
 
 
 def keys_add(principal: str, path: Path | None) -> int:

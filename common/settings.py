@@ -250,6 +250,9 @@ class EngineSettings:
     # Server processes of ``relais serve``, sharing the listener's port (SO_REUSEPORT): one Python
     # process uses one core, so a multi-core host runs about one per core.
     workers: int = 1
+    # With several workers, a new stream goes to the one applying the fewest, whichever the kernel
+    # handed its connection to (``engine.stream_balance``).
+    balance_streams: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> EngineSettings:
@@ -270,6 +273,7 @@ class EngineSettings:
             ),
             unpaid_actionable_merchants=frozenset(_split(env.get(p + "UNPAID_ACTIONABLE_MERCHANTS", ""))),
             workers=_int(env, p + "WORKERS", cls.workers, low=1, high=256),
+            balance_streams=_bool(env, p + "BALANCE_STREAMS", cls.balance_streams),
         )
 
 

@@ -27,6 +27,7 @@ from engine.preference_service import PreferenceServicer, add_preference_service
 from engine.replan import Replanner
 from engine.state import ParcelStore
 from engine.stats import StatsReader
+from engine.stream_balance import StreamRelay
 from engine.tracking_service import TrackingServicer, add_tracking_service
 
 # ``(recipient_id) -> count``: what the preference service calls after a change and on erasure.
@@ -60,6 +61,7 @@ def build_engine(
     clock: Clock,
     metrics: Metrics | None = None,
     tracer: Tracer | None = None,
+    relay: StreamRelay | None = None,
 ) -> Engine:
     alert_store = AlertStore(redis, shards=settings.shards, retention_ms=settings.retention_days * DAY_MS)
     alert_config = load_alert_config(settings.alerts.config_path)
@@ -73,7 +75,7 @@ def build_engine(
     ingestor = Ingestor(store, clock, metrics, tracer)
     replanner = Replanner(store)
     register = (
-        add_tracking_service(TrackingServicer(ingestor, window=settings.engine.stream_window)),
+        add_tracking_service(TrackingServicer(ingestor, window=settings.engine.stream_window, relay=relay)),
         add_parcel_service(ParcelServicer(store, clock)),
         add_alert_service(AlertServicer(alert_store, StatsReader(redis, settings.shards), clock)),
         add_preference_service(

@@ -16,7 +16,7 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,6 +34,9 @@ from common.telemetry import Telemetry, noop_telemetry
 from engine.auth import check_open_listener, server_credentials
 from engine.interceptors import GuardedRegistry, build_guards
 from engine.services import SERVICE_NAMES
+
+if TYPE_CHECKING:
+    from engine.stream_balance import WorkerPeers
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ class EngineServer:
     grace_s: float
     draining: bool = False
     redis_watch: asyncio.Task[None] | None = None
+    # This worker's private socket for streams its peers relay (``engine.stream_balance``).
+    peers: WorkerPeers | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
@@ -78,7 +83,13 @@ class EngineServer:
         if self.redis_watch is not None:
             self.redis_watch.cancel()
         await self.set_serving(False)
-        await self.server.stop(self.grace_s if grace_s is None else grace_s)
+        grace = self.grace_s if grace_s is None else grace_s
+        if self.peers is None:
+            await self.server.stop(grace)
+            return
+        # Peers stop relaying new streams here at once; the relayed ones drain beside this server's.
+        self.peers.withdraw()
+        await asyncio.gather(self.server.stop(grace), self.peers.stop(grace))
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -164,7 +175,7 @@ def install_signal_handlers(
     def on_signal(signum: int) -> None:
         if stopped.is_set():
             log.warning("second %s: stopping now", signal.Signals(signum).name)
-            tasks.add(loop.create_task(running.server.stop(0)))
+            tasks.add(loop.create_task(running.stop(0)))
             return
         log.info("%s: draining for up to %.1fs", signal.Signals(signum).name, running.grace_s)
         stopped.set()

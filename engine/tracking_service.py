@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 from redis.exceptions import RedisError
@@ -28,6 +28,9 @@ from relais.v1 import tracking_pb2, tracking_pb2_grpc
 from engine.ingest import Ingestor
 from engine.state import ConflictError
 from engine.validation import MAX_BATCH_EVENTS
+
+if TYPE_CHECKING:
+    from engine.stream_balance import StreamRelay
 
 Context = grpc.aio.ServicerContext[object, object]
 TOO_MANY = f"events: at most {MAX_BATCH_EVENTS} per batch"
@@ -50,15 +53,17 @@ CONFLICT = Failure(grpc.StatusCode.ABORTED, "parcels changed concurrently; send 
 UNAVAILABLE = Failure(grpc.StatusCode.UNAVAILABLE, "storage unavailable; send the batch again")
 
 
-async def _abort(context: Context, failure: Failure) -> NoReturn:
+async def abort_with(context: Context, failure: Failure) -> NoReturn:
     await context.abort(failure.code, failure.details)
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 
 class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
-    def __init__(self, ingestor: Ingestor, *, window: int) -> None:
+    def __init__(self, ingestor: Ingestor, *, window: int, relay: StreamRelay | None = None) -> None:
         self._ingestor = ingestor
         self._window = window
+        # With several workers: a new stream may go whole to a less loaded one (engine.stream_balance).
+        self._relay = relay
 
     async def _apply(self, batch: tracking_pb2.EventBatch) -> tracking_pb2.BatchAck | Failure:
         try:
@@ -82,13 +87,30 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         # One batch, one answer: a status for the whole of it is as clear as an ack, and nothing else
         # is waiting to be acknowledged.
         if len(request.events) > MAX_BATCH_EVENTS:
-            await _abort(context, TOO_LARGE)
+            await abort_with(context, TOO_LARGE)
         outcome = await self._apply(request)
         if isinstance(outcome, Failure):
-            await _abort(context, outcome)
+            await abort_with(context, outcome)
         return outcome
 
     async def StreamEvents(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[tracking_pb2.EventBatch], context: Context
+    ) -> AsyncIterator[tracking_pb2.BatchAck]:
+        relay = self._relay
+        if relay is None:
+            async for ack in self._stream(request_iterator, context):
+                yield ack
+            return
+        worker = relay.choose()
+        if worker is not None:
+            async for ack in relay.relay(worker, request_iterator, context):
+                yield ack
+            return
+        with relay.own_stream():
+            async for ack in self._stream(request_iterator, context):
+                yield ack
+
+    async def _stream(
         self, request_iterator: AsyncIterator[tracking_pb2.EventBatch], context: Context
     ) -> AsyncIterator[tracking_pb2.BatchAck]:
         # Acks to send, in arrival order; ``slots`` bounds how many batches are read but not acked.
@@ -115,7 +137,7 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
                 outcome = await task
                 if isinstance(outcome, Failure):
                     # Every earlier ack is with gRPC already: they reach the client before the status.
-                    await _abort(context, outcome)
+                    await abort_with(context, outcome)
                 yield outcome
                 slots.release()
             await reader  # surfaces a failed read

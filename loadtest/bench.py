@@ -191,7 +191,6 @@ async def bench_ingest(results: Results, sizes: Sizes, stack: Stack, run_dir: Pa
     workers_before = processes_cpu_s(stack.engine_pid())
     engine_result = await stream_batches(stack.target, streams, window=WINDOW)
     cpu = {side: spent - cpu_before[side] for side, spent in ingest_cpu_s(stack).items()}
-    workers = [s - workers_before.get(p, 0.0) for p, s in processes_cpu_s(stack.engine_pid()).items()]
     per_event = {
         side: s / engine_result.events * 1e6 if engine_result.events else None for side, s in cpu.items()
     }
@@ -211,11 +210,34 @@ async def bench_ingest(results: Results, sizes: Sizes, stack: Stack, run_dir: Pa
             "ingest_engine_cpu_us_per_event": per_event["engine"],
             "ingest_redis_cpu_us_per_event": per_event["redis"],
             "ingest_client_cpu_us_per_event": per_event["client"],
-            # The kernel spreads connections over the workers (SO_REUSEPORT) by a hash, not by load:
-            # 0.5 with two workers is an even split; above, the busiest one bounds the run.
-            "ingest_busiest_worker_cpu_share": max(workers) / sum(workers) if sum(workers) else None,
+            "ingest_busiest_worker_cpu_share": busiest_share(stack, workers_before),
         }
     )
+
+
+async def bench_ingest_one_connection(results: Results, sizes: Sizes, stack: Stack) -> None:
+    """A fifth of the events, the same 16 streams all on one connection, as one gRPC channel sends
+    them: the kernel hands that connection to one worker, and only the engine's stream balancing
+    spreads the work (``--no-balance`` to see the run without it)."""
+    now_ms = time.time_ns() // 1_000_000
+    groups = make_groups("BC", sizes.ingest_events // 5, sizes.recipients)
+    streams = plan_streams(groups, STREAMS, now_ms)
+    await register_all(stack.target, [j for g in groups for j in g.journeys], now_ms)
+    workers_before = processes_cpu_s(stack.engine_pid())
+    result = await stream_batches(stack.target, streams, window=WINDOW, connections=1)
+    results.figures.update(
+        {
+            "ingest_one_connection_events_per_s": result.events_per_s,
+            "ingest_one_connection_busiest_worker_cpu_share": busiest_share(stack, workers_before),
+        }
+    )
+
+
+def busiest_share(stack: Stack, before: dict[int, float]) -> float | None:
+    """The busiest worker's share of the engine's CPU since ``before``: 0.5 with two workers is an even
+    split; above, the busiest one bounds the run."""
+    workers = [s - before.get(p, 0.0) for p, s in processes_cpu_s(stack.engine_pid()).items()]
+    return max(workers) / sum(workers) if sum(workers) else None
 
 
 def ingest_cpu_s(stack: Stack) -> dict[str, float]:
@@ -527,7 +549,7 @@ async def bench_memory(results: Results, sizes: Sizes, stack: Stack, shards: int
 # --- the run ---------------------------------------------------------------------------------------------
 
 
-SECTIONS = ("ingest", "scheduler", "gateway", "get_parcel", "e2e", "memory")
+SECTIONS = ("ingest", "scheduler", "gateway", "get_parcel", "one_connection", "e2e", "memory")
 
 
 async def run(
@@ -538,6 +560,7 @@ async def run(
     profile: bool = False,
     only: frozenset[str] = frozenset(),
     engine_workers: int = 1,
+    balance: bool = True,
 ) -> Results:
     """Every section, or those named in ``only`` (scheduler and gateway run on what ingest left)."""
     results = Results()
@@ -552,6 +575,7 @@ async def run(
         scheduler=False,
         engine_workers=engine_workers,
         profile_to=run_dir / "engine-profile.txt" if profile else None,
+        env={"RELAIS_ENGINE_BALANCE_STREAMS": "on" if balance else "off"},
     )
     with Stack(engine_only) as stack:
         results.figures["engine_workers"] = stack.engine_workers
@@ -586,6 +610,14 @@ async def run(
                 ["get_parcel_p99_ms", "get_parcel_floor_p99_ms"],
                 lambda: bench_get_parcel(results, sizes, stack, run_dir),
             )
+        if wanted("one_connection"):
+            # After the sections that read what ingest left: its notices would change their counts.
+            print("1b. ingest, 16 streams on one connection", file=sys.stderr)
+            await section(
+                results,
+                ["ingest_one_connection_events_per_s"],
+                lambda: bench_ingest_one_connection(results, sizes, stack),
+            )
         if wanted("memory"):
             print("5. memory", file=sys.stderr)
             await section(
@@ -616,6 +648,12 @@ ROWS = (
         "ingest_redis_cpu_us_per_event",
         "Redis",
     ),
+    (
+        "ingest events/s, 1 connection",
+        "ingest_one_connection_events_per_s",
+        "ingest_events_per_s",
+        "16 connections",
+    ),
     ("claims/s (engine's notices)", "claim_notices_per_s", "arq_jobs_per_s", "arq jobs/s"),
     (
         "claims/s, 1M pending",
@@ -642,7 +680,12 @@ ROWS = (
     ),
     ("load average during GetParcel", "get_parcel_load_average_1m", None, ""),
     ("engine worker processes", "engine_workers", None, ""),
-    ("busiest worker's ingest CPU share", "ingest_busiest_worker_cpu_share", None, ""),
+    (
+        "busiest worker's ingest CPU share",
+        "ingest_busiest_worker_cpu_share",
+        "ingest_one_connection_busiest_worker_cpu_share",
+        "1 connection",
+    ),
     ("Redis bytes / parcel", "redis_bytes_per_parcel", None, ""),
     ("engine RSS bytes", "engine_rss_bytes", None, ""),
 )
@@ -681,6 +724,11 @@ def main(argv: list[str] | None = None) -> int:
         help="engine processes on its port, as an operator runs it (default: one per core)",
     )
     parser.add_argument(
+        "--no-balance",
+        action="store_true",
+        help="streams stay on the worker the kernel gave their connection (engine.stream_balance)",
+    )
+    parser.add_argument(
         "--only", default="", help=f"comma-separated sections to run (of {', '.join(SECTIONS)}); default all"
     )
     args = parser.parse_args(argv)
@@ -695,7 +743,15 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     results = uvloop.run(
-        run(sizes, run_dir, args.shards, profile=args.profile, only=only, engine_workers=args.engine_workers)
+        run(
+            sizes,
+            run_dir,
+            args.shards,
+            profile=args.profile,
+            only=only,
+            engine_workers=args.engine_workers,
+            balance=not args.no_balance,
+        )
     )
     required = {
         "ingest_events_per_s", "echo_events_per_s", "claim_notices_per_s",

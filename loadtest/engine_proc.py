@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import signal
+from pathlib import Path
 
 from cli.workers import run_workers, shared_listen
 from common.clock import SystemClock
@@ -27,15 +28,21 @@ from common.settings import Settings
 from engine.app import build_engine
 from engine.scheduler import Dispatcher
 from engine.server import start_server
+from engine.stream_balance import WorkerPeers, peers_directory
 
 
-async def serve(settings: Settings, *, scheduler: bool, index: int = 0, workers: int = 1) -> None:
+async def serve(
+    settings: Settings, *, scheduler: bool, index: int = 0, workers: int = 1, peers_dir: Path | None = None
+) -> None:
     if settings.redis_url is None:
         raise SystemExit("engine_proc needs REDIS_URL")
     redis = connect(settings.redis_url)
     clock = SystemClock()
-    engine = build_engine(settings, redis, clock)
+    peers = WorkerPeers.open(peers_dir, workers, index, settings)
+    engine = build_engine(settings, redis, clock, relay=peers.relay if peers is not None else None)
     running = await start_server(settings, redis, register=engine.register, reuse_port=workers > 1)
+    if peers is not None:
+        await peers.attach(running, engine.ingestor, settings)
     tune_collector(ENGINE_YOUNG_THRESHOLD)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -58,10 +65,10 @@ async def serve(settings: Settings, *, scheduler: bool, index: int = 0, workers:
         await redis.aclose()
 
 
-def run_worker(settings: Settings, scheduler: bool, workers: int, index: int) -> None:
+def run_worker(settings: Settings, scheduler: bool, workers: int, peers_dir: Path | None, index: int) -> None:
     import uvloop
 
-    uvloop.run(serve(settings, scheduler=scheduler, index=index, workers=workers))
+    uvloop.run(serve(settings, scheduler=scheduler, index=index, workers=workers, peers_dir=peers_dir))
 
 
 def main() -> None:
@@ -75,9 +82,11 @@ def main() -> None:
     workers = settings.engine.workers if args.workers is None else args.workers
     if workers > 1:
         shared = dataclasses.replace(settings, listen=shared_listen(settings.listen))
-        worker = functools.partial(run_worker, shared, not args.no_scheduler, workers)
-        raise SystemExit(run_workers(worker, workers, name="engine-proc"))
-    run_worker(settings, not args.no_scheduler, 1, 0)
+        with peers_directory(settings, workers) as peers_dir:
+            worker = functools.partial(run_worker, shared, not args.no_scheduler, workers, peers_dir)
+            code = run_workers(worker, workers, name="engine-proc")
+        raise SystemExit(code)
+    run_worker(settings, not args.no_scheduler, 1, None, 0)
 
 
 if __name__ == "__main__":

@@ -85,10 +85,13 @@ def decode_seq(data: bytes) -> int:
         i += 1
 
 
-async def stream_batches(target: str, streams: Sequence[Sequence[Batch]], *, window: int = 8) -> StreamResult:
+async def stream_batches(
+    target: str, streams: Sequence[Sequence[Batch]], *, window: int = 8, connections: int | None = None
+) -> StreamResult:
     """Send every stream's batches concurrently, each stream on its own connection (as carriers'
-    systems are: an engine with several workers on one port spreads connections, not streams); the
-    clock runs from the first send to the last ack."""
+    systems are: an engine with several workers on one port spreads connections, not streams), or
+    dealt over ``connections`` (1: all on one, as one gRPC channel sends them); the clock runs from
+    the first send to the last ack."""
     options = [
         ("grpc.max_send_message_length", 64 << 20),
         ("grpc.max_receive_message_length", 64 << 20),
@@ -96,12 +99,13 @@ async def stream_batches(target: str, streams: Sequence[Sequence[Batch]], *, win
         ("grpc.use_local_subchannel_pool", 1),
     ]
     sending = [s for s in streams if s]
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in sending]
+    count = len(sending) if connections is None else connections
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(count)]
     try:
         await asyncio.gather(*(c.channel_ready() for c in channels))
         started = time.perf_counter()
         replies = await asyncio.gather(
-            *(_one_stream(c, s, window) for c, s in zip(channels, sending, strict=True))
+            *(_one_stream(channels[n % count], s, window) for n, s in enumerate(sending))
         )
         seconds = time.perf_counter() - started
     finally:

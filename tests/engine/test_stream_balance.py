@@ -1,0 +1,284 @@
+"""Streams spread over workers by load (``engine.stream_balance``): real gRPC servers, each with its
+private Unix socket, sharing one board and one Redis, in this process so each worker's store can be
+asked what it applied."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+from relais.v1 import tracking_pb2, tracking_pb2_grpc, types_pb2
+
+from common import keys
+from common.clock import ManualClock
+from common.settings import EngineSettings, SecuritySettings, Settings
+from engine.auth import hash_key
+from engine.ingest import Ingestor
+from engine.server import EngineServer, start_server
+from engine.state import ParcelStore
+from engine.stream_balance import PEER_GONE, LoadBoard, WorkerPeers, peers_directory
+from engine.tracking_service import MAX_REJECTED_EVENTS, TOO_MANY, TrackingServicer, add_tracking_service
+from tests.engine.core_support import event
+
+SHARDS = 4
+TRANSIT = types_pb2.TRACKING_STATUS_IN_TRANSIT
+SETTINGS = Settings(listen="127.0.0.1:0", shards=SHARDS)
+
+
+@dataclass
+class Worker:
+    running: EngineServer
+    store: ParcelStore
+    peers: WorkerPeers
+
+
+@contextlib.asynccontextmanager
+async def workers(
+    redis: Redis, clock: ManualClock, settings: Settings = SETTINGS, count: int = 2
+) -> AsyncIterator[list[Worker]]:
+    """``count`` engine workers as ``relais serve --workers`` wires them, each on a port of its own."""
+    started: list[Worker] = []
+    with peers_directory(settings, count) as directory:
+        try:
+            for index in range(count):
+                peers = WorkerPeers.open(directory, count, index, settings)
+                assert peers is not None
+                store = ParcelStore(redis, settings, clock)
+                ingestor = Ingestor(store, clock)
+                servicer = TrackingServicer(ingestor, window=3, relay=peers.relay)
+                running = await start_server(settings, redis, register=[add_tracking_service(servicer)])
+                await peers.attach(running, ingestor, settings)
+                started.append(Worker(running, store, peers))
+            yield started
+        finally:
+            for worker in started:
+                await worker.running.stop(0)
+
+
+def batch(seq: int, *parcel_ids: str, at_ms: int, carrier: str = "swisspost") -> tracking_pb2.EventBatch:
+    events = [event(f"{pid}-e{seq}", pid, TRANSIT, at_ms) for pid in parcel_ids]
+    for e in events:
+        e.carrier = carrier
+    return tracking_pb2.EventBatch(seq=seq, events=events)
+
+
+async def exists(redis: Redis, parcel_id: str) -> bool:
+    return bool(await redis.exists(keys.parcel(keys.shard_of(parcel_id, SHARDS), parcel_id)))
+
+
+async def read_all(
+    call: grpc.aio.StreamStreamCall[tracking_pb2.EventBatch, tracking_pb2.BatchAck],
+) -> tuple[list[tracking_pb2.BatchAck], grpc.aio.AioRpcError | None]:
+    """The acks left, and the status that ended the call if not OK."""
+    acks: list[tracking_pb2.BatchAck] = []
+    try:
+        while (ack := await next_ack(call)) is not None:
+            acks.append(ack)
+    except grpc.aio.AioRpcError as error:
+        return acks, error
+    return acks, None
+
+
+async def next_ack(
+    call: grpc.aio.StreamStreamCall[tracking_pb2.EventBatch, tracking_pb2.BatchAck],
+) -> tracking_pb2.BatchAck | None:
+    """The next ack, None at the end of the stream (``read`` gives gRPC's EOF marker then)."""
+    ack = await call.read()
+    return ack if isinstance(ack, tracking_pb2.BatchAck) else None
+
+
+async def settled(board: LoadBoard, loads: Sequence[int]) -> None:
+    """The board as expected once the server side of the calls finished (just after the client's)."""
+    for _ in range(100):
+        if [board.load(w) for w in range(board.count)] == list(loads):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"loads {[board.load(w) for w in range(board.count)]}, expected {list(loads)}")
+
+
+def test_the_board_picks_the_ready_peer_applying_the_fewest_streams(tmp_path: Path) -> None:
+    rows = [LoadBoard(tmp_path, 3, index) for index in range(3)]
+    first, second, third = rows
+    assert [first.load(w) for w in range(3)] == [0, 0, 0]
+    assert first.choose() is None  # no one ready, and no one less loaded
+    second.set_ready(True)
+    third.set_ready(True)
+    assert first.choose() is None  # a tie keeps the stream where it is: no hop for nothing
+    with first.own_stream(), first.own_stream(), third.relayed_stream(1):
+        # Every row sees the same loads: the first applies 2 of its own, the second 1 relayed to it.
+        assert [third.load(w) for w in range(3)] == [2, 1, 0]
+        assert first.choose() == 2
+        third.set_ready(False)  # draining: takes no more
+        assert first.choose() == 1
+        assert second.choose() is None
+    assert [second.load(w) for w in range(3)] == [0, 0, 0]
+
+
+def test_balancing_is_on_by_default_with_several_workers_and_can_be_turned_off() -> None:
+    assert Settings.from_env({}).engine.balance_streams
+    off = Settings.from_env({"RELAIS_ENGINE_BALANCE_STREAMS": "off"})
+    assert not off.engine.balance_streams
+    with peers_directory(off, 4) as none, peers_directory(SETTINGS, 1) as alone:
+        assert none is None
+        assert alone is None
+    with peers_directory(SETTINGS, 2) as directory:
+        assert directory is not None
+        assert directory.stat().st_mode & 0o777 == 0o700
+        assert WorkerPeers.open(None, 2, 0, SETTINGS) is None
+    assert not directory.exists()
+
+
+async def test_a_stream_reaching_a_busy_worker_is_applied_whole_by_the_idle_one(
+    redis: Redis, clock: ManualClock
+) -> None:
+    at_ms = clock.now_ms() - 1000
+    async with workers(redis, clock) as (busy, idle):
+        board = busy.peers.board
+        with board.own_stream(), board.own_stream():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
+                call = tracking_pb2_grpc.TrackingServiceStub(channel).StreamEvents()  # type: ignore[call-arg]
+                await call.write(batch(1, "R-1", "R-2", at_ms=at_ms))
+                first = await next_ack(call)
+                # While the stream runs, every worker sees it counted on the idle one.
+                assert [idle.peers.board.load(w) for w in range(2)] == [2, 1]
+                await call.write(batch(2, "R-1", at_ms=at_ms + 1))
+                again = batch(3, "R-3", at_ms=at_ms)
+                await call.write(again)
+                again.seq = 4
+                await call.write(again)  # the same event again
+                await call.done_writing()
+                rest, error = await read_all(call)
+        await settled(board, [0, 0])
+    assert error is None
+    assert first is not None
+    acks = [first, *rest]
+    assert [a.seq for a in acks] == [1, 2, 3, 4]
+    assert [(a.accepted, a.duplicates) for a in acks] == [(2, 0), (1, 0), (1, 0), (0, 1)]
+    # The idle worker's store read and wrote every parcel; the busy one's never went to Redis.
+    assert busy.store.round_trips == 0
+    assert idle.store.round_trips > 0
+    for pid in ("R-1", "R-2", "R-3"):
+        assert await exists(redis, pid)
+
+
+async def test_streams_stay_where_they_land_while_the_workers_are_even(
+    redis: Redis, clock: ManualClock
+) -> None:
+    at_ms = clock.now_ms() - 1000
+    async with (
+        workers(redis, clock) as (first, second),
+        grpc.aio.insecure_channel(f"127.0.0.1:{first.running.port}") as channel,
+    ):
+        call = tracking_pb2_grpc.TrackingServiceStub(channel).StreamEvents()  # type: ignore[call-arg]
+        await call.write(batch(1, "S-1", at_ms=at_ms))
+        await call.read()
+        assert [first.peers.board.load(w) for w in range(2)] == [1, 0]
+        await call.done_writing()
+        _, error = await read_all(call)
+    assert error is None
+    assert first.store.round_trips > 0
+    assert second.store.round_trips == 0
+
+
+async def test_a_draining_peer_takes_no_new_stream(redis: Redis, clock: ManualClock) -> None:
+    at_ms = clock.now_ms() - 1000
+    async with workers(redis, clock) as (busy, draining):
+        draining.peers.withdraw()
+        with busy.peers.board.own_stream():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
+                stub = tracking_pb2_grpc.TrackingServiceStub(channel)
+                acks = [a async for a in stub.StreamEvents(iter([batch(1, "D-1", at_ms=at_ms)]))]
+    assert [a.accepted for a in acks] == [1]
+    assert draining.store.round_trips == 0
+    assert busy.store.round_trips > 0
+
+
+async def test_a_peer_that_dies_mid_stream_ends_it_unavailable_after_the_acks_before(
+    redis: Redis, clock: ManualClock
+) -> None:
+    at_ms = clock.now_ms() - 1000
+    async with workers(redis, clock) as (busy, dying):
+        with busy.peers.board.own_stream():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
+                call = tracking_pb2_grpc.TrackingServiceStub(channel).StreamEvents()  # type: ignore[call-arg]
+                await call.write(batch(1, "X-1", at_ms=at_ms))
+                first = await next_ack(call)
+                # Gone without draining, as a crashed process: its row still says ready.
+                assert dying.peers.server is not None
+                await dying.peers.server.stop(0)
+                with contextlib.suppress(asyncio.InvalidStateError):
+                    await call.write(batch(2, "X-2", at_ms=at_ms))
+                rest, error = await read_all(call)
+    assert first is not None
+    assert first.seq == 1
+    assert first.accepted == 1
+    assert rest == []
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details() == PEER_GONE
+
+
+async def test_a_peer_ending_a_stream_for_the_carrier_is_heard_as_it_said_it(
+    redis: Redis, clock: ManualClock
+) -> None:
+    """A batch too large even to reject event by event ends the stream INVALID_ARGUMENT, relayed or not."""
+    at_ms = clock.now_ms() - 1000
+    empty = tracking_pb2.TrackingEvent()
+    too_large = tracking_pb2.EventBatch(seq=2, events=[empty] * (MAX_REJECTED_EVENTS + 1))
+    async with workers(redis, clock) as (busy, _idle):
+        with busy.peers.board.own_stream():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
+                stub = tracking_pb2_grpc.TrackingServiceStub(channel)
+                call = stub.StreamEvents(iter([batch(1, "L-1", at_ms=at_ms), too_large]))
+                acks, error = await read_all(call)
+    assert [a.seq for a in acks] == [1]
+    assert error is not None
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == TOO_MANY
+
+
+@pytest.fixture
+def carrier_keys(tmp_path: Path) -> Path:
+    path = tmp_path / "keys.jsonl"
+    path.write_text(f'{{"sha256": "{hash_key("key-swisspost")}", "principal": "carrier:swisspost"}}\n')
+    return path
+
+
+async def test_a_relayed_stream_keeps_its_callers_rights(
+    redis: Redis, clock: ManualClock, carrier_keys: Path
+) -> None:
+    """The peer applies as the carrier that called: its events pass, another carrier's are refused."""
+    settings = Settings(
+        listen="127.0.0.1:0",
+        shards=SHARDS,
+        security=SecuritySettings(keys_file=carrier_keys),
+        engine=EngineSettings(),
+    )
+    at_ms = clock.now_ms() - 1000
+    mixed = batch(1, "K-1", at_ms=at_ms)
+    mixed.events.append(batch(1, "K-2", at_ms=at_ms, carrier="dhl-de").events[0])
+    async with workers(redis, clock, settings) as (busy, idle):
+        with busy.peers.board.own_stream():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
+                stub = tracking_pb2_grpc.TrackingServiceStub(channel)
+                metadata = (("authorization", "Bearer key-swisspost"),)
+                acks = [a async for a in stub.StreamEvents(iter([mixed]), metadata=metadata)]
+                refused, error = await read_all(stub.StreamEvents(iter([mixed])))
+    assert idle.store.round_trips > 0
+    assert busy.store.round_trips == 0
+    assert [a.accepted for a in acks] == [1]
+    assert [(r.index, r.code, r.field) for r in acks[0].rejected] == [
+        (1, tracking_pb2.REJECT_CODE_PERMISSION_DENIED, "carrier")
+    ]
+    assert await exists(redis, "K-1")
+    assert not await exists(redis, "K-2")
+    # Without a key the carrier's worker refuses the call itself: nothing is relayed.
+    assert refused == []
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,17 +15,20 @@ import grpc
 import psutil
 import pytest
 from redis.asyncio import Redis
-from relais.v1 import parcel_pb2, parcel_pb2_grpc
+from relais.v1 import parcel_pb2, parcel_pb2_grpc, tracking_pb2, tracking_pb2_grpc, types_pb2
 
+from common import keys
 from common.errors import ListenError, SettingsError
 from common.redis_server import free_port
 from common.settings import Settings
 from engine.server import start_server
-from tests.engine.core_support import registration
+from engine.stream_balance import LoadBoard
+from tests.engine.core_support import event, registration
 from tests.foundation.test_relais_run import wait_serving
 
 RELAIS = Path(sys.executable).parent / "relais"
 WORKERS = 2
+TRANSIT = types_pb2.TRACKING_STATUS_IN_TRANSIT
 
 
 def test_workers_setting_and_flag_are_checked() -> None:
@@ -127,18 +131,22 @@ async def _channel_per_worker(port: int, workers: list[psutil.Process]) -> dict[
     raise AssertionError(f"64 connections did not reach all {len(workers)} workers")
 
 
+async def _all_listening(proc: subprocess.Popen[bytes], port: int) -> list[psutil.Process]:
+    """Every worker, once each listens (the second may still be starting when the first answers)."""
+    await wait_serving(port, timeout_s=60)
+    for _ in range(100):
+        workers = _workers(proc.pid, port)
+        if len(workers) == WORKERS:
+            return workers
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{len(workers)} of {WORKERS} workers listen")
+
+
 async def test_workers_serve_one_port_from_one_redis_and_stop_on_sigterm(
     engine: tuple[subprocess.Popen[bytes], int], redis: Redis
 ) -> None:
     proc, port = engine
-    await wait_serving(port, timeout_s=60)
-    workers = _workers(proc.pid, port)
-    for _ in range(100):  # the second may still be starting when the first answers
-        if len(workers) == WORKERS:
-            break
-        await asyncio.sleep(0.1)
-        workers = _workers(proc.pid, port)
-    assert len(workers) == WORKERS
+    workers = await _all_listening(proc, port)
     channels = await _channel_per_worker(port, workers)
     try:
         first, second = (parcel_pb2_grpc.ParcelServiceStub(c) for c in channels.values())
@@ -158,12 +166,52 @@ async def test_workers_serve_one_port_from_one_redis_and_stop_on_sigterm(
 
 async def test_a_worker_that_dies_stops_the_others(engine: tuple[subprocess.Popen[bytes], int]) -> None:
     proc, port = engine
-    await wait_serving(port, timeout_s=60)
-    for _ in range(100):
-        workers = _workers(proc.pid, port)
-        if len(workers) == WORKERS:
-            break
-        await asyncio.sleep(0.1)
+    workers = await _all_listening(proc, port)
     workers[0].kill()
     assert await asyncio.to_thread(proc.wait, 30) == 1
     assert not workers[1].is_running() or workers[1].status() == psutil.STATUS_ZOMBIE
+
+
+async def _board(workers: list[psutil.Process]) -> LoadBoard:
+    """The workers' board, read from this process, once every worker takes relayed streams."""
+    for _ in range(100):
+        # A Unix socket's address is its path.
+        sockets = [str(c.laddr) for w in workers for c in w.net_connections("unix")]
+        sockets = [path for path in sockets if path.endswith(".sock")]
+        if len(sockets) >= WORKERS:
+            board = LoadBoard(Path(sockets[0]).parent, WORKERS, 0)  # reads only: it writes no row
+            if all(board.ready(w) for w in range(WORKERS)):
+                return board
+        await asyncio.sleep(0.1)
+    raise AssertionError("the workers' sockets did not all appear")
+
+
+async def test_streams_on_one_connection_are_applied_by_both_workers(
+    engine: tuple[subprocess.Popen[bytes], int], redis: Redis
+) -> None:
+    """One client connection reaches one worker; half its streams are relayed to the other."""
+    proc, port = engine
+    board = await _board(await _all_listening(proc, port))
+    at_ms = time.time_ns() // 1_000_000 - 1000
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = tracking_pb2_grpc.TrackingServiceStub(channel)
+        calls = []
+        for n in range(4):
+            call = stub.StreamEvents()  # type: ignore[call-arg]
+            await call.write(
+                tracking_pb2.EventBatch(seq=1, events=[event(f"B-{n}", f"BAL-{n}", TRANSIT, at_ms)])
+            )
+            ack = await call.read()
+            assert isinstance(ack, tracking_pb2.BatchAck)
+            assert ack.accepted == 1
+            calls.append(call)
+        # Four streams open on one connection: two on each worker, whichever the kernel chose.
+        assert [board.load(w) for w in range(WORKERS)] == [2, 2]
+        for call in calls:
+            await call.done_writing()
+            assert await call.code() == grpc.StatusCode.OK
+    for n in range(4):
+        view = await redis.exists(keys.parcel(keys.shard_of(f"BAL-{n}", Settings().shards), f"BAL-{n}"))
+        assert view == 1
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 30) == 0

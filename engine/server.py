@@ -87,9 +87,11 @@ class EngineServer:
         if self.peers is None:
             await self.server.stop(grace)
             return
-        # Peers stop relaying new streams here at once; the relayed ones drain beside this server's.
+        # Peers stop relaying new streams here at once; the relayed ones drain beside this server's,
+        # whose relayed streams keep their channels to the peers until it stopped.
         self.peers.withdraw()
         await asyncio.gather(self.server.stop(grace), self.peers.stop(grace))
+        await self.peers.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

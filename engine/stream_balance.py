@@ -294,7 +294,11 @@ class WorkerPeers:
         self.board.set_ready(False)
 
     async def stop(self, grace_s: float | None) -> None:
+        """Stop serving relayed streams (within the grace period). The relay's own channels stay
+        open: streams this worker relays drain with its public server; ``close`` them after."""
         self.withdraw()
         if self.server is not None:
             await self.server.stop(grace_s)
+
+    async def close(self) -> None:
         await self.relay.close()

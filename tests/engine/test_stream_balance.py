@@ -282,3 +282,26 @@ async def test_a_relayed_stream_keeps_its_callers_rights(
     assert refused == []
     assert error is not None
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_relayed_stream_drains_with_the_worker_it_reached(redis: Redis, clock: ManualClock) -> None:
+    """SIGTERM's drain: the carrier's worker lets its streams finish within the grace period, relayed
+    ones included, although no stream was relayed to it (its own peer socket stops at once)."""
+    at_ms = clock.now_ms() - 1000
+    async with workers(redis, clock) as (busy, idle):
+        with busy.peers.board.own_stream():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
+                call = tracking_pb2_grpc.TrackingServiceStub(channel).StreamEvents()  # type: ignore[call-arg]
+                await call.write(batch(1, "G-1", at_ms=at_ms))
+                assert await next_ack(call) is not None
+                draining = asyncio.create_task(busy.running.stop(5.0))
+                await asyncio.sleep(0.2)  # its peer socket has stopped by now; its public server drains
+                assert not draining.done()
+                await call.write(batch(2, "G-2", at_ms=at_ms))
+                await call.done_writing()
+                rest, error = await read_all(call)
+                await draining
+    assert error is None
+    assert [a.seq for a in rest] == [2]
+    assert idle.store.round_trips > 0
+    assert busy.store.round_trips == 0

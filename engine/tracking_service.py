@@ -88,7 +88,14 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         # is waiting to be acknowledged.
         if len(request.events) > MAX_BATCH_EVENTS:
             await abort_with(context, TOO_LARGE)
-        outcome = await self._apply(request)
+        relay = self._relay
+        if relay is None:
+            outcome = await self._apply(request)
+        elif relay.worth_relaying(request) and (worker := relay.choose()) is not None:
+            return await relay.record(worker, request, context)
+        else:
+            with relay.own():
+                outcome = await self._apply(request)
         if isinstance(outcome, Failure):
             await abort_with(context, outcome)
         return outcome
@@ -106,7 +113,7 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
             async for ack in relay.relay(worker, request_iterator, context):
                 yield ack
             return
-        with relay.own_stream():
+        with relay.own():
             async for ack in self._stream(request_iterator, context):
                 yield ack
 

@@ -22,7 +22,7 @@ from engine.auth import hash_key
 from engine.ingest import Ingestor
 from engine.server import EngineServer, start_server
 from engine.state import ParcelStore
-from engine.stream_balance import PEER_GONE, LoadBoard, WorkerPeers, peers_directory
+from engine.stream_balance import PEER_GONE, RELAY_MIN_EVENTS, LoadBoard, WorkerPeers, peers_directory
 from engine.tracking_service import MAX_REJECTED_EVENTS, TOO_MANY, TrackingServicer, add_tracking_service
 from tests.engine.core_support import event
 
@@ -110,7 +110,7 @@ def test_the_board_picks_the_ready_peer_applying_the_fewest_streams(tmp_path: Pa
     second.set_ready(True)
     third.set_ready(True)
     assert first.choose() is None  # a tie keeps the stream where it is: no hop for nothing
-    with first.own_stream(), first.own_stream(), third.relayed_stream(1):
+    with first.own(), first.own(), third.relayed(1):
         # Every row sees the same loads: the first applies 2 of its own, the second 1 relayed to it.
         assert [third.load(w) for w in range(3)] == [2, 1, 0]
         assert first.choose() == 2
@@ -140,7 +140,7 @@ async def test_a_stream_reaching_a_busy_worker_is_applied_whole_by_the_idle_one(
     at_ms = clock.now_ms() - 1000
     async with workers(redis, clock) as (busy, idle):
         board = busy.peers.board
-        with board.own_stream(), board.own_stream():
+        with board.own(), board.own():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
                 call = tracking_pb2_grpc.TrackingServiceStub(channel).StreamEvents()  # type: ignore[call-arg]
                 await call.write(batch(1, "R-1", "R-2", at_ms=at_ms))
@@ -190,7 +190,7 @@ async def test_a_draining_peer_takes_no_new_stream(redis: Redis, clock: ManualCl
     at_ms = clock.now_ms() - 1000
     async with workers(redis, clock) as (busy, draining):
         draining.peers.withdraw()
-        with busy.peers.board.own_stream():
+        with busy.peers.board.own():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
                 stub = tracking_pb2_grpc.TrackingServiceStub(channel)
                 acks = [a async for a in stub.StreamEvents(iter([batch(1, "D-1", at_ms=at_ms)]))]
@@ -204,7 +204,7 @@ async def test_a_peer_that_dies_mid_stream_ends_it_unavailable_after_the_acks_be
 ) -> None:
     at_ms = clock.now_ms() - 1000
     async with workers(redis, clock) as (busy, dying):
-        with busy.peers.board.own_stream():
+        with busy.peers.board.own():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
                 call = tracking_pb2_grpc.TrackingServiceStub(channel).StreamEvents()  # type: ignore[call-arg]
                 await call.write(batch(1, "X-1", at_ms=at_ms))
@@ -232,7 +232,7 @@ async def test_a_peer_ending_a_stream_for_the_carrier_is_heard_as_it_said_it(
     empty = tracking_pb2.TrackingEvent()
     too_large = tracking_pb2.EventBatch(seq=2, events=[empty] * (MAX_REJECTED_EVENTS + 1))
     async with workers(redis, clock) as (busy, _idle):
-        with busy.peers.board.own_stream():
+        with busy.peers.board.own():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
                 stub = tracking_pb2_grpc.TrackingServiceStub(channel)
                 call = stub.StreamEvents(iter([batch(1, "L-1", at_ms=at_ms), too_large]))
@@ -250,7 +250,7 @@ def carrier_keys(tmp_path: Path) -> Path:
     return path
 
 
-async def test_a_relayed_stream_keeps_its_callers_rights(
+async def test_relayed_streams_and_calls_keep_their_callers_rights(
     redis: Redis, clock: ManualClock, carrier_keys: Path
 ) -> None:
     """The peer applies as the carrier that called: its events pass, another carrier's are refused."""
@@ -263,21 +263,28 @@ async def test_a_relayed_stream_keeps_its_callers_rights(
     at_ms = clock.now_ms() - 1000
     mixed = batch(1, "K-1", at_ms=at_ms)
     mixed.events.append(batch(1, "K-2", at_ms=at_ms, carrier="dhl-de").events[0])
+    # A call large enough to be relayed, its last event another carrier's.
+    called = batch(2, *(f"KC-{i}" for i in range(RELAY_MIN_EVENTS - 1)), at_ms=at_ms)
+    called.events.append(batch(2, "KC-other", at_ms=at_ms, carrier="dhl-de").events[0])
     async with workers(redis, clock, settings) as (busy, idle):
-        with busy.peers.board.own_stream():
+        with busy.peers.board.own():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
                 stub = tracking_pb2_grpc.TrackingServiceStub(channel)
                 metadata = (("authorization", "Bearer key-swisspost"),)
                 acks = [a async for a in stub.StreamEvents(iter([mixed]), metadata=metadata)]
+                acks.append(await stub.RecordEvents(called, metadata=metadata))
                 refused, error = await read_all(stub.StreamEvents(iter([mixed])))
     assert idle.store.round_trips > 0
     assert busy.store.round_trips == 0
-    assert [a.accepted for a in acks] == [1]
-    assert [(r.index, r.code, r.field) for r in acks[0].rejected] == [
-        (1, tracking_pb2.REJECT_CODE_PERMISSION_DENIED, "carrier")
+    assert [a.accepted for a in acks] == [1, RELAY_MIN_EVENTS - 1]
+    assert [[(r.index, r.code, r.field) for r in a.rejected] for a in acks] == [
+        [(1, tracking_pb2.REJECT_CODE_PERMISSION_DENIED, "carrier")],
+        [(RELAY_MIN_EVENTS - 1, tracking_pb2.REJECT_CODE_PERMISSION_DENIED, "carrier")],
     ]
     assert await exists(redis, "K-1")
+    assert await exists(redis, "KC-0")
     assert not await exists(redis, "K-2")
+    assert not await exists(redis, "KC-other")
     # Without a key the carrier's worker refuses the call itself: nothing is relayed.
     assert refused == []
     assert error is not None
@@ -289,7 +296,7 @@ async def test_a_relayed_stream_drains_with_the_worker_it_reached(redis: Redis, 
     ones included, although no stream was relayed to it (its own peer socket stops at once)."""
     at_ms = clock.now_ms() - 1000
     async with workers(redis, clock) as (busy, idle):
-        with busy.peers.board.own_stream():
+        with busy.peers.board.own():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
                 call = tracking_pb2_grpc.TrackingServiceStub(channel).StreamEvents()  # type: ignore[call-arg]
                 await call.write(batch(1, "G-1", at_ms=at_ms))
@@ -305,3 +312,32 @@ async def test_a_relayed_stream_drains_with_the_worker_it_reached(redis: Redis, 
     assert [a.seq for a in rest] == [2]
     assert idle.store.round_trips > 0
     assert busy.store.round_trips == 0
+
+
+async def test_a_large_record_call_goes_to_the_idle_worker_and_a_small_one_stays(
+    redis: Redis, clock: ManualClock
+) -> None:
+    at_ms = clock.now_ms() - 1000
+    large = batch(1, *(f"U-{i}" for i in range(RELAY_MIN_EVENTS)), at_ms=at_ms)
+    small = batch(2, *(f"V-{i}" for i in range(RELAY_MIN_EVENTS - 1)), at_ms=at_ms)
+    async with workers(redis, clock) as (busy, idle):
+        with busy.peers.board.own():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
+                stub = tracking_pb2_grpc.TrackingServiceStub(channel)
+                relayed = await stub.RecordEvents(large)
+                assert idle.store.round_trips > 0
+                assert busy.store.round_trips == 0
+                kept = await stub.RecordEvents(small)
+                assert busy.store.round_trips > 0
+                await settled(busy.peers.board, [1, 0])
+                # The peer gone (its row still ready, as after a crash): the call fails, to be resent.
+                assert idle.peers.server is not None
+                await idle.peers.server.stop(0)
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await stub.RecordEvents(large)
+    assert (relayed.seq, relayed.accepted) == (1, RELAY_MIN_EVENTS)
+    assert (kept.seq, kept.accepted) == (2, RELAY_MIN_EVENTS - 1)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert failed.value.details() == PEER_GONE
+    for pid in ("U-0", f"U-{RELAY_MIN_EVENTS - 1}", "V-0"):
+        assert await exists(redis, pid)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import mmap
 import os
 import tempfile
@@ -52,6 +53,8 @@ from engine.tracking_service import (
 
 if TYPE_CHECKING:
     from engine.server import EngineServer
+
+log = logging.getLogger(__name__)
 
 PRINCIPAL_HEADER = "relais-principal"
 # A RecordEvents batch smaller than this is applied where it lands: passing it on costs two gRPC
@@ -314,8 +317,15 @@ class WorkerPeers:
         servicer = PeerTrackingServicer(ingestor, window=settings.engine.stream_window)
         tracking_pb2_grpc.add_TrackingServiceServicer_to_server(servicer, server)
         address = peer_socket(self.relay.directory, self.board.index)
-        if server.add_insecure_port(address) == 0:  # pragma: no cover - grpcio raises instead
-            raise RuntimeError(f"cannot listen on {address}")
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises (older releases returned 0)
+            bound = 0
+        if bound == 0:
+            # E.g. a TMPDIR so long the socket's path passes the kernel's 107 bytes. This worker
+            # still serves its own callers, and relays to peers that could listen; none relay here.
+            log.warning("cannot listen on %s: streams will not be relayed to this worker", address)
+            return
         await server.start()
         self.server = server
         self.board.set_ready(True)

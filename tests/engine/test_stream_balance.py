@@ -341,3 +341,19 @@ async def test_a_large_record_call_goes_to_the_idle_worker_and_a_small_one_stays
     assert failed.value.details() == PEER_GONE
     for pid in ("U-0", f"U-{RELAY_MIN_EVENTS - 1}", "V-0"):
         assert await exists(redis, pid)
+
+
+async def test_a_worker_that_cannot_open_its_socket_serves_on_and_is_not_relayed_to(
+    redis: Redis, clock: ManualClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    long_dir = tmp_path / ("d" * 120)  # a socket path past the kernel's limit
+    long_dir.mkdir()
+    peers = WorkerPeers.open(long_dir, 2, 1, SETTINGS)
+    assert peers is not None
+    ingestor = Ingestor(ParcelStore(redis, SETTINGS, clock), clock)
+    await peers.start(ingestor, SETTINGS)
+    assert peers.server is None
+    assert not LoadBoard(long_dir, 2, 0).ready(1)
+    assert "streams will not be relayed to this worker" in caplog.text
+    await peers.stop(0)
+    await peers.close()

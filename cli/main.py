@@ -89,7 +89,7 @@ async def serve(
             settings, redis, register=engine.register, telemetry=telemetry, reuse_port=worker.count > 1
         )
         if peers is not None:
-            await peers.attach(running, engine.ingestor, settings)
+            await peers.attach(running, engine.ingestor, settings, telemetry)
         install_signal_handlers(running, asyncio.Event(), worker.signals)
         tune_collector(ENGINE_YOUNG_THRESHOLD)
         sec = settings.security

@@ -13,13 +13,14 @@ batches still apply in the order they came, taking turns on shared parcels withi
 The board is a small file every worker maps, in the supervisor's private directory: one row per
 worker, written by that worker only: ``[ready, own, relayed to worker 0 .. N-1]``, counting streams
 and calls in progress. A worker's load is its own plus what every row relays to it: a stream
-counts as much as a call, whatever its rate. Reads race the writes
-harmlessly: the figure only picks a worker, it guards nothing.
+counts as much as a call, whatever its rate. Reads race the writes harmlessly: the figure only
+picks a worker, it guards nothing.
 
-A peer's socket serves TrackingService without the public guards: the caller's principal comes in
-metadata (``relais-principal``), trusted because only the engine's own processes can open a socket
-in a directory only its user may enter (0700). Quotas were charged on the way in, by the worker the
-carrier is connected to.
+A peer's socket serves TrackingService behind the error guard (spans, internal errors) but without
+authentication: the caller's principal comes in metadata (``relais-principal``), trusted because
+only the engine's own processes can open a socket in a directory only its user may enter (0700).
+Quotas were charged on the way in, by the worker the carrier is connected to. The trace context
+goes along, so a relayed batch stays in its caller's trace.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ import grpc
 from relais.v1 import tracking_pb2, tracking_pb2_grpc
 
 from common.settings import Settings
+from common.telemetry import Telemetry, inject_trace_context
 from engine.auth import Principal, bind_principal, current_principal, unbind_principal
 from engine.ingest import Ingestor
+from engine.interceptors import ErrorGuard, GuardedRegistry
 from engine.tracking_service import (
     CONFLICT,
     TOO_LARGE,
@@ -247,15 +250,22 @@ class StreamRelay:
 
 
 def _as_caller() -> tuple[tuple[str, str], ...]:
-    """The metadata that has a peer apply as the current caller."""
+    """The metadata that has a peer apply as the current caller, in the current trace."""
+    metadata: dict[str, str] = {}
+    inject_trace_context(metadata)
     principal = current_principal()
-    return ((PRINCIPAL_HEADER, str(principal)),) if principal is not None else ()
+    if principal is not None:
+        metadata[PRINCIPAL_HEADER] = str(principal)
+    return tuple(metadata.items())
 
 
 def _failure_of(error: grpc.aio.AioRpcError) -> Failure:
-    """A peer's status as the relaying worker answers it."""
+    """A peer's status as the relaying worker answers it. A bug on the peer stays INTERNAL (with its
+    trace id), so the carrier does not resend into it as into a peer that went away."""
     failure = Failure(error.code(), error.details() or "")
-    return failure if failure in PEER_FAILURES else Failure(grpc.StatusCode.UNAVAILABLE, PEER_GONE)
+    if failure in PEER_FAILURES or failure.code == grpc.StatusCode.INTERNAL:
+        return failure
+    return Failure(grpc.StatusCode.UNAVAILABLE, PEER_GONE)
 
 
 def _principal_of(context: Context) -> Principal | None:
@@ -306,16 +316,19 @@ class WorkerPeers:
         board = LoadBoard(directory, count, index)
         return cls(board, StreamRelay(board, directory, settings))
 
-    async def attach(self, running: EngineServer, ingestor: Ingestor, settings: Settings) -> None:
+    async def attach(
+        self, running: EngineServer, ingestor: Ingestor, settings: Settings, telemetry: Telemetry
+    ) -> None:
         """Serve relayed streams on this worker's socket beside ``running``, which drains both."""
-        await self.start(ingestor, settings)
+        await self.start(ingestor, settings, telemetry)
         running.peers = self
 
-    async def start(self, ingestor: Ingestor, settings: Settings) -> None:
+    async def start(self, ingestor: Ingestor, settings: Settings, telemetry: Telemetry) -> None:
         """Serve relayed streams on this worker's socket, then tell the peers it takes them."""
         server = grpc.aio.server(options=channel_options(settings))
         servicer = PeerTrackingServicer(ingestor, window=settings.engine.stream_window)
-        tracking_pb2_grpc.add_TrackingServiceServicer_to_server(servicer, server)
+        registry = GuardedRegistry(server, [ErrorGuard(telemetry)])
+        tracking_pb2_grpc.add_TrackingServiceServicer_to_server(servicer, registry)
         address = peer_socket(self.relay.directory, self.board.index)
         try:
             bound = server.add_insecure_port(address)

@@ -25,6 +25,7 @@ from common.clock import SystemClock
 from common.collector import ENGINE_YOUNG_THRESHOLD, tune_collector
 from common.redis_client import connect
 from common.settings import Settings
+from common.telemetry import noop_telemetry
 from engine.app import build_engine
 from engine.scheduler import Dispatcher
 from engine.server import start_server
@@ -42,7 +43,7 @@ async def serve(
     engine = build_engine(settings, redis, clock, relay=peers.relay if peers is not None else None)
     running = await start_server(settings, redis, register=engine.register, reuse_port=workers > 1)
     if peers is not None:
-        await peers.attach(running, engine.ingestor, settings)
+        await peers.attach(running, engine.ingestor, settings, noop_telemetry())
     tune_collector(ENGINE_YOUNG_THRESHOLD)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

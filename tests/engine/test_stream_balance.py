@@ -18,6 +18,7 @@ from relais.v1 import tracking_pb2, tracking_pb2_grpc, types_pb2
 from common import keys
 from common.clock import ManualClock
 from common.settings import EngineSettings, SecuritySettings, Settings
+from common.telemetry import Telemetry, noop_telemetry, setup_telemetry
 from engine.auth import hash_key
 from engine.ingest import Ingestor
 from engine.server import EngineServer, start_server
@@ -40,7 +41,11 @@ class Worker:
 
 @contextlib.asynccontextmanager
 async def workers(
-    redis: Redis, clock: ManualClock, settings: Settings = SETTINGS, count: int = 2
+    redis: Redis,
+    clock: ManualClock,
+    settings: Settings = SETTINGS,
+    count: int = 2,
+    telemetry: Telemetry | None = None,
 ) -> AsyncIterator[list[Worker]]:
     """``count`` engine workers as ``relais serve --workers`` wires them, each on a port of its own."""
     started: list[Worker] = []
@@ -50,10 +55,12 @@ async def workers(
                 peers = WorkerPeers.open(directory, count, index, settings)
                 assert peers is not None
                 store = ParcelStore(redis, settings, clock)
-                ingestor = Ingestor(store, clock)
+                telemetry = telemetry or noop_telemetry()
+                ingestor = Ingestor(store, clock, tracer=telemetry.tracer)
                 servicer = TrackingServicer(ingestor, window=3, relay=peers.relay)
-                running = await start_server(settings, redis, register=[add_tracking_service(servicer)])
-                await peers.attach(running, ingestor, settings)
+                register = [add_tracking_service(servicer)]
+                running = await start_server(settings, redis, register=register, telemetry=telemetry)
+                await peers.attach(running, ingestor, settings, telemetry)
                 started.append(Worker(running, store, peers))
             yield started
         finally:
@@ -351,9 +358,37 @@ async def test_a_worker_that_cannot_open_its_socket_serves_on_and_is_not_relayed
     peers = WorkerPeers.open(long_dir, 2, 1, SETTINGS)
     assert peers is not None
     ingestor = Ingestor(ParcelStore(redis, SETTINGS, clock), clock)
-    await peers.start(ingestor, SETTINGS)
+    await peers.start(ingestor, SETTINGS, noop_telemetry())
     assert peers.server is None
     assert not LoadBoard(long_dir, 2, 0).ready(1)
     assert "streams will not be relayed to this worker" in caplog.text
     await peers.stop(0)
     await peers.close()
+
+
+async def test_a_relayed_stream_stays_in_its_callers_trace(redis: Redis, clock: ManualClock) -> None:
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    spans = InMemorySpanExporter()
+    telemetry = setup_telemetry(SETTINGS, span_exporter=spans, metric_reader=InMemoryMetricReader())
+    at_ms = clock.now_ms() - 1000
+    try:
+        async with workers(redis, clock, telemetry=telemetry) as (busy, idle):
+            with busy.peers.board.own():
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
+                    stub = tracking_pb2_grpc.TrackingServiceStub(channel)
+                    acks = [a async for a in stub.StreamEvents(iter([batch(1, "T-1", at_ms=at_ms)]))]
+        assert idle.store.round_trips > 0
+        telemetry.tracer_provider.force_flush()  # type: ignore[union-attr]
+    finally:
+        telemetry.shutdown()
+    assert [a.accepted for a in acks] == [1]
+    servers = [s for s in spans.get_finished_spans() if s.name.endswith("TrackingService/StreamEvents")]
+    applied = [s for s in spans.get_finished_spans() if s.name == "ingest.batch"]
+    # The carrier's call on the busy worker, the relayed one on the idle worker, its child; one trace.
+    assert len(servers) == 2
+    assert len(applied) == 1
+    outer, inner = sorted(servers, key=lambda s: s.start_time or 0)
+    assert inner.parent is not None
+    assert {s.context.trace_id for s in (outer, inner, applied[0])} == {outer.context.trace_id}

@@ -82,14 +82,14 @@ async def serve(
     telemetry = setup_telemetry(settings)
     try:
         clock = SystemClock()
-        peers = WorkerPeers.open(worker.peers_dir, worker.count, worker.index, settings)
+        peers = WorkerPeers.open(worker.peers_dir, worker.count, worker.index, settings, telemetry)
         relay = peers.relay if peers is not None else None
         engine = build_engine(settings, redis, clock, telemetry.metrics, telemetry.tracer, relay)
         running = await start_server(
             settings, redis, register=engine.register, telemetry=telemetry, reuse_port=worker.count > 1
         )
         if peers is not None:
-            await peers.attach(running, engine.ingestor, settings, telemetry)
+            await peers.attach(running, engine.ingestor)
         install_signal_handlers(running, asyncio.Event(), worker.signals)
         tune_collector(ENGINE_YOUNG_THRESHOLD)
         sec = settings.security

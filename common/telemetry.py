@@ -98,6 +98,7 @@ class Metrics:
     retries: Counter
     dead_letters: Counter
     outbox_depth: ObservableGauge
+    relayed: Counter
     # Last known unsettled outbox entries per shard, observed by the gauge's callback at export time
     # (the callback is synchronous, so whoever reads them from Redis stores them here).
     _outbox_depths: dict[int, int] = field(default_factory=dict)
@@ -138,6 +139,11 @@ class Metrics:
                 unit="{notice}",
                 description="Outbox entries not yet settled per shard (unread, or read and unacknowledged)",
             ),
+            relayed=meter.create_counter(
+                "relais.ingest.relayed",
+                unit="{call}",
+                description="Event streams and calls relayed to a less loaded engine worker, by kind",
+            ),
             _outbox_depths=depths,
         )
 
@@ -166,6 +172,10 @@ class Metrics:
 
     def dead_lettered(self, kind: types_pb2.NoticeKind.ValueType, count: int = 1) -> None:
         self.dead_letters.add(count, {"kind": _kind(kind)})
+
+    def relayed_call(self, kind: str) -> None:
+        """``kind``: ``stream`` or ``call`` (``engine.stream_balance``)."""
+        self.relayed.add(1, {"kind": kind})
 
     def set_outbox_depth(self, shard: int, depth: int) -> None:
         self._outbox_depths[shard] = depth

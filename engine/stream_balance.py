@@ -40,7 +40,7 @@ import grpc
 from relais.v1 import tracking_pb2, tracking_pb2_grpc
 
 from common.settings import Settings
-from common.telemetry import Telemetry, inject_trace_context
+from common.telemetry import Metrics, Telemetry, inject_trace_context
 from engine.auth import Principal, bind_principal, current_principal, unbind_principal
 from engine.ingest import Ingestor
 from engine.interceptors import ErrorGuard, GuardedRegistry
@@ -166,6 +166,7 @@ class StreamRelay:
     board: LoadBoard
     directory: Path
     settings: Settings
+    metrics: Metrics | None = None
     _stubs: dict[int, tracking_pb2_grpc.TrackingServiceAsyncStub] = field(default_factory=dict)
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
@@ -216,6 +217,8 @@ class StreamRelay:
                     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                         await call.done_writing()
 
+        if self.metrics is not None:
+            self.metrics.relayed_call("stream")
         with self.board.relayed(worker):
             pumping = asyncio.create_task(pump())
             # Its failure is raised below when the peer's acks end; if the peer failed first, it is moot.
@@ -235,6 +238,8 @@ class StreamRelay:
         self, worker: int, batch: tracking_pb2.EventBatch, context: Context
     ) -> tracking_pb2.BatchAck:
         """``RecordEvents`` applied by ``worker``."""
+        if self.metrics is not None:
+            self.metrics.relayed_call("call")
         with self.board.relayed(worker):
             try:
                 ack: tracking_pb2.BatchAck = await self._stub(worker).RecordEvents(
@@ -306,28 +311,30 @@ class WorkerPeers:
 
     board: LoadBoard
     relay: StreamRelay
+    telemetry: Telemetry
     server: grpc.aio.Server | None = None
 
     @classmethod
-    def open(cls, directory: Path | None, count: int, index: int, settings: Settings) -> WorkerPeers | None:
+    def open(
+        cls, directory: Path | None, count: int, index: int, settings: Settings, telemetry: Telemetry
+    ) -> WorkerPeers | None:
         """Worker ``index``'s part, or None when ``peers_directory`` gave none (nothing to balance)."""
         if directory is None:
             return None
         board = LoadBoard(directory, count, index)
-        return cls(board, StreamRelay(board, directory, settings))
+        return cls(board, StreamRelay(board, directory, settings, telemetry.metrics), telemetry)
 
-    async def attach(
-        self, running: EngineServer, ingestor: Ingestor, settings: Settings, telemetry: Telemetry
-    ) -> None:
+    async def attach(self, running: EngineServer, ingestor: Ingestor) -> None:
         """Serve relayed streams on this worker's socket beside ``running``, which drains both."""
-        await self.start(ingestor, settings, telemetry)
+        await self.start(ingestor)
         running.peers = self
 
-    async def start(self, ingestor: Ingestor, settings: Settings, telemetry: Telemetry) -> None:
+    async def start(self, ingestor: Ingestor) -> None:
         """Serve relayed streams on this worker's socket, then tell the peers it takes them."""
+        settings = self.relay.settings
         server = grpc.aio.server(options=channel_options(settings))
         servicer = PeerTrackingServicer(ingestor, window=settings.engine.stream_window)
-        registry = GuardedRegistry(server, [ErrorGuard(telemetry)])
+        registry = GuardedRegistry(server, [ErrorGuard(self.telemetry)])
         tracking_pb2_grpc.add_TrackingServiceServicer_to_server(servicer, registry)
         address = peer_socket(self.relay.directory, self.board.index)
         try:

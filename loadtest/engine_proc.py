@@ -39,11 +39,11 @@ async def serve(
         raise SystemExit("engine_proc needs REDIS_URL")
     redis = connect(settings.redis_url)
     clock = SystemClock()
-    peers = WorkerPeers.open(peers_dir, workers, index, settings)
+    peers = WorkerPeers.open(peers_dir, workers, index, settings, noop_telemetry())
     engine = build_engine(settings, redis, clock, relay=peers.relay if peers is not None else None)
     running = await start_server(settings, redis, register=engine.register, reuse_port=workers > 1)
     if peers is not None:
-        await peers.attach(running, engine.ingestor, settings, noop_telemetry())
+        await peers.attach(running, engine.ingestor)
     tune_collector(ENGINE_YOUNG_THRESHOLD)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

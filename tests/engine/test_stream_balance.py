@@ -26,6 +26,7 @@ from engine.state import ParcelStore
 from engine.stream_balance import PEER_GONE, RELAY_MIN_EVENTS, LoadBoard, WorkerPeers, peers_directory
 from engine.tracking_service import MAX_REJECTED_EVENTS, TOO_MANY, TrackingServicer, add_tracking_service
 from tests.engine.core_support import event
+from tests.security.test_telemetry import metric_points
 
 SHARDS = 4
 TRANSIT = types_pb2.TRACKING_STATUS_IN_TRANSIT
@@ -49,18 +50,18 @@ async def workers(
 ) -> AsyncIterator[list[Worker]]:
     """``count`` engine workers as ``relais serve --workers`` wires them, each on a port of its own."""
     started: list[Worker] = []
+    telemetry = telemetry or noop_telemetry()
     with peers_directory(settings, count) as directory:
         try:
             for index in range(count):
-                peers = WorkerPeers.open(directory, count, index, settings)
+                peers = WorkerPeers.open(directory, count, index, settings, telemetry)
                 assert peers is not None
                 store = ParcelStore(redis, settings, clock)
-                telemetry = telemetry or noop_telemetry()
                 ingestor = Ingestor(store, clock, tracer=telemetry.tracer)
                 servicer = TrackingServicer(ingestor, window=3, relay=peers.relay)
                 register = [add_tracking_service(servicer)]
                 running = await start_server(settings, redis, register=register, telemetry=telemetry)
-                await peers.attach(running, ingestor, settings, telemetry)
+                await peers.attach(running, ingestor)
                 started.append(Worker(running, store, peers))
             yield started
         finally:
@@ -137,7 +138,7 @@ def test_balancing_is_on_by_default_with_several_workers_and_can_be_turned_off()
     with peers_directory(SETTINGS, 2) as directory:
         assert directory is not None
         assert directory.stat().st_mode & 0o777 == 0o700
-        assert WorkerPeers.open(None, 2, 0, SETTINGS) is None
+        assert WorkerPeers.open(None, 2, 0, SETTINGS, noop_telemetry()) is None
     assert not directory.exists()
 
 
@@ -355,10 +356,10 @@ async def test_a_worker_that_cannot_open_its_socket_serves_on_and_is_not_relayed
 ) -> None:
     long_dir = tmp_path / ("d" * 120)  # a socket path past the kernel's limit
     long_dir.mkdir()
-    peers = WorkerPeers.open(long_dir, 2, 1, SETTINGS)
+    peers = WorkerPeers.open(long_dir, 2, 1, SETTINGS, noop_telemetry())
     assert peers is not None
     ingestor = Ingestor(ParcelStore(redis, SETTINGS, clock), clock)
-    await peers.start(ingestor, SETTINGS, noop_telemetry())
+    await peers.start(ingestor)
     assert peers.server is None
     assert not LoadBoard(long_dir, 2, 0).ready(1)
     assert "streams will not be relayed to this worker" in caplog.text
@@ -366,12 +367,15 @@ async def test_a_worker_that_cannot_open_its_socket_serves_on_and_is_not_relayed
     await peers.close()
 
 
-async def test_a_relayed_stream_stays_in_its_callers_trace(redis: Redis, clock: ManualClock) -> None:
+async def test_a_relayed_stream_stays_in_its_callers_trace_and_is_counted(
+    redis: Redis, clock: ManualClock
+) -> None:
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     spans = InMemorySpanExporter()
-    telemetry = setup_telemetry(SETTINGS, span_exporter=spans, metric_reader=InMemoryMetricReader())
+    reader = InMemoryMetricReader()
+    telemetry = setup_telemetry(SETTINGS, span_exporter=spans, metric_reader=reader)
     at_ms = clock.now_ms() - 1000
     try:
         async with workers(redis, clock, telemetry=telemetry) as (busy, idle):
@@ -392,3 +396,5 @@ async def test_a_relayed_stream_stays_in_its_callers_trace(redis: Redis, clock: 
     outer, inner = sorted(servers, key=lambda s: s.start_time or 0)
     assert inner.parent is not None
     assert {s.context.trace_id for s in (outer, inner, applied[0])} == {outer.context.trace_id}
+    # Operators see the relays counted.
+    assert metric_points(reader)["relais.ingest.relayed"] == [({"kind": "stream"}, 1)]

@@ -4,7 +4,8 @@ One Python process serves from one core (the interpreter lock), and gRPC alone c
 microseconds of CPU per call, so a multi-core host runs about one worker per core. Each worker is a
 fresh interpreter (``spawn``: gRPC must not be forked once started) with its own event loop, Redis
 pool and gRPC server; they bind the same address with SO_REUSEPORT and the kernel spreads incoming
-connections over them. State lives in Redis, so any worker answers any call.
+connections over them (event streams are then spread by load: ``engine.stream_balance``). State
+lives in Redis, so any worker answers any call.
 
 The supervisor only starts, signals and reaps:
 

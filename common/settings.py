@@ -250,8 +250,8 @@ class EngineSettings:
     # Server processes of ``relais serve``, sharing the listener's port (SO_REUSEPORT): one Python
     # process uses one core, so a multi-core host runs about one per core.
     workers: int = 1
-    # With several workers, a new stream goes to the one applying the fewest, whichever the kernel
-    # handed its connection to (``engine.stream_balance``).
+    # With several workers, a new event stream (or a large RecordEvents call) goes to the least loaded
+    # one, whichever the kernel handed its connection to (``engine.stream_balance``).
     balance_streams: bool = True
 
     @classmethod

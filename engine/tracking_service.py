@@ -62,7 +62,8 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
     def __init__(self, ingestor: Ingestor, *, window: int, relay: StreamRelay | None = None) -> None:
         self._ingestor = ingestor
         self._window = window
-        # With several workers: a new stream may go whole to a less loaded one (engine.stream_balance).
+        # With several workers: a new stream or large call may go whole to a less loaded one
+        # (engine.stream_balance).
         self._relay = relay
 
     async def _apply(self, batch: tracking_pb2.EventBatch) -> tracking_pb2.BatchAck | Failure:

@@ -60,8 +60,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PRINCIPAL_HEADER = "relais-principal"
-# A RecordEvents batch smaller than this is applied where it lands: passing it on costs two gRPC
-# calls' CPU (~0.7 ms), more than applying a few events.
+# A RecordEvents batch smaller than this is applied where it lands. Passing a call on costs a unary
+# call's server and client CPU once more (0.6-0.7 ms, docs/benchmarks.md session 3), what applying
+# about 5 events costs (~125 us each): from 32 events on, the relay adds a sixth at most.
 RELAY_MIN_EVENTS = 32
 BOARD_FILE = "streams.board"
 # A peer that does not answer: the carrier resends from the first unacknowledged batch, as after any

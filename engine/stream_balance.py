@@ -30,6 +30,7 @@ import contextlib
 import logging
 import mmap
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -65,6 +66,9 @@ PRINCIPAL_HEADER = "relais-principal"
 # about 5 events costs (~125 us each): from 32 events on, the relay adds a sixth at most.
 RELAY_MIN_EVENTS = 32
 BOARD_FILE = "streams.board"
+DIRECTORY_PREFIX = "relais-workers-"
+# The supervisor's pid, so a later engine can tell the directory of one killed outright.
+OWNER_FILE = "owner.pid"
 # A peer that does not answer: the carrier resends from the first unacknowledged batch, as after any
 # other worker failure.
 PEER_GONE = "engine worker unavailable; send the batch again"
@@ -80,8 +84,26 @@ def peers_directory(settings: Settings, count: int) -> Iterator[Path | None]:
     if count < 2 or not settings.engine.balance_streams:
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="relais-workers-") as directory:
+    _remove_abandoned(Path(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=DIRECTORY_PREFIX) as directory:
+        (Path(directory) / OWNER_FILE).write_text(str(os.getpid()))
         yield Path(directory)
+
+
+def _remove_abandoned(parent: Path) -> None:
+    """Directories left by engines killed outright (SIGKILL leaves no time to clean up): theirs is
+    the owner's pid, and that process is gone. Ours only (mode 0700: another user's are unreadable)."""
+    for directory in parent.glob(DIRECTORY_PREFIX + "*"):
+        try:
+            owner = int((directory / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge, or still being created
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(directory, ignore_errors=True)
+        except PermissionError:
+            continue  # alive, another user's
 
 
 def peer_socket(directory: Path, index: int) -> str:

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +28,15 @@ from engine.auth import hash_key
 from engine.ingest import Ingestor
 from engine.server import EngineServer, start_server
 from engine.state import ParcelStore
-from engine.stream_balance import PEER_GONE, RELAY_MIN_EVENTS, LoadBoard, WorkerPeers, peers_directory
+from engine.stream_balance import (
+    DIRECTORY_PREFIX,
+    OWNER_FILE,
+    PEER_GONE,
+    RELAY_MIN_EVENTS,
+    LoadBoard,
+    WorkerPeers,
+    peers_directory,
+)
 from engine.tracking_service import MAX_REJECTED_EVENTS, TOO_MANY, TrackingServicer, add_tracking_service
 from tests.engine.core_support import event
 from tests.security.test_telemetry import metric_points
@@ -138,6 +151,7 @@ def test_balancing_is_on_by_default_with_several_workers_and_can_be_turned_off()
     with peers_directory(SETTINGS, 2) as directory:
         assert directory is not None
         assert directory.stat().st_mode & 0o777 == 0o700
+        assert (directory / OWNER_FILE).read_text() == str(os.getpid())
         assert WorkerPeers.open(None, 2, 0, SETTINGS, noop_telemetry()) is None
     assert not directory.exists()
 
@@ -398,3 +412,22 @@ async def test_a_relayed_stream_stays_in_its_callers_trace_and_is_counted(
     assert {s.context.trace_id for s in (outer, inner, applied[0])} == {outer.context.trace_id}
     # Operators see the relays counted.
     assert metric_points(reader)["relais.ingest.relayed"] == [({"kind": "stream"}, 1)]
+
+
+def test_a_directory_left_by_a_killed_engine_is_removed_by_the_next(tmp_path: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    abandoned = Path(tempfile.mkdtemp(prefix=DIRECTORY_PREFIX))
+    (abandoned / OWNER_FILE).write_text(str(gone.pid))
+    running = Path(tempfile.mkdtemp(prefix=DIRECTORY_PREFIX))
+    (running / OWNER_FILE).write_text(str(os.getpid()))
+    unknown = Path(tempfile.mkdtemp(prefix=DIRECTORY_PREFIX))  # no owner file: not judged
+    try:
+        with peers_directory(SETTINGS, 2) as directory:
+            assert directory is not None
+            assert not abandoned.exists()
+            assert running.exists()
+            assert unknown.exists()
+    finally:
+        for path in (abandoned, running, unknown):
+            shutil.rmtree(path, ignore_errors=True)

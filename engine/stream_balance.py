@@ -159,31 +159,24 @@ class LoadBoard:
         return best
 
     @contextlib.contextmanager
-    def own(self) -> Iterator[None]:
+    def _counting(self, column: int) -> Iterator[None]:
+        self._add(column, 1)
+        try:
+            yield
+        finally:
+            self._add(column, -1)
+
+    def own(self) -> contextlib.AbstractContextManager[None]:
         """A stream or call this worker applies for its own caller."""
-        self._add(1, 1)
-        try:
-            yield
-        finally:
-            self._add(1, -1)
+        return self._counting(1)
 
-    @contextlib.contextmanager
-    def applying(self) -> Iterator[None]:
+    def applying(self) -> contextlib.AbstractContextManager[None]:
         """A batch this worker is applying, for its own caller or a peer's."""
-        self._add(2, 1)
-        try:
-            yield
-        finally:
-            self._add(2, -1)
+        return self._counting(2)
 
-    @contextlib.contextmanager
-    def relayed(self, worker: int) -> Iterator[None]:
+    def relayed(self, worker: int) -> contextlib.AbstractContextManager[None]:
         """A stream or call this worker relays to ``worker``."""
-        self._add(3 + worker, 1)
-        try:
-            yield
-        finally:
-            self._add(3 + worker, -1)
+        return self._counting(3 + worker)
 
 
 def channel_options(settings: Settings) -> list[tuple[str, int]]:

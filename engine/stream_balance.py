@@ -11,11 +11,12 @@ batches still apply in the order they came, taking turns on shared parcels withi
 ``RELAY_MIN_EVENTS`` events is relayed the same way (smaller ones cost less to apply than to pass on).
 
 The board is a small file every worker maps, in the supervisor's private directory: one row per
-worker, written by that worker only: ``[ready, own, batches, relayed to worker 0 .. N-1]``. A
-worker's load is the streams and calls it applies (its own, and those every row relays to it) plus
-the batches it is applying now: a quiet stream weighs 1, a busy one up to 1 + its window, and
-streams opened at once still spread by their count. Reads race the writes harmlessly: the figure
-only picks a worker, it guards nothing.
+worker, written by that worker only: ``[ready, own, relayed to worker 0 .. N-1]``, counting streams
+and calls in progress. A worker's load is its own plus what every row relays to it: a stream
+counts as much as a call, whatever its rate. (Adding the batches being applied, so a busy stream
+would outweigh a quiet one, spread the benchmark's 16 equal streams worse: they open at once, and
+the batches in flight when each is placed are noise. Busiest worker's share 0.52-0.57 against
+0.50-0.53.) Reads race the writes harmlessly: the figure only picks a worker, it guards nothing.
 
 A peer's socket serves TrackingService behind the error guard (spans, internal errors) but without
 authentication: the caller's principal comes in metadata (``relais-principal``), trusted because
@@ -117,7 +118,7 @@ class LoadBoard:
     def __init__(self, directory: Path, count: int, index: int) -> None:
         self.count = count
         self.index = index
-        self._width = count + 3
+        self._width = count + 2
         size = count * self._width * 8
         fd = os.open(directory / BOARD_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -144,10 +145,9 @@ class LoadBoard:
         return self._cells[self._at(worker, 0)] == 1
 
     def load(self, worker: int) -> int:
-        """Streams and calls ``worker`` applies (its own and those relayed to it), plus the batches it
-        is applying."""
-        relayed = sum(self._cells[self._at(row, 3 + worker)] for row in range(self.count))
-        return self._cells[self._at(worker, 1)] + self._cells[self._at(worker, 2)] + relayed
+        """Streams and calls ``worker`` applies: its own and those relayed to it."""
+        relayed = sum(self._cells[self._at(row, 2 + worker)] for row in range(self.count))
+        return self._cells[self._at(worker, 1)] + relayed
 
     def choose(self) -> int | None:
         """The ready peer with the least load if it has less than this worker; else None."""
@@ -170,13 +170,9 @@ class LoadBoard:
         """A stream or call this worker applies for its own caller."""
         return self._counting(1)
 
-    def applying(self) -> contextlib.AbstractContextManager[None]:
-        """A batch this worker is applying, for its own caller or a peer's."""
-        return self._counting(2)
-
     def relayed(self, worker: int) -> contextlib.AbstractContextManager[None]:
         """A stream or call this worker relays to ``worker``."""
-        return self._counting(3 + worker)
+        return self._counting(2 + worker)
 
 
 def channel_options(settings: Settings) -> list[tuple[str, int]]:
@@ -360,7 +356,7 @@ class WorkerPeers:
         """Serve relayed streams on this worker's socket, then tell the peers it takes them."""
         settings = self.relay.settings
         server = grpc.aio.server(options=channel_options(settings))
-        servicer = PeerTrackingServicer(ingestor, window=settings.engine.stream_window, board=self.board)
+        servicer = PeerTrackingServicer(ingestor, window=settings.engine.stream_window)
         registry = GuardedRegistry(server, [ErrorGuard(self.telemetry)])
         tracking_pb2_grpc.add_TrackingServiceServicer_to_server(servicer, registry)
         address = peer_socket(self.relay.directory, self.board.index)

@@ -30,7 +30,7 @@ from engine.state import ConflictError
 from engine.validation import MAX_BATCH_EVENTS
 
 if TYPE_CHECKING:
-    from engine.stream_balance import LoadBoard, StreamRelay
+    from engine.stream_balance import StreamRelay
 
 Context = grpc.aio.ServicerContext[object, object]
 TOO_MANY = f"events: at most {MAX_BATCH_EVENTS} per batch"
@@ -59,28 +59,14 @@ async def abort_with(context: Context, failure: Failure) -> NoReturn:
 
 
 class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
-    def __init__(
-        self,
-        ingestor: Ingestor,
-        *,
-        window: int,
-        relay: StreamRelay | None = None,
-        board: LoadBoard | None = None,
-    ) -> None:
+    def __init__(self, ingestor: Ingestor, *, window: int, relay: StreamRelay | None = None) -> None:
         self._ingestor = ingestor
         self._window = window
         # With several workers: a new stream or large call may go whole to a less loaded one
-        # (engine.stream_balance), and the batches being applied here count in this worker's load.
+        # (engine.stream_balance).
         self._relay = relay
-        self._board = board if board is not None or relay is None else relay.board
 
     async def _apply(self, batch: tracking_pb2.EventBatch) -> tracking_pb2.BatchAck | Failure:
-        if self._board is None:
-            return await self._apply_now(batch)
-        with self._board.applying():
-            return await self._apply_now(batch)
-
-    async def _apply_now(self, batch: tracking_pb2.EventBatch) -> tracking_pb2.BatchAck | Failure:
         try:
             return await self._ingestor.apply(batch)
         except ConflictError:

@@ -60,7 +60,6 @@ async def workers(
     settings: Settings = SETTINGS,
     count: int = 2,
     telemetry: Telemetry | None = None,
-    ingestor_type: type[Ingestor] = Ingestor,
 ) -> AsyncIterator[list[Worker]]:
     """``count`` engine workers as ``relais serve --workers`` wires them, each on a port of its own."""
     started: list[Worker] = []
@@ -71,7 +70,7 @@ async def workers(
                 peers = WorkerPeers.open(directory, count, index, settings, telemetry)
                 assert peers is not None
                 store = ParcelStore(redis, settings, clock)
-                ingestor = ingestor_type(store, clock, tracer=telemetry.tracer)
+                ingestor = Ingestor(store, clock, tracer=telemetry.tracer)
                 servicer = TrackingServicer(ingestor, window=3, relay=peers.relay)
                 register = [add_tracking_service(servicer)]
                 running = await start_server(settings, redis, register=register, telemetry=telemetry)
@@ -140,48 +139,6 @@ def test_the_board_picks_the_ready_peer_applying_the_fewest_streams(tmp_path: Pa
         assert first.choose() == 1
         assert second.choose() is None
     assert [second.load(w) for w in range(3)] == [0, 0, 0]
-
-
-def test_batches_being_applied_weigh_in_a_workers_load(tmp_path: Path) -> None:
-    quiet, busy = LoadBoard(tmp_path, 2, 0), LoadBoard(tmp_path, 2, 1)
-    quiet.set_ready(True)
-    busy.set_ready(True)
-    with quiet.own(), quiet.own(), busy.own(), busy.applying(), busy.applying():
-        # Two quiet streams weigh less than one whose two batches are being applied.
-        assert [quiet.load(w) for w in range(2)] == [2, 3]
-        assert busy.choose() == 0
-        assert quiet.choose() is None
-    assert [quiet.load(w) for w in range(2)] == [0, 0]
-
-
-class HeldIngestor(Ingestor):
-    """The real ingestor, holding each batch until the test lets it go."""
-
-    release = asyncio.Event()
-
-    async def apply(self, batch: tracking_pb2.EventBatch) -> tracking_pb2.BatchAck:
-        await self.release.wait()
-        return await super().apply(batch)
-
-
-async def test_a_peer_counts_the_relayed_batches_it_applies(redis: Redis, clock: ManualClock) -> None:
-    at_ms = clock.now_ms() - 1000
-    HeldIngestor.release = asyncio.Event()
-    async with workers(redis, clock, ingestor_type=HeldIngestor) as (busy, _idle):
-        board = busy.peers.board
-        with board.own(), board.own():
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
-                call = tracking_pb2_grpc.TrackingServiceStub(channel).StreamEvents()  # type: ignore[call-arg]
-                await call.write(batch(1, "H-1", at_ms=at_ms))
-                await call.write(batch(2, "H-2", at_ms=at_ms))
-                # The relayed stream and its two batches, held on the idle worker.
-                await settled(board, [2, 3])
-                HeldIngestor.release.set()
-                await call.done_writing()
-                acks, error = await read_all(call)
-        await settled(board, [0, 0])
-    assert error is None
-    assert [a.accepted for a in acks] == [1, 1]
 
 
 def test_balancing_is_on_by_default_with_several_workers_and_can_be_turned_off() -> None:

@@ -223,12 +223,18 @@ async def bench_ingest_one_connection(results: Results, sizes: Sizes, stack: Sta
     groups = make_groups("BC", sizes.ingest_events // 5, sizes.recipients)
     streams = plan_streams(groups, STREAMS, now_ms)
     await register_all(stack.target, [j for g in groups for j in g.journeys], now_ms)
+    cpu_before = ingest_cpu_s(stack)
     workers_before = processes_cpu_s(stack.engine_pid())
     result = await stream_batches(stack.target, streams, window=WINDOW, connections=1)
+    engine_s = ingest_cpu_s(stack)["engine"] - cpu_before["engine"]
     results.figures.update(
         {
             "ingest_one_connection_events_per_s": result.events_per_s,
             "ingest_one_connection_busiest_worker_cpu_share": busiest_share(stack, workers_before),
+            # Relaying included: what passing half the streams on costs shows here.
+            "ingest_one_connection_engine_cpu_us_per_event": engine_s / result.events * 1e6
+            if result.events
+            else None,
         }
     )
 
@@ -647,6 +653,12 @@ ROWS = (
         "ingest_engine_cpu_us_per_event",
         "ingest_redis_cpu_us_per_event",
         "Redis",
+    ),
+    (
+        "ingest CPU us/event, 1 connection",
+        "ingest_one_connection_engine_cpu_us_per_event",
+        "ingest_engine_cpu_us_per_event",
+        "16 connections",
     ),
     (
         "ingest events/s, 1 connection",

@@ -22,7 +22,7 @@ from relais.v1 import tracking_pb2, tracking_pb2_grpc, types_pb2
 
 from common import keys
 from common.clock import ManualClock
-from common.settings import EngineSettings, SecuritySettings, Settings
+from common.settings import SecuritySettings, Settings
 from common.telemetry import Telemetry, noop_telemetry, setup_telemetry
 from engine.auth import hash_key
 from engine.ingest import Ingestor
@@ -281,7 +281,6 @@ async def test_relayed_streams_and_calls_keep_their_callers_rights(
         listen="127.0.0.1:0",
         shards=SHARDS,
         security=SecuritySettings(keys_file=carrier_keys),
-        engine=EngineSettings(),
     )
     at_ms = clock.now_ms() - 1000
     mixed = batch(1, "K-1", at_ms=at_ms)

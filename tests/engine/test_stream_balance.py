@@ -82,6 +82,19 @@ async def workers(
                 await worker.running.stop(0)
 
 
+@contextlib.asynccontextmanager
+async def busy_client(
+    worker: Worker, streams: int = 1
+) -> AsyncIterator[tracking_pb2_grpc.TrackingServiceAsyncStub]:
+    """A client of ``worker`` while it already applies ``streams`` streams of its own: a new stream
+    or large call it takes goes to a less loaded peer."""
+    with contextlib.ExitStack() as held:
+        for _ in range(streams):
+            held.enter_context(worker.peers.board.own())
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.running.port}") as channel:
+            yield tracking_pb2_grpc.TrackingServiceStub(channel)
+
+
 def batch(seq: int, *parcel_ids: str, at_ms: int, carrier: str = "swisspost") -> tracking_pb2.EventBatch:
     events = [event(f"{pid}-e{seq}", pid, TRANSIT, at_ms) for pid in parcel_ids]
     for e in events:
@@ -162,20 +175,19 @@ async def test_a_stream_reaching_a_busy_worker_is_applied_whole_by_the_idle_one(
     at_ms = clock.now_ms() - 1000
     async with workers(redis, clock) as (busy, idle):
         board = busy.peers.board
-        with board.own(), board.own():
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
-                call = tracking_pb2_grpc.TrackingServiceStub(channel).StreamEvents()  # type: ignore[call-arg]
-                await call.write(batch(1, "R-1", "R-2", at_ms=at_ms))
-                first = await next_ack(call)
-                # While the stream runs, every worker sees it counted on the idle one.
-                assert [idle.peers.board.load(w) for w in range(2)] == [2, 1]
-                await call.write(batch(2, "R-1", at_ms=at_ms + 1))
-                again = batch(3, "R-3", at_ms=at_ms)
-                await call.write(again)
-                again.seq = 4
-                await call.write(again)  # the same event again
-                await call.done_writing()
-                rest, error = await read_all(call)
+        async with busy_client(busy, streams=2) as stub:
+            call = stub.StreamEvents()  # type: ignore[call-arg]
+            await call.write(batch(1, "R-1", "R-2", at_ms=at_ms))
+            first = await next_ack(call)
+            # While the stream runs, every worker sees it counted on the idle one.
+            assert [idle.peers.board.load(w) for w in range(2)] == [2, 1]
+            await call.write(batch(2, "R-1", at_ms=at_ms + 1))
+            again = batch(3, "R-3", at_ms=at_ms)
+            await call.write(again)
+            again.seq = 4
+            await call.write(again)  # the same event again
+            await call.done_writing()
+            rest, error = await read_all(call)
         await settled(board, [0, 0])
     assert error is None
     assert first is not None
@@ -212,10 +224,8 @@ async def test_a_draining_peer_takes_no_new_stream(redis: Redis, clock: ManualCl
     at_ms = clock.now_ms() - 1000
     async with workers(redis, clock) as (busy, draining):
         draining.peers.withdraw()
-        with busy.peers.board.own():
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
-                stub = tracking_pb2_grpc.TrackingServiceStub(channel)
-                acks = [a async for a in stub.StreamEvents(iter([batch(1, "D-1", at_ms=at_ms)]))]
+        async with busy_client(busy) as stub:
+            acks = [a async for a in stub.StreamEvents(iter([batch(1, "D-1", at_ms=at_ms)]))]
     assert [a.accepted for a in acks] == [1]
     assert draining.store.round_trips == 0
     assert busy.store.round_trips > 0
@@ -225,18 +235,16 @@ async def test_a_peer_that_dies_mid_stream_ends_it_unavailable_after_the_acks_be
     redis: Redis, clock: ManualClock
 ) -> None:
     at_ms = clock.now_ms() - 1000
-    async with workers(redis, clock) as (busy, dying):
-        with busy.peers.board.own():
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
-                call = tracking_pb2_grpc.TrackingServiceStub(channel).StreamEvents()  # type: ignore[call-arg]
-                await call.write(batch(1, "X-1", at_ms=at_ms))
-                first = await next_ack(call)
-                # Gone without draining, as a crashed process: its row still says ready.
-                assert dying.peers.server is not None
-                await dying.peers.server.stop(0)
-                # Nothing more written: a write racing the relay's end of the call fails on gRPC's
-                # client side (INTERNAL), which would hide the status the engine sent.
-                rest, error = await read_all(call)
+    async with workers(redis, clock) as (busy, dying), busy_client(busy) as stub:
+        call = stub.StreamEvents()  # type: ignore[call-arg]
+        await call.write(batch(1, "X-1", at_ms=at_ms))
+        first = await next_ack(call)
+        # Gone without draining, as a crashed process: its row still says ready.
+        assert dying.peers.server is not None
+        await dying.peers.server.stop(0)
+        # Nothing more written: a write racing the relay's end of the call fails on gRPC's
+        # client side (INTERNAL), which would hide the status the engine sent.
+        rest, error = await read_all(call)
     assert first is not None
     assert first.seq == 1
     assert first.accepted == 1
@@ -253,12 +261,9 @@ async def test_a_peer_ending_a_stream_for_the_carrier_is_heard_as_it_said_it(
     at_ms = clock.now_ms() - 1000
     empty = tracking_pb2.TrackingEvent()
     too_large = tracking_pb2.EventBatch(seq=2, events=[empty] * (MAX_REJECTED_EVENTS + 1))
-    async with workers(redis, clock) as (busy, _idle):
-        with busy.peers.board.own():
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
-                stub = tracking_pb2_grpc.TrackingServiceStub(channel)
-                call = stub.StreamEvents(iter([batch(1, "L-1", at_ms=at_ms), too_large]))
-                acks, error = await read_all(call)
+    async with workers(redis, clock) as (busy, _idle), busy_client(busy) as stub:
+        call = stub.StreamEvents(iter([batch(1, "L-1", at_ms=at_ms), too_large]))
+        acks, error = await read_all(call)
     assert [a.seq for a in acks] == [1]
     assert error is not None
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -287,15 +292,12 @@ async def test_relayed_streams_and_calls_keep_their_callers_rights(
     # A call large enough to be relayed, its last event another carrier's.
     called = batch(2, *(f"KC-{i}" for i in range(RELAY_MIN_EVENTS - 1)), at_ms=at_ms)
     called.events.append(batch(2, "KC-other", at_ms=at_ms, carrier="dhl-de").events[0])
-    async with workers(redis, clock, settings) as (busy, idle):
-        with busy.peers.board.own():
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
-                stub = tracking_pb2_grpc.TrackingServiceStub(channel)
-                metadata = (("authorization", "Bearer key-swisspost"),)
-                acks = [a async for a in stub.StreamEvents(iter([mixed]), metadata=metadata)]
-                acks.append(await stub.RecordEvents(called, metadata=metadata))
-                # No message sent: a write racing the server's refusal fails on the client's side.
-                refused, error = await read_all(stub.StreamEvents(iter([])))
+    async with workers(redis, clock, settings) as (busy, idle), busy_client(busy) as stub:
+        metadata = (("authorization", "Bearer key-swisspost"),)
+        acks = [a async for a in stub.StreamEvents(iter([mixed]), metadata=metadata)]
+        acks.append(await stub.RecordEvents(called, metadata=metadata))
+        # No message sent: a write racing the server's refusal fails on the client's side.
+        refused, error = await read_all(stub.StreamEvents(iter([])))
     assert idle.store.round_trips > 0
     assert busy.store.round_trips == 0
     assert [a.accepted for a in acks] == [1, RELAY_MIN_EVENTS - 1]
@@ -317,19 +319,17 @@ async def test_a_relayed_stream_drains_with_the_worker_it_reached(redis: Redis, 
     """SIGTERM's drain: the carrier's worker lets its streams finish within the grace period, relayed
     ones included, although no stream was relayed to it (its own peer socket stops at once)."""
     at_ms = clock.now_ms() - 1000
-    async with workers(redis, clock) as (busy, idle):
-        with busy.peers.board.own():
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
-                call = tracking_pb2_grpc.TrackingServiceStub(channel).StreamEvents()  # type: ignore[call-arg]
-                await call.write(batch(1, "G-1", at_ms=at_ms))
-                assert await next_ack(call) is not None
-                draining = asyncio.create_task(busy.running.stop(5.0))
-                await asyncio.sleep(0.2)  # its peer socket has stopped by now; its public server drains
-                assert not draining.done()
-                await call.write(batch(2, "G-2", at_ms=at_ms))
-                await call.done_writing()
-                rest, error = await read_all(call)
-                await draining
+    async with workers(redis, clock) as (busy, idle), busy_client(busy) as stub:
+        call = stub.StreamEvents()  # type: ignore[call-arg]
+        await call.write(batch(1, "G-1", at_ms=at_ms))
+        assert await next_ack(call) is not None
+        draining = asyncio.create_task(busy.running.stop(5.0))
+        await asyncio.sleep(0.2)  # its peer socket has stopped by now; its public server drains
+        assert not draining.done()
+        await call.write(batch(2, "G-2", at_ms=at_ms))
+        await call.done_writing()
+        rest, error = await read_all(call)
+        await draining
     assert error is None
     assert [a.seq for a in rest] == [2]
     assert idle.store.round_trips > 0
@@ -342,21 +342,18 @@ async def test_a_large_record_call_goes_to_the_idle_worker_and_a_small_one_stays
     at_ms = clock.now_ms() - 1000
     large = batch(1, *(f"U-{i}" for i in range(RELAY_MIN_EVENTS)), at_ms=at_ms)
     small = batch(2, *(f"V-{i}" for i in range(RELAY_MIN_EVENTS - 1)), at_ms=at_ms)
-    async with workers(redis, clock) as (busy, idle):
-        with busy.peers.board.own():
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
-                stub = tracking_pb2_grpc.TrackingServiceStub(channel)
-                relayed = await stub.RecordEvents(large)
-                assert idle.store.round_trips > 0
-                assert busy.store.round_trips == 0
-                kept = await stub.RecordEvents(small)
-                assert busy.store.round_trips > 0
-                await settled(busy.peers.board, [1, 0])
-                # The peer gone (its row still ready, as after a crash): the call fails, to be resent.
-                assert idle.peers.server is not None
-                await idle.peers.server.stop(0)
-                with pytest.raises(grpc.aio.AioRpcError) as failed:
-                    await stub.RecordEvents(large)
+    async with workers(redis, clock) as (busy, idle), busy_client(busy) as stub:
+        relayed = await stub.RecordEvents(large)
+        assert idle.store.round_trips > 0
+        assert busy.store.round_trips == 0
+        kept = await stub.RecordEvents(small)
+        assert busy.store.round_trips > 0
+        await settled(busy.peers.board, [1, 0])
+        # The peer gone (its row still ready, as after a crash): the call fails, to be resent.
+        assert idle.peers.server is not None
+        await idle.peers.server.stop(0)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.RecordEvents(large)
     assert (relayed.seq, relayed.accepted) == (1, RELAY_MIN_EVENTS)
     assert (kept.seq, kept.accepted) == (2, RELAY_MIN_EVENTS - 1)
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -392,11 +389,8 @@ async def test_a_relayed_stream_stays_in_its_callers_trace_and_is_counted(
     telemetry = setup_telemetry(SETTINGS, span_exporter=spans, metric_reader=reader)
     at_ms = clock.now_ms() - 1000
     try:
-        async with workers(redis, clock, telemetry=telemetry) as (busy, idle):
-            with busy.peers.board.own():
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{busy.running.port}") as channel:
-                    stub = tracking_pb2_grpc.TrackingServiceStub(channel)
-                    acks = [a async for a in stub.StreamEvents(iter([batch(1, "T-1", at_ms=at_ms)]))]
+        async with workers(redis, clock, telemetry=telemetry) as (busy, idle), busy_client(busy) as stub:
+            acks = [a async for a in stub.StreamEvents(iter([batch(1, "T-1", at_ms=at_ms)]))]
         assert idle.store.round_trips > 0
         telemetry.tracer_provider.force_flush()  # type: ignore[union-attr]
     finally:

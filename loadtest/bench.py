@@ -9,6 +9,9 @@
 4. end to end — carrier events in, notices out of the sink, with the whole stack running;
 5. memory — Redis bytes per tracked parcel with one pending notice; engine RSS after the events.
 
+Beside them, the machine's speed before and after (``machine_loop_s``): this machine's CPU speed
+moves by up to 3 times from one day to the next, and every figure above moves with it.
+
 ``--quick`` runs everything at a tenth of the size. Results go to ``loadtest/results/bench.json``;
 a figure whose component cannot run is null with the reason under ``reasons``, never invented.
 """
@@ -692,6 +695,7 @@ ROWS = (
     ),
     ("load average during GetParcel", "get_parcel_load_average_1m", None, ""),
     ("engine worker processes", "engine_workers", None, ""),
+    ("machine loop s (lower: faster)", "machine_loop_s_after", "machine_loop_s_before", "before"),
     (
         "busiest worker's ingest CPU share",
         "ingest_busiest_worker_cpu_share",
@@ -701,6 +705,21 @@ ROWS = (
     ("Redis bytes / parcel", "redis_bytes_per_parcel", None, ""),
     ("engine RSS bytes", "engine_rss_bytes", None, ""),
 )
+
+
+# The reference loop the benchmark notes have timed since session 5: 20M additions in a fresh
+# interpreter. One core, no IO: its seconds say how fast this machine runs Python right now.
+SPEED_LOOP = "s = 0\nfor i in range(20_000_000):\n    s += i\n"
+
+
+def machine_loop_s() -> float:
+    """Seconds the reference loop takes in a fresh interpreter (its start-up excluded)."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    startup_s = time.perf_counter() - started
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", SPEED_LOOP], check=True)
+    return max(time.perf_counter() - started - startup_s, 0.0)
 
 
 def table(figures: dict[str, Any]) -> str:
@@ -752,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    speed_before_s = machine_loop_s()
     import uvloop
 
     results = uvloop.run(
@@ -774,6 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in required - results.figures.keys():
         reason = "not run (--only)" if only else "not measured (its section failed before reaching it)"
         results.unavailable([name], reason)
+    results.figures["machine_loop_s_before"] = speed_before_s
+    results.figures["machine_loop_s_after"] = machine_loop_s()
     document = {
         **results.figures,
         "reasons": results.reasons,

@@ -520,7 +520,6 @@ class ParcelStore:
     ) -> dict[str, ParcelRecord]:
         todo = parcel_ids
         done: dict[str, ParcelRecord] = {}
-        audiences: dict[str, Audience | None] = {}
         for _attempt in range(MAX_ATTEMPTS):
             records = await self.read(todo)
             changed: list[ParcelRecord] = []
@@ -530,9 +529,11 @@ class ParcelStore:
                 if n % YIELD_EVERY == 0:
                     await asyncio.sleep(0)
             done.update(records)
-            wanted = {r.state.recipient_id for r in changed if r.state.recipient_id} - audiences.keys()
-            if wanted:
-                audiences.update(await self.audiences(wanted))
+            # Read again on every attempt, never kept from the one that conflicted: what bumped the
+            # version may be a preference change re-planning the recipient's parcels, and planning
+            # with the preferences read before it would schedule a kind they just muted.
+            wanted = {r.state.recipient_id for r in changed if r.state.recipient_id}
+            audiences = await self.audiences(wanted) if wanted else {}
             now_ms = self.clock.now_ms()
             # The batch's span, for every notice it plans: read once, not per notice.
             trace_context: dict[str, str] = {}

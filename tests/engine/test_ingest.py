@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 
 from redis.asyncio import Redis
@@ -9,7 +10,7 @@ from relais.v1 import notice_pb2, parcel_pb2, preferences_pb2, state_pb2, tracki
 
 from common import keys
 from common.clock import ManualClock
-from engine.planner import window_ms
+from engine.planner import Audience, window_ms
 from engine.state import DAY_MS, ParcelChange, body_field, load_state, version_field, withdrawn_field
 from tests.conftest import T0_MS
 from tests.engine.core_support import (
@@ -287,3 +288,40 @@ async def test_settings_are_used(redis: Redis, clock: ManualClock) -> None:
     engine_settings = replace(SETTINGS.engine, correction_debounce_s=600)
     engine = engine_for(redis, clock, replace(SETTINGS, engine=engine_settings))
     assert engine.store.rules.debounce_ms == 600_000
+
+
+async def test_conflict_retry_plans_with_the_preferences_of_its_own_attempt(
+    redis: Redis, clock: ManualClock
+) -> None:
+    """Another engine process mutes a kind and re-plans the recipient's parcels between this one's
+    read of preferences and its write: the write conflicts, and the retry plans with the new
+    preferences, not those of the attempt that conflicted (the other process's re-plan already ran,
+    so nothing would catch the muted notice later)."""
+    ingesting, serving = engine_for(redis, clock), engine_for(redis, clock)
+    plain = preferences_pb2.RecipientPreferences(recipient_id="acme/r1", time_zone="UTC")
+    await put_preferences(redis, plain)
+    await register(ingesting, registration("P1"))
+    await ingesting.ingestor.apply(batch(1, event("e1", "P1", T.TRACKING_STATUS_IN_TRANSIT, T0_MS)))
+    read_preferences = ingesting.store.audiences
+    reads = 0
+
+    async def then_muted_elsewhere(recipient_ids: Iterable[str]) -> dict[str, Audience | None]:
+        nonlocal reads
+        reads += 1
+        found = await read_preferences(recipient_ids)
+        if reads == 1:
+            muted = preferences_pb2.RecipientPreferences(
+                recipient_id="acme/r1", time_zone="UTC", muted_kinds=[T.NOTICE_KIND_SLOT_ANNOUNCED]
+            )
+            await put_preferences(redis, muted)
+            await serving.replanner.replan_recipient("acme/r1")
+        return found
+
+    ingesting.store.audiences = then_muted_elsewhere  # type: ignore[method-assign]
+    clock.advance_ms(MIN_MS)
+    out = event("e2", "P1", T.TRACKING_STATUS_OUT_FOR_DELIVERY, T0_MS + MIN_MS, slot=SLOT)
+    assert (await ingesting.ingestor.apply(batch(2, out))).accepted == 1
+    assert reads == 2  # the first attempt conflicted with the other process's re-plan
+    assert "P1:SLOT_ANNOUNCED" not in await due_members(redis, "P1")
+    marks = {m.kind: m for m in (await state_of(redis, "P1")).notices}
+    assert marks[T.NOTICE_KIND_SLOT_ANNOUNCED].status == notice_pb2.NOTICE_STATUS_SUPPRESSED

@@ -15,6 +15,8 @@ decides which notices to schedule, replace or withdraw. It does no IO, so every 
   PICKUP_REMINDER a lead before the deadline, withdrawn when the parcel leaves the pickup point;
 - DELAYED scheduled up front for the moment the promised date has passed in the recipient's time
   zone: delivery (or arrival at a pickup point) withdraws it first, so the claim itself is the check;
+  withdrawn while the parcel waited at a pickup point (or had no promised date), it is planned again,
+  a new version, once the parcel is on its way again;
 - EXCEPTION (check your address) for address problems of paid orders only;
 - muted kinds are not scheduled (SUPPRESSED); a refresh brings a muted notice back once its kind is
   unmuted, if it still makes sense (see ``_Planner._unmuted_desired_ms``); unpaid orders' notices are
@@ -324,7 +326,9 @@ class _Planner:
             return
         subject = _date_subject(order.promised_date)
         mark = self.marks.get(DELAYED)
-        if mark is not None and mark.subject == subject:
+        # A withdrawn one comes back: whatever withdrew it (a pickup point, a removed promise) no
+        # longer holds, and a parcel still late on that date must get its notice.
+        if mark is not None and mark.subject == subject and mark.status != CANCELLED:
             return
         self._schedule(DELAYED, _next(mark), self._delayed_ms(), None, subject=subject)
 

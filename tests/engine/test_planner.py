@@ -484,3 +484,18 @@ def test_unmuting_brings_back_what_muting_took_except_news_of_a_moment(
     after = {kind: (n.version, n.due_at.ToMilliseconds()) for kind, n in sim.pending.items()}
     gone = {kind_name(k) for k in muted & _MOMENT_KINDS}
     assert after == {kind: v for kind, v in before.items() if kind not in gone}
+
+
+def test_delayed_comes_back_once_the_parcel_leaves_the_pickup_point_undelivered() -> None:
+    sim = Sim()
+    sim.state.order.promised_date.CopyFrom(T.LocalDate(year=2026, month=3, day=12))
+    sim.scan()
+    sim.now_ms += HOUR_MS
+    sim.scan(T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, pickup=("PP1", T0_MS + 5 * DAY_MS))
+    assert "DELAYED" not in sim.pending
+    sim.now_ms += HOUR_MS
+    # Redirected to home delivery: still not delivered, so still late once the promised day is over.
+    notice = sim.scan(T.TRACKING_STATUS_OUT_FOR_DELIVERY).scheduled[T.NOTICE_KIND_DELAYED]
+    assert notice.version == 2
+    assert notice.due_at.ToMilliseconds() == end_of_day_ms(notice.promised_date, "UTC")
+    assert sim.mark(T.NOTICE_KIND_DELAYED).status_reason == ""

@@ -20,7 +20,8 @@ Rules servicers apply (documented choices):
 - A parcel, or an alert, of another merchant is reported NOT_FOUND, not PERMISSION_DENIED: a
   merchant cannot probe which tracking numbers other merchants ship.
 - A carrier's event for another carrier code is rejected by index (REJECT_CODE_PERMISSION_DENIED);
-  the rest of the batch applies.
+  the rest of the batch applies. So is its event for a parcel another carrier carries (the one the
+  merchant registered, else the first to scan it): field ``parcel_id``.
 
 When no keys file is configured there is no principal (``current_principal()`` is None) and every
 helper allows everything: that mode is only accepted on a loopback listener (``check_open_listener``).
@@ -134,6 +135,17 @@ def can_post_for_carrier(carrier: str, principal: Principal | None = None) -> bo
     if who is None or who.kind is PrincipalKind.OPERATOR:
         return True
     return who.kind is PrincipalKind.CARRIER and hmac.compare_digest(who.ident, carrier)
+
+
+def can_touch_parcel_of(parcel_carrier: str, principal: Principal | None = None) -> bool:
+    """May the caller's events change a parcel that ``parcel_carrier`` carries ("" when nobody has
+    said yet)? A carrier only its own parcels: tracking numbers are unique per carrier only, and
+    another carrier's key must not deliver, cancel or re-slot them. Hand-overs between carriers under
+    one tracking number (postal items crossing a border) come through an operator's feed."""
+    who = principal if principal is not None else current_principal()
+    if who is None or who.kind is not PrincipalKind.CARRIER or not parcel_carrier:
+        return True
+    return hmac.compare_digest(who.ident, parcel_carrier)
 
 
 def can_access_merchant(merchant_id: str, principal: Principal | None = None) -> bool:

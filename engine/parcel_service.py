@@ -126,11 +126,17 @@ def parcel_view(record: ParcelRecord, attempts: Mapping[str, bytes]) -> parcel_p
 def merge_registration(
     state: state_pb2.ParcelState, parcel: parcel_pb2.ParcelRegistration, now_ms: int
 ) -> None:
-    """Fold the order facts into the state (a parcel scanned first keeps its events and carrier)."""
+    """Fold the order facts into the state (a parcel scanned first keeps its events; the carrier is
+    the one the merchant names)."""
     state.registered = True
     state.merchant_id = parcel.merchant_id
     state.recipient_id = parcel.recipient_id
-    if not state.carrier:
+    if state.carrier != parcel.carrier:
+        # The merchant knows whom they shipped with; a carrier that scanned first keeps its events,
+        # each naming it (they were stored without the carrier while it was the parcel's).
+        for entry in state.timeline:
+            if not entry.event.carrier:
+                entry.event.carrier = state.carrier
         state.carrier = parcel.carrier
     state.order.CopyFrom(parcel.order)
     if not state.created_ms:

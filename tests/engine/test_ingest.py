@@ -10,6 +10,7 @@ from relais.v1 import notice_pb2, parcel_pb2, preferences_pb2, state_pb2, tracki
 
 from common import keys
 from common.clock import ManualClock
+from engine.auth import Principal, bind_principal, unbind_principal
 from engine.planner import Audience, window_ms
 from engine.state import DAY_MS, ParcelChange, body_field, load_state, version_field, withdrawn_field
 from tests.conftest import T0_MS
@@ -325,3 +326,55 @@ async def test_conflict_retry_plans_with_the_preferences_of_its_own_attempt(
     assert "P1:SLOT_ANNOUNCED" not in await due_members(redis, "P1")
     marks = {m.kind: m for m in (await state_of(redis, "P1")).notices}
     assert marks[T.NOTICE_KIND_SLOT_ANNOUNCED].status == notice_pb2.NOTICE_STATUS_SUPPRESSED
+
+
+async def test_a_carrier_cannot_change_another_carriers_parcel(redis: Redis, clock: ManualClock) -> None:
+    """Tracking numbers are unique per carrier only: a carrier's key posting for a parcel another
+    carrier carries is refused by index (the rest of its batch applies), while an operator's feed may
+    bring a hand-over between carriers."""
+    engine = engine_for(redis, clock)
+    await register(engine, registration("P1"))  # carried by swisspost
+    await engine.ingestor.apply(batch(1, event("e1", "P1", T.TRACKING_STATUS_IN_TRANSIT, T0_MS)))
+    foreign = event("x1", "P1", T.TRACKING_STATUS_DELIVERED, T0_MS + MIN_MS)
+    foreign.carrier = "dhl-de"
+    own = event("x2", "Q1", T.TRACKING_STATUS_IN_TRANSIT, T0_MS + MIN_MS)
+    own.carrier = "dhl-de"
+    token = bind_principal(Principal.parse("carrier:dhl-de"))
+    try:
+        ack = await engine.ingestor.apply(batch(2, foreign, own))
+    finally:
+        unbind_principal(token)
+    assert ack.accepted == 1
+    assert [(r.index, r.code, r.field, r.event_id) for r in ack.rejected] == [
+        (0, tracking_pb2.REJECT_CODE_PERMISSION_DENIED, "parcel_id", "x1")
+    ]
+    assert (await state_of(redis, "P1")).status == T.TRACKING_STATUS_IN_TRANSIT
+    assert (await state_of(redis, "Q1")).carrier == "dhl-de"  # a parcel nobody carried yet is its own
+    token = bind_principal(Principal.parse("operator"))
+    try:
+        assert (await engine.ingestor.apply(batch(3, foreign))).accepted == 1
+    finally:
+        unbind_principal(token)
+    state = await state_of(redis, "P1")
+    assert state.status == T.TRACKING_STATUS_DELIVERED
+    assert [e.event.carrier for e in state.timeline] == ["", "dhl-de"]  # "": the parcel's own
+
+
+async def test_registration_names_the_carrier_of_a_parcel_another_carrier_scanned(
+    redis: Redis, clock: ManualClock
+) -> None:
+    """The merchant's carrier is the parcel's from registration on; the events scanned before it keep
+    naming the carrier that sent them."""
+    engine = engine_for(redis, clock)
+    scan = event("e1", "P1", T.TRACKING_STATUS_IN_TRANSIT, T0_MS)
+    scan.carrier = "dhl-de"
+    await engine.ingestor.apply(batch(1, scan))
+    assert (await register(engine, registration("P1"))).registered == 1
+    view = await engine.parcels.get_parcel("P1")
+    assert view is not None
+    assert view.carrier == "swisspost"
+    assert [e.event.carrier for e in view.timeline] == ["dhl-de"]
+    await engine.ingestor.apply(batch(2, event("e2", "P1", T.TRACKING_STATUS_OUT_FOR_DELIVERY, T0_MS + 1)))
+    view = await engine.parcels.get_parcel("P1")
+    assert view is not None
+    assert [e.event.carrier for e in view.timeline] == ["dhl-de", "swisspost"]

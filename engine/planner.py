@@ -12,7 +12,8 @@ decides which notices to schedule, replace or withdraw. It does no IO, so every 
   new slot lies inside the told one or both ends moved by the threshold or less;
 - DELIVERED cancels every pending notice; RETURNED likewise; an expired parcel just cancels;
 - ATTEMPT_FAILED per failed attempt; AVAILABLE_FOR_PICKUP per pickup point and deadline, with a
-  PICKUP_REMINDER a lead before the deadline, withdrawn when the parcel leaves the pickup point;
+  PICKUP_REMINDER a lead before the deadline, withdrawn when the parcel leaves the pickup point and
+  planned again (a new version) if it comes back to the same one, unless it already went out;
 - DELAYED scheduled up front for the moment the promised date has passed in the recipient's time
   zone: delivery (or arrival at a pickup point) withdraws it first, so the claim itself is the check;
   withdrawn while the parcel waited at a pickup point (or had no promised date), it is planned again,
@@ -296,12 +297,13 @@ class _Planner:
         point = state.pickup_point
         deadline_ms = stamp_ms(point.deadline)
         subject = _pickup_subject(point)
+        # Withdrawn ones (the parcel left the point, and is back at it) never went out: planned again.
         notice = self.marks.get(AT_PICKUP)
-        if notice is None or notice.subject != subject:
+        if notice is None or notice.subject != subject or notice.status == CANCELLED:
             self._schedule(AT_PICKUP, _next(notice), self.now_ms, deadline_ms, subject=subject)
         reminder = self.marks.get(REMINDER)
         remind_ms = deadline_ms - self.rules.reminder_lead_ms
-        if reminder is not None and reminder.subject == subject:
+        if reminder is not None and reminder.subject == subject and reminder.status != CANCELLED:
             return
         if remind_ms > self.now_ms:
             self._schedule(REMINDER, _next(reminder), remind_ms, deadline_ms, subject=subject)

@@ -499,3 +499,29 @@ def test_delayed_comes_back_once_the_parcel_leaves_the_pickup_point_undelivered(
     assert notice.version == 2
     assert notice.due_at.ToMilliseconds() == end_of_day_ms(notice.promised_date, "UTC")
     assert sim.mark(T.NOTICE_KIND_DELAYED).status_reason == ""
+
+
+def test_withdrawn_pickup_notices_come_back_when_the_parcel_is_back_at_the_same_point() -> None:
+    deadline_ms = T0_MS + 5 * DAY_MS
+    sim = Sim()
+    sim.scan(T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, pickup=("PP1", deadline_ms))
+    sim.now_ms += HOUR_MS
+    sim.scan(T.TRACKING_STATUS_IN_TRANSIT)  # a re-sort at the point: both withdrawn before going out
+    assert not {"AVAILABLE_FOR_PICKUP", "PICKUP_REMINDER"} & set(sim.pending)
+    sim.now_ms += HOUR_MS
+    back = sim.scan(T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, pickup=("PP1", deadline_ms))
+    assert back.scheduled[T.NOTICE_KIND_AVAILABLE_FOR_PICKUP].version == 2
+    reminder = back.scheduled[T.NOTICE_KIND_PICKUP_REMINDER]
+    assert reminder.version == 2
+    assert reminder.due_at.ToMilliseconds() == deadline_ms - PlanRules().reminder_lead_ms
+    assert back.revived == {T.NOTICE_KIND_AVAILABLE_FOR_PICKUP, T.NOTICE_KIND_PICKUP_REMINDER}
+
+    # What already went out is not sent twice; the reminder, still ahead, comes back.
+    told = Sim()
+    told.scan(T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, pickup=("PP1", deadline_ms))
+    del told.pending["AVAILABLE_FOR_PICKUP"]  # went out; the reminder is not due yet
+    told.now_ms += HOUR_MS
+    told.scan(T.TRACKING_STATUS_IN_TRANSIT)
+    told.now_ms += HOUR_MS
+    again = told.scan(T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, pickup=("PP1", deadline_ms))
+    assert set(again.scheduled) == {T.NOTICE_KIND_PICKUP_REMINDER}

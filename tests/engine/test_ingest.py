@@ -12,7 +12,15 @@ from common import keys
 from common.clock import ManualClock
 from engine.auth import Principal, bind_principal, unbind_principal
 from engine.planner import Audience, window_ms
-from engine.state import DAY_MS, ParcelChange, body_field, load_state, version_field, withdrawn_field
+from engine.state import (
+    DAY_MS,
+    MAX_TIMELINE_EVENTS,
+    ParcelChange,
+    body_field,
+    load_state,
+    version_field,
+    withdrawn_field,
+)
 from tests.conftest import T0_MS
 from tests.engine.core_support import (
     HOUR_MS,
@@ -378,3 +386,23 @@ async def test_registration_names_the_carrier_of_a_parcel_another_carrier_scanne
     view = await engine.parcels.get_parcel("P1")
     assert view is not None
     assert [e.event.carrier for e in view.timeline] == ["dhl-de", "swisspost"]
+
+
+async def test_a_parcels_timeline_keeps_its_first_and_latest_events(redis: Redis, clock: ManualClock) -> None:
+    """A feed looping on one parcel does not grow it without bound: the timeline keeps the first event
+    and the latest ones, and the status follows the latest."""
+    engine = engine_for(redis, clock)
+    await register(engine, registration("P1"))
+    extra = 25
+    events = [
+        event(f"e{n}", "P1", T.TRACKING_STATUS_IN_TRANSIT, T0_MS - DAY_MS + n * MIN_MS)
+        for n in range(MAX_TIMELINE_EVENTS + extra)
+    ]
+    events[-1].status = T.TRACKING_STATUS_OUT_FOR_DELIVERY
+    ack = await engine.ingestor.apply(batch(1, *events[:100]))
+    ack2 = await engine.ingestor.apply(batch(2, *events[100:]))
+    assert ack.accepted + ack2.accepted == MAX_TIMELINE_EVENTS + extra
+    state = await state_of(redis, "P1")
+    kept = [entry.event.event_id for entry in state.timeline]
+    assert kept == ["e0", *(f"e{n}" for n in range(extra + 1, MAX_TIMELINE_EVENTS + extra))]
+    assert state.status == T.TRACKING_STATUS_OUT_FOR_DELIVERY

@@ -20,8 +20,8 @@ decides which notices to schedule, replace or withdraw. It does no IO, so every 
   a new version, once the parcel is on its way again;
 - EXCEPTION (check your address) for address problems of paid orders only;
 - muted kinds are not scheduled (SUPPRESSED); a refresh brings a muted notice back once its kind is
-  unmuted, if it still makes sense (see ``_Planner._unmuted_desired_ms``); unpaid orders' notices are
-  not actionable.
+  unmuted, and an unpaid order's address check once the order is paid, if it still makes sense (see
+  ``_Planner._revived_desired_ms``); unpaid orders' notices are not actionable.
 
 Send times go through ``common.quiet_hours.allowed_send_ms``: outside quiet hours, never past a deadline.
 Notice ids are ``<parcel_id>:<KIND>``; a notice is "gone out" when the engine scheduled it and the
@@ -341,8 +341,10 @@ class _Planner:
 
     def _refresh(self) -> None:
         """Plan pending notices again, same version: new preferences or facts, same promise. Notices
-        muted until now come back when their kind no longer is and they still make sense."""
+        muted until now come back when their kind no longer is, and an unpaid order's address check
+        once the order is paid (a re-registration), when they still make sense."""
         muted = self.audience.muted if self.audience is not None else frozenset()
+        paid = self.state.order.paid
         for kind, mark in list(self.marks.items()):
             if kind in self.touched:
                 continue
@@ -350,11 +352,15 @@ class _Planner:
                 # DELAYED's moment depends on the time zone, which may be new (merchants often
                 # register parcels before their recipients set one): computed again, not kept.
                 desired_ms = self._delayed_ms() if kind == DELAYED else desired_of(mark)
-            elif mark.status == SUPPRESSED and mark.status_reason == REASON_MUTED and kind not in muted:
-                unmuted_ms = self._unmuted_desired_ms(kind, mark)
-                if unmuted_ms is None:
+            elif (
+                mark.status == SUPPRESSED
+                and kind not in muted
+                and (mark.status_reason == REASON_MUTED or (paid and mark.status_reason == REASON_UNPAID))
+            ):
+                revived_ms = self._revived_desired_ms(kind, mark)
+                if revived_ms is None:
                     continue
-                desired_ms = unmuted_ms
+                desired_ms = revived_ms
             else:
                 continue
             slot = types_pb2.TimeWindow()
@@ -372,10 +378,11 @@ class _Planner:
                 cause=mark.cause_event_id,
             )
 
-    def _unmuted_desired_ms(self, kind: Kind, mark: state_pb2.NoticeMark) -> int | None:
-        """When a notice suppressed only because its kind was muted is wanted now that it is not, or
-        None when it no longer makes sense (it then stays suppressed). It keeps its version: it never
-        went out. Quiet hours and its deadline still apply (``_schedule``).
+    def _revived_desired_ms(self, kind: Kind, mark: state_pb2.NoticeMark) -> int | None:
+        """When a notice suppressed because its kind was muted (or, for EXCEPTION, its order unpaid)
+        is wanted now that it is not, or None when it no longer makes sense (it then stays
+        suppressed). It keeps its version: it never went out. Quiet hours and its deadline still
+        apply (``_schedule``).
 
         - SHIPPED, DELIVERED, RETURNED: never. They are news of a moment; a recipient who unmutes
           them days later expects the next news, not a stale "your parcel has shipped" (``GetParcel``

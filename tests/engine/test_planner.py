@@ -525,3 +525,25 @@ def test_withdrawn_pickup_notices_come_back_when_the_parcel_is_back_at_the_same_
     told.now_ms += HOUR_MS
     again = told.scan(T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, pickup=("PP1", deadline_ms))
     assert set(again.scheduled) == {T.NOTICE_KIND_PICKUP_REMINDER}
+
+
+def test_address_check_is_asked_once_the_order_is_registered_as_paid() -> None:
+    sim = Sim(paid=False)
+    sim.scan(T.TRACKING_STATUS_EXCEPTION, reason=T.EXCEPTION_REASON_ADDRESS_PROBLEM)
+    assert sim.mark(T.NOTICE_KIND_EXCEPTION).status_reason == REASON_UNPAID
+    sim.now_ms += 10 * MIN_MS
+    assert T.NOTICE_KIND_EXCEPTION not in sim.apply(refresh=True).scheduled  # still unpaid
+    sim.state.order.paid = True
+    result = sim.apply(refresh=True)
+    notice = result.scheduled[T.NOTICE_KIND_EXCEPTION]
+    assert notice.version == 1  # it never went out
+    assert notice.actionable
+    assert notice.due_at.ToMilliseconds() == sim.now_ms
+    assert result.revived == {T.NOTICE_KIND_EXCEPTION}
+
+    # Paid once the parcel has moved on: the address problem is no longer its news.
+    moved_on = Sim(paid=False)
+    moved_on.scan(T.TRACKING_STATUS_EXCEPTION, reason=T.EXCEPTION_REASON_ADDRESS_PROBLEM)
+    moved_on.scan(T.TRACKING_STATUS_OUT_FOR_DELIVERY)
+    moved_on.state.order.paid = True
+    assert T.NOTICE_KIND_EXCEPTION not in moved_on.apply(refresh=True).scheduled

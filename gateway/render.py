@@ -9,8 +9,9 @@ catalogue entry per language and notice kind; its macros hold every channel's se
   ``highlight`` (lines shown boxed in the email), ``action`` (the label of the link, shown only when
   the notice is actionable), ``sms``, ``push_title``, ``push_body`` (``lead`` when absent).
 - ``templates/messages/<lang>/_phrases.txt`` says how a language reads a slot, a deadline, a date
-  ("le mardi 10 mars, entre 14:00 et 16:00"), and holds the greeting and sign-off. It reaches every
-  catalogue entry as ``p``.
+  ("le mardi 10 mars, entre 14:00 et 16:00"), a pickup point ("chez Kiosk Bahnhof", or "au point
+  relais pp-1" when the carrier sent only its id), and holds the greeting and sign-off. It reaches
+  every catalogue entry as ``p``.
 - ``templates/email/message.html`` (on ``email/layout.html``) and ``email/message.txt`` lay an email
   out for every language. Catalogue text is plain text; the HTML layout escapes it as a whole, so no
   variable can inject markup, and no sentence needs writing twice.
@@ -130,8 +131,11 @@ class Window:
 
 @dataclass(frozen=True)
 class Place:
-    """A pickup point as the catalogue shows it: single-line, sanitised fields."""
+    """A pickup point as the catalogue shows it: single-line, sanitised fields. Only ``id`` is sure
+    to be set (all tracking.proto requires of a point is its id and deadline): the catalogue names a
+    point by its name, else its address, else its id (``_phrases.txt``: ``at``, ``place_lines``)."""
 
+    id: str
     name: str
     address: str
     opening_hours: str
@@ -667,6 +671,7 @@ class Renderer:
         if deadline is None and notice.HasField("deadline"):
             deadline = notice.deadline
         return Place(
+            id=clean_line(point.id, _ID_MAX_CHARS),
             name=clean_line(point.name, _NAME_MAX_CHARS),
             address=clean_line(", ".join(part for part in (*lines, town) if part), _ADDRESS_MAX_CHARS),
             opening_hours=clean_line(point.opening_hours, _HOURS_MAX_CHARS),
@@ -708,5 +713,10 @@ def _check_required(notice: notice_pb2.Notice) -> None:
         raise RenderError("slot: required for a slot notice")
     if notice.kind == types_pb2.NOTICE_KIND_SLOT_CORRECTED and not notice.HasField("previous_slot"):
         raise RenderError("previous_slot: required for a slot correction")
-    if notice.kind in _NEEDS_PICKUP and not notice.pickup_point.name:
-        raise RenderError("pickup_point.name: required for a pickup notice")
+    if notice.kind in _NEEDS_PICKUP:
+        point = notice.pickup_point
+        # A name or an address is shown when the carrier gives one, but a notice never waits for it:
+        # anything that says which point will do, as long as it still says something once cleaned.
+        names = (point.id, point.name, *point.address.lines, point.address.postal_code, point.address.city)
+        if not any(clean_line(text, _ID_MAX_CHARS) for text in names):
+            raise RenderError("pickup_point.id: required for a pickup notice")

@@ -3,6 +3,7 @@ escaping, sanitising, merchant overrides, links only where allowed, SMS length."
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,6 +39,16 @@ CHECK_ADDRESS = {
     "it": "Verifichi il suo indirizzo",
     "en": "check your address",
 }
+
+
+# The pickup deadline of ``make_notice`` (Friday 20 March 2026, 18:00 in Zurich) as each language says it.
+PICKUP_DEADLINE = {
+    "fr": "vendredi 20 mars à 18:00",
+    "de": "Freitag, 20. März, 18:00 Uhr",
+    "it": "venerdì 20 marzo alle 18:00",
+    "en": "18:00 on Friday 20 March",
+}
+PICKUP_KINDS = [types_pb2.NOTICE_KIND_AVAILABLE_FOR_PICKUP, types_pb2.NOTICE_KIND_PICKUP_REMINDER]
 
 
 def make_notice(
@@ -205,21 +216,88 @@ def test_html_escapes_markup_in_a_pickup_point_name(renderer: Renderer) -> None:
     assert "&amp;" not in email.text
 
 
-@pytest.mark.parametrize(
-    "kind", [types_pb2.NOTICE_KIND_AVAILABLE_FOR_PICKUP, types_pb2.NOTICE_KIND_PICKUP_REMINDER]
-)
+@pytest.mark.parametrize("kind", PICKUP_KINDS)
 def test_pickup_notices_name_the_point_and_its_deadline(
     renderer: Renderer, kind: types_pb2.NoticeKind.ValueType
 ) -> None:
-    deadline = {
-        "fr": "vendredi 20 mars à 18:00",
-        "de": "Freitag, 20. März, 18:00 Uhr",
-        "it": "venerdì 20 marzo alle 18:00",
-    }
-    for lang, when in deadline.items():
+    for lang, when in PICKUP_DEADLINE.items():
         for rendered in render_all(renderer, make_notice(kind), lang):
             assert "Kiosk Bahnhof" in rendered.text
             assert when in rendered.text, rendered.text
+
+
+def bare_point_notice(kind: types_pb2.NoticeKind.ValueType, *, address: bool = False) -> notice_pb2.Notice:
+    """A pickup notice whose point has what tracking.proto requires (id and deadline) and, with
+    ``address``, its address: no name, no opening hours."""
+    notice = make_notice(kind)
+    point = notice.pickup_point
+    point.name = ""
+    point.opening_hours = ""
+    if not address:
+        point.ClearField("address")
+    return notice
+
+
+# Traces of a value that was missing: a word from Python or Jinja, or punctuation around nothing.
+_HOLE_RE = re.compile(r"None|Undefined|\{\{|\s[.,;]|[,:]\s*[.,]|\(\s*\)|  |^[,.]")
+
+
+def reading(rendered: Rendered, channel: types_pb2.Channel.ValueType) -> list[str]:
+    """The lines a recipient reads on the channel (the email's plain text part line by line)."""
+    if channel == types_pb2.CHANNEL_EMAIL:
+        return [rendered.subject, *(line.strip() for line in rendered.text.splitlines() if line.strip())]
+    if channel == types_pb2.CHANNEL_SMS:
+        return [rendered.text]
+    return [rendered.subject, rendered.text]
+
+
+@pytest.mark.parametrize("channel", CHANNELS, ids=["email", "sms", "push"])
+@pytest.mark.parametrize("lang", list(PICKUP_DEADLINE))
+@pytest.mark.parametrize("kind", PICKUP_KINDS, ids=["available", "reminder"])
+def test_a_pickup_point_with_only_its_id_and_deadline_is_named_by_its_id(
+    renderer: Renderer,
+    kind: types_pb2.NoticeKind.ValueType,
+    lang: str,
+    channel: types_pb2.Channel.ValueType,
+) -> None:
+    rendered = renderer.render(bare_point_notice(kind), channel=channel, locale=lang, time_zone=ZURICH)
+    lines = reading(rendered, channel)
+    text = "\n".join(lines)
+    assert "pp-1" in text, text
+    assert PICKUP_DEADLINE[lang] in text, text
+    if channel == types_pb2.CHANNEL_EMAIL:
+        assert "pp-1" in rendered.subject, rendered.subject
+    for line in lines:
+        assert not _HOLE_RE.search(line), line
+    if channel == types_pb2.CHANNEL_EMAIL:
+        assert "pp-1" in rendered.html
+        assert PICKUP_DEADLINE[lang] in rendered.html
+        assert not re.search(r"<p[^>]*>\s*</p>|<br>\s*<br>|<br>\s*</p>", rendered.html), rendered.html
+        assert "None" not in rendered.html
+
+
+@pytest.mark.parametrize("lang", list(PICKUP_DEADLINE))
+@pytest.mark.parametrize("kind", PICKUP_KINDS, ids=["available", "reminder"])
+def test_a_pickup_point_without_a_name_is_named_by_its_address(
+    renderer: Renderer, kind: types_pb2.NoticeKind.ValueType, lang: str
+) -> None:
+    notice = bare_point_notice(kind, address=True)
+    for channel, rendered in zip(CHANNELS, render_all(renderer, notice, lang), strict=True):
+        lines = reading(rendered, channel)
+        text = "\n".join(lines)
+        assert "Bahnhofplatz 1, 8001 Zürich" in rendered.text, rendered.text
+        assert PICKUP_DEADLINE[lang] in text, text
+        for line in lines:
+            assert not _HOLE_RE.search(line), line
+            # The address names the point: no sentence repeats it after itself.
+            assert line.count("Bahnhofplatz 1") <= 1, line
+
+
+def test_a_pickup_point_that_names_nothing_is_refused(renderer: Renderer) -> None:
+    notice = bare_point_notice(types_pb2.NOTICE_KIND_AVAILABLE_FOR_PICKUP)
+    notice.pickup_point.id = " \u200b"
+    with pytest.raises(RenderError, match=r"^pickup_point"):
+        renderer.render(notice, channel=types_pb2.CHANNEL_SMS, locale="fr", time_zone=ZURICH)
 
 
 def test_single_line_fields_lose_line_breaks_and_odd_characters(renderer: Renderer) -> None:
@@ -483,6 +561,7 @@ def test_reused_messages_follow_every_fact() -> None:
         lambda n: setattr(n.slot.start, "seconds", WINTER_S + HOUR_S),
         lambda n: setattr(n.previous_slot.end, "seconds", WINTER_S),
         lambda n: setattr(n.pickup_point, "name", "Other kiosk"),
+        lambda n: n.pickup_point.ClearField("name"),
         lambda n: n.pickup_point.ClearField("deadline"),
         lambda n: setattr(n, "exception_reason", types_pb2.EXCEPTION_REASON_DAMAGED),
         lambda n: setattr(n, "parcel_status", types_pb2.TRACKING_STATUS_RETURNED_TO_SENDER),

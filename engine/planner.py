@@ -8,8 +8,9 @@ decides which notices to schedule, replace or withdraw. It does no IO, so every 
 - SLOT_ANNOUNCED when a window appears; replaced in place (same id, new version = slot version) while
   it has not gone out, so the recipient never sees the old slot;
 - SLOT_CORRECTED once the recipient was told a slot: names the old and the new one, due a debounce
-  after the change so rapid changes make one correction; none (and a pending one withdrawn) when the
-  new slot lies inside the told one or both ends moved by the threshold or less;
+  after the change so rapid changes make one correction, before the earlier of the two slots' starts
+  (the told one's only while it is ahead); none (and a pending one withdrawn) when the new slot lies
+  inside the told one or both ends moved by the threshold or less;
 - DELIVERED cancels every pending notice; RETURNED likewise; an expired parcel just cancels;
 - ATTEMPT_FAILED per failed attempt; AVAILABLE_FOR_PICKUP per pickup point and deadline, with a
   PICKUP_REMINDER a lead before the deadline, withdrawn when the parcel leaves the pickup point and
@@ -286,7 +287,11 @@ class _Planner:
         corrected = self.marks.get(CORRECTED)
         if corrected is None or corrected.status != SCHEDULED or corrected.version != version:
             desired_ms = self.now_ms + self.rules.debounce_ms
-            self._schedule(CORRECTED, version, desired_ms, start_ms, slot=window, previous=told)
+            # The recipient acts on the slot they were told: a correction arriving after it began
+            # comes too late, even if the new slot starts later.
+            told_start_ms = stamp_ms(told.start)
+            deadline_ms = told_start_ms if self.now_ms < told_start_ms < start_ms else start_ms
+            self._schedule(CORRECTED, version, desired_ms, deadline_ms, slot=window, previous=told)
 
     def _pickup(self) -> None:
         state = self.state

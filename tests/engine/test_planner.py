@@ -547,3 +547,26 @@ def test_address_check_is_asked_once_the_order_is_registered_as_paid() -> None:
     moved_on.scan(T.TRACKING_STATUS_OUT_FOR_DELIVERY)
     moved_on.state.order.paid = True
     assert T.NOTICE_KIND_EXCEPTION not in moved_on.apply(refresh=True).scheduled
+
+
+def test_quiet_hours_never_hold_a_correction_past_the_start_of_the_told_slot() -> None:
+    sim = Sim(audience=Audience(quiet=(22 * 60, 11 * 60)))  # 22:00-11:00 UTC
+    sim.now_ms = T0_MS + 11 * HOUR_MS  # 20:00 UTC on 10 March
+    told = (T0_MS + DAY_MS + HOUR_MS, T0_MS + DAY_MS + 3 * HOUR_MS)  # 11 March 10:00-12:00
+    sim.scan(slot=told)
+    sim.send_all()
+    sim.now_ms = T0_MS + 13 * HOUR_MS + 30 * MIN_MS  # 22:30: quiet until 11:00, after 10:00
+    moved = (T0_MS + DAY_MS + 5 * HOUR_MS, T0_MS + DAY_MS + 7 * HOUR_MS)  # 14:00-16:00
+    correction = sim.scan(slot=moved).scheduled[T.NOTICE_KIND_SLOT_CORRECTED]
+    # The recipient acts on the slot they were told: the correction must reach them before it.
+    assert correction.deadline.ToMilliseconds() == told[0]
+    assert correction.due_at.ToMilliseconds() < told[0]
+
+    # Moved earlier: the new slot starts first, so it is the deadline.
+    sim.send_all()
+    sim.scan()  # the engine notices the correction went out: ``moved`` is now the told slot
+    sim.now_ms += MIN_MS
+    earlier = (T0_MS + DAY_MS - HOUR_MS, T0_MS + DAY_MS + HOUR_MS)  # 08:00-10:00
+    again = sim.scan(slot=earlier).scheduled[T.NOTICE_KIND_SLOT_CORRECTED]
+    assert window_ms(again.previous_slot) == moved
+    assert again.deadline.ToMilliseconds() == earlier[0]

@@ -7,9 +7,10 @@ again with the new facts. It indexes each parcel under its recipient (``engine.r
 for the re-planning on a preference change and for erasure.
 
 ``GetParcel`` answers from ONE script call (``view_parcel.lua``): the parcel's version, state, which
-notices are still due, the gateway's attempts fields of its hash (not the whole hash: it also holds
-the notice bodies, a few kB a parcel GetParcel does not show) and its alert hash. One command, not a
-pipeline of three: redis-py's pipeline machinery cost more client CPU than the call itself.
+notices are still due and when (the gateway puts back there, later, what it could not send yet), the
+gateway's attempts fields of its hash (not the whole hash: it also holds the notice bodies, a few kB
+a parcel GetParcel does not show) and its alert hash. One command, not a pipeline of three:
+redis-py's pipeline machinery cost more client CPU than the call itself.
 Another merchant's parcel is NOT_FOUND, like an unknown one: nobody can probe which tracking numbers exist.
 """
 
@@ -36,7 +37,6 @@ from engine.state import (
     add_full_timeline,
     attempts_field,
     load_state,
-    parse_kinds,
 )
 from engine.validation import MAX_BATCH_PARCELS, Problem, check_registration, set_stamp_ms
 
@@ -55,9 +55,10 @@ async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoRet
 
 
 def notice_view(
-    parcel_id: str, mark: state_pb2.NoticeMark, pending: frozenset[str], raw_attempts: bytes | None
+    parcel_id: str, mark: state_pb2.NoticeMark, due: Mapping[str, int], raw_attempts: bytes | None
 ) -> notice_pb2.NoticeView:
-    """One notice as GetParcel shows it: the engine's mark plus the gateway's attempts."""
+    """One notice as GetParcel shows it: the engine's mark plus the gateway's attempts; ``due`` holds
+    the due time of each kind still waiting in the due set."""
     name = kind_name(mark.kind)
     view = notice_pb2.NoticeView(
         notice_id=keys.notice_id(parcel_id, name),
@@ -65,8 +66,11 @@ def notice_view(
         version=mark.version,
         status_reason=mark.status_reason,
     )
-    if mark.due_ms:
-        set_stamp_ms(view.scheduled_at, mark.due_ms)
+    due_ms = due.get(name)
+    # Waiting, it goes when the due set says: later than planned if the gateway put it back.
+    scheduled_ms = mark.due_ms if due_ms is None else due_ms
+    if scheduled_ms:
+        set_stamp_ms(view.scheduled_at, scheduled_ms)
     if mark.HasField("slot"):
         view.slot.CopyFrom(mark.slot)
     if mark.HasField("previous_slot"):
@@ -74,14 +78,22 @@ def notice_view(
     if raw_attempts:
         # The gateway appends one serialized NoticeView per attempt: concatenated, they parse as one.
         view.attempts.extend(notice_pb2.NoticeView.FromString(raw_attempts).attempts)
-    last = view.attempts[-1].status if view.attempts else None
+    last = view.attempts[-1] if view.attempts else None
     if mark.status in _WITHDRAWN:
         view.status = mark.status
-    elif name in pending:
-        retrying = last == notice_pb2.NOTICE_STATUS_RETRYING
+    elif due_ms is not None:
+        # Put back by the gateway: after a failed attempt (recorded), or unsent and without an
+        # attempt spent, under a rate limit or behind a slow provider (then only its time moved).
+        retrying = (last is not None and last.status == notice_pb2.NOTICE_STATUS_RETRYING) or (
+            due_ms != mark.due_ms
+        )
         view.status = notice_pb2.NOTICE_STATUS_RETRYING if retrying else notice_pb2.NOTICE_STATUS_SCHEDULED
     else:
-        view.status = last if last is not None else notice_pb2.NOTICE_STATUS_QUEUED
+        view.status = last.status if last is not None else notice_pb2.NOTICE_STATUS_QUEUED
+    if not view.status_reason and last is not None and last.status == view.status:
+        # What the gateway decided (suppressed without a channel, failed, dead-lettered) says why
+        # in its attempt; the view says it where the engine's own reasons go.
+        view.status_reason = last.error
     for attempt in reversed(view.attempts):
         if attempt.status == notice_pb2.NOTICE_STATUS_SENT:
             view.sent_at.CopyFrom(attempt.attempted_at)
@@ -90,9 +102,11 @@ def notice_view(
     return view
 
 
-def parcel_view(record: ParcelRecord, attempts: Mapping[str, bytes]) -> parcel_pb2.ParcelView:
+def parcel_view(
+    record: ParcelRecord, attempts: Mapping[str, bytes], due: Mapping[str, int]
+) -> parcel_pb2.ParcelView:
     """The parcel as GetParcel shows it (alerts are added by the caller); ``attempts`` are the
-    gateway's attempts by notice kind name."""
+    gateway's attempts by notice kind name, ``due`` the due times of the kinds still waiting."""
     state = record.state
     view = parcel_pb2.ParcelView(
         parcel_id=record.parcel_id,
@@ -113,7 +127,7 @@ def parcel_view(record: ParcelRecord, attempts: Mapping[str, bytes]) -> parcel_p
         view.order.CopyFrom(state.order)
     for mark in state.notices:
         raw = attempts.get(kind_name(mark.kind))
-        view.notices.append(notice_view(record.parcel_id, mark, record.pending, raw))
+        view.notices.append(notice_view(record.parcel_id, mark, due, raw))
     if state.created_ms:
         set_stamp_ms(view.created_at, state.created_ms)
     if state.updated_ms:
@@ -245,16 +259,16 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
         reply = await self._view(keys=call_keys, args=[parcel_id, *_ATTEMPT_FIELDS])
         if reply is None:
             return None
-        raw_version, raw_state, raw_pending, raw_attempts, flat_alerts = reply
-        record = ParcelRecord(
-            parcel_id,
-            shard,
-            int(raw_version),
-            load_state(parcel_id, raw_state),
-            parse_kinds(raw_pending),
-        )
+        raw_version, raw_state, flat_waiting, raw_attempts, flat_alerts = reply
+        # Scores as Redis formats doubles; due times are whole milliseconds.
+        due = {
+            kind.decode(): int(float(score))
+            for kind, score in zip(flat_waiting[::2], flat_waiting[1::2], strict=True)
+        }
+        state = load_state(parcel_id, raw_state)
+        record = ParcelRecord(parcel_id, shard, int(raw_version), state, frozenset(due))
         attempts = {name: raw for name, raw in zip(_ATTEMPT_KINDS, raw_attempts, strict=True) if raw}
-        view = parcel_view(record, attempts)
+        view = parcel_view(record, attempts, due)
         alerts = dict(zip(flat_alerts[::2], flat_alerts[1::2], strict=True))
         view.open_alerts.extend(parse_parcel_alerts(alerts).unresolved())
         return view

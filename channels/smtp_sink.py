@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import time
 from pathlib import Path
@@ -63,6 +64,12 @@ class SmtpSink:
     async def start(self) -> tuple[str, int]:
         """Listen; returns the (host, port) actually bound (port 0 picks a free one)."""
         self.outbox.mkdir(parents=True, exist_ok=True)
+        # Under `relais run` the sink logs into the engine's log, where no personal data may go, and
+        # aiosmtpd's "mail.log" writes its whole transcript at INFO and DEBUG: each command line and
+        # envelope address ("RCPT TO:<...>", "recip: ..."). Its warnings and errors name only the peer
+        # (loopback) and a command's verb, so they stay. A level set quieter than WARNING is kept.
+        protocol_log = logging.getLogger("mail.log")
+        protocol_log.setLevel(max(logging.WARNING, protocol_log.level))
         loop = asyncio.get_running_loop()
         handler = _OutboxHandler(self.outbox)
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
+from email.message import EmailMessage
 from pathlib import Path
+
+import aiosmtplib
+import pytest
 
 from channels.base import (
     Accepted,
@@ -137,3 +142,24 @@ async def test_smtp_sink_counts_the_connections_a_pool_reuses(tmp_path: Path) ->
             await channel.aclose()
     assert len(files_under(tmp_path / "smtp")) == 12
     assert 1 <= sink.connections_accepted <= 2
+
+
+async def test_smtp_sink_logs_no_address(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Under `relais run` the sink shares the engine's log, where no personal data may go: at any
+    level the engine may run at, a message sent through it leaves no recipient's address behind."""
+    caplog.set_level(logging.DEBUG)
+    recipient = "jeanne.secret@example.com"
+    mail = EmailMessage()
+    mail["From"] = "notices@relais.example"
+    mail["To"] = f"Jeanne Secret <{recipient}>"
+    mail["Subject"] = "Votre colis"
+    mail.set_content("Bonjour")
+    async with SmtpSink(tmp_path / "smtp") as sink:
+        errors, _ = await aiosmtplib.send(
+            mail, hostname=sink.host, port=sink.port, use_tls=False, start_tls=False
+        )
+    assert errors == {}
+    assert len(files_under(tmp_path / "smtp")) == 1
+    for record in caplog.records:
+        logged = f"{record.getMessage()} {record.exc_text or ''}"
+        assert "jeanne" not in logged.lower(), (record.name, logged)

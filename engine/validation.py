@@ -6,7 +6,7 @@ personal data.
 
 Every Timestamp and date is range-checked here, not where it is used: one out-of-range value would
 otherwise make the planner raise mid-batch (failing the whole batch) or be stored and break every
-later read of the parcel.
+later read of the parcel. Every free-text field is bounded in length and holds no control character.
 """
 
 from __future__ import annotations
@@ -33,6 +33,17 @@ MAX_WINDOW_MS = 7 * 86_400_000
 MAX_DISTANCE_DAYS = 366
 MAX_DISTANCE_MS = MAX_DISTANCE_DAYS * 86_400_000
 _MAX_NANOS = 999_999_999
+
+# Free text is shown in messages, email headers, logs and support terminals, where a line break or an
+# escape sequence is an injection, never data: C0, DEL, C1, and Unicode's line and paragraph
+# separators are refused in every text field (none is multi-line).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Far above what carriers send (a name or a street line fits a label's line; postal codes run to 10
+# characters): a longer value is garbage or an attack, refused rather than cut so the sender finds out.
+MAX_NAME = 128
+MAX_CODE = 16
+MAX_OPENING_HOURS = 256
+MAX_ADDRESS_LINES = 8
 
 _CURRENCY = re.compile(r"[A-Z]{3}")
 # Computed once: ``Enum.values()`` builds a list on every call, and this runs per event.
@@ -66,7 +77,39 @@ def _ident(value: str, name: str, max_len: int) -> Problem | None:
 def _text(value: str, name: str, max_len: int) -> Problem | None:
     if len(value) > max_len:
         return Problem(name, f"{name} is longer than {max_len} characters")
+    # Control characters are all unprintable, so printable text (nearly all of it) costs one string
+    # method; the rest may still be fine (a no-break space, a zero-width joiner in an emoji).
+    if not value.isprintable() and _CONTROL.search(value):
+        return Problem(name, f"{name} must not hold control characters (line breaks, tabs, escapes)")
     return None
+
+
+def _location(location: types_pb2.Location) -> Problem | None:
+    return (
+        _text(location.facility, "location.facility", MAX_NAME)
+        or _text(location.city, "location.city", MAX_NAME)
+        or _text(location.postal_code, "location.postal_code", MAX_CODE)
+        or _text(location.country_code, "location.country_code", MAX_CODE)
+    )
+
+
+def _address(address: types_pb2.Address) -> Problem | None:
+    lines = address.lines
+    if len(lines) > MAX_ADDRESS_LINES:
+        return Problem(
+            "pickup_point.address.lines",
+            f"pickup_point.address.lines holds more than {MAX_ADDRESS_LINES} lines",
+        )
+    # By index: a for loop over a protobuf repeated field builds an iterator that costs more than the
+    # checks; and the path with its index is only spelled out for the line at fault.
+    for i in range(len(lines)):
+        if _text(lines[i], "", MAX_NAME) is not None:
+            return _text(lines[i], f"pickup_point.address.lines[{i}]", MAX_NAME)
+    return (
+        _text(address.postal_code, "pickup_point.address.postal_code", MAX_CODE)
+        or _text(address.city, "pickup_point.address.city", MAX_NAME)
+        or _text(address.country_code, "pickup_point.address.country_code", MAX_CODE)
+    )
 
 
 def _nanos(stamp: timestamp_pb2.Timestamp, name: str) -> Problem | None:
@@ -124,10 +167,18 @@ def _pickup(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
             return Problem(
                 "pickup_point.deadline", "pickup_point.deadline is required for AVAILABLE_FOR_PICKUP"
             )
-    # Checked whatever the status: the event is kept in the timeline, deadline included.
-    if point.HasField("deadline"):
+    if not event.HasField("pickup_point"):
+        return None
+    # Checked whatever the status: the event is kept in the timeline, pickup point included.
+    problem = (
+        _text(point.id, "pickup_point.id", MAX_NAME)
+        or _text(point.name, "pickup_point.name", MAX_NAME)
+        or _text(point.opening_hours, "pickup_point.opening_hours", MAX_OPENING_HOURS)
+        or _address(point.address)
+    )
+    if problem is None and point.HasField("deadline"):
         return _near(point.deadline, "pickup_point.deadline", now_ms)
-    return None
+    return problem
 
 
 def _occurred(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
@@ -157,6 +208,7 @@ def check_event(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | Non
         or _occurred(event, now_ms)
         or _text(event.substatus, "substatus", 64)
         or _text(event.description, "description", 256)
+        or _location(event.location)
         or _window(event, now_ms)
         or _pickup(event, now_ms)
     )

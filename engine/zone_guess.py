@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.resources
 from datetime import UTC, datetime
 from functools import cache
-from zoneinfo import ZoneInfo, available_timezones
+from zoneinfo import ZoneInfo
 
 import phonenumbers
 from phonenumbers import timezone as phone_timezones
@@ -60,9 +60,12 @@ def phone_zone(e164: str) -> str | None:
 
 @cache
 def known_zones() -> frozenset[str]:
-    """The IANA zone names tzdata lists (ZoneInfo alone would also accept file-system paths such as
-    "localtime"): read once, the listing walks the zone files."""
-    return frozenset(available_timezones())
+    """The IANA zone names, from the tzdata package's list (read once). Not ``available_timezones()``:
+    it also lists whatever files the host's zoneinfo directory holds ("localtime", "posixrules",
+    "posix/..." on some systems), and ZoneInfo alone would load any of them. "Factory" is tzdata's
+    placeholder for a machine whose zone was never set, not a place."""
+    names = importlib.resources.files("tzdata").joinpath("zones").read_text().split()
+    return frozenset(names) - {"Factory"}
 
 
 def guess_zone(*, phone: str, region: str, locale: str) -> str:

@@ -270,6 +270,11 @@ BAD_FIELDS: list[tuple[str, Callable[[Prefs], None], str]] = [
     ("two ats", assign("email", "a@b@example.com"), "preferences.email"),
     ("zone", assign("time_zone", "Europe/Atlantis"), "preferences.time_zone"),
     ("zone path", assign("time_zone", "../../etc/passwd"), "preferences.time_zone"),
+    # Files of the host's zoneinfo directory and tzdata's placeholder: no place's zone.
+    *(
+        (f"zone {name}", assign("time_zone", name), "preferences.time_zone")
+        for name in ("localtime", "Factory", "posixrules", "posix/Europe/Paris", "right/Europe/Paris")
+    ),
     ("locale", assign("locale", "french please"), "preferences.locale"),
     (
         "quiet start",

@@ -3,20 +3,22 @@
 Quiet hours, the end of a promised day and every time a message shows are read in the recipient's
 zone; UTC would put a Swiss recipient's 14:00-16:00 slot at 13:00-15:00. So a missing zone is taken
 from what the preferences do say, most precise first: the phone number (its area, through
-``phonenumbers``' time-zone data), then the region, then the locale's region (``fr-CH``). A country
-stands for one zone only when all of its zones keep the same time (Germany's Berlin and Büsingen); a
-country whose zones differ (the United States) tells nothing, and the zone stays UTC until the
-recipient sets one.
+``phonenumbers``' time-zone data), then the region, then the locale's region (``fr-CH``,
+``sr-Latn-RS``, ``de-756``). A country stands for one zone only when all of its zones keep the same
+time (Germany's Berlin and Büsingen); a country whose zones differ (the United States) tells
+nothing, and the zone stays UTC until the recipient sets one.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import cache
 from zoneinfo import ZoneInfo
 
 import phonenumbers
+from babel.core import get_global
 from phonenumbers import timezone as phone_timezones
 
 FALLBACK = "UTC"
@@ -68,12 +70,39 @@ def known_zones() -> frozenset[str]:
     return frozenset(names) - {"Factory"}
 
 
+@cache
+def _numeric_regions() -> dict[str, str]:
+    """UN M.49 country codes ("756") to ISO 3166 ones ("CH"), from CLDR; groups of countries ("419",
+    Latin America; "200", the former Czechoslovakia) are left out: they tell no zone."""
+    aliases: Mapping[str, list[str]] = get_global("territory_aliases")
+    return {
+        code: names[0]
+        for code, names in aliases.items()
+        if code.isdigit() and len(names) == 1 and names[0].isalpha()
+    }
+
+
+def locale_region(locale: str) -> str:
+    """The region of a BCP 47 tag, language[-script][-region][-variant...] ("sr-Latn-RS" → "RS"), as
+    an ISO 3166 code; "" when it names none or a group of countries."""
+    subtags = locale.split("-")[1:3]
+    # A script is four letters; a variant of four starts with a digit ("de-1996").
+    if subtags and len(subtags[0]) == 4 and subtags[0].isalpha():
+        del subtags[0]
+    region = subtags[0] if subtags else ""
+    if len(region) == 2 and region.isalpha():
+        return region
+    if len(region) == 3 and region.isdigit():
+        return _numeric_regions().get(region, "")
+    return ""
+
+
 def guess_zone(*, phone: str, region: str, locale: str) -> str:
     """The zone for preferences without one: from the phone, the region, the locale, else UTC."""
-    _language, _, locale_region = locale.partition("-")
+    locale_country = locale_region(locale)
     return (
         (phone and phone_zone(phone))
         or (region and country_zone(region))
-        or (len(locale_region) == 2 and country_zone(locale_region))
+        or (locale_country and country_zone(locale_country))
         or FALLBACK
     )

@@ -3,7 +3,8 @@
 Checking returns every ``Problem`` found, each naming its field as a path from the request
 (``preferences.push_targets[1].web_push.auth``), never echoing the value: most fields are personal
 data. What passes is normalised: phone numbers to E.164, email domains and region codes to their usual
-case, an empty time zone to ``UTC``.
+case, an empty time zone to the one the phone, region or locale suggest (``engine.zone_guess``), which
+is guessed again when they change.
 
 Storage: one key per recipient, ``keys.preferences(shard, recipient_id)``. An update is a
 read-merge-write under ``WATCH``, so two concurrent partial updates (different field masks) never
@@ -236,7 +237,10 @@ def merge(
     stored: RecipientPreferences | None, update: RecipientPreferences, mask: field_mask_pb2.FieldMask
 ) -> RecipientPreferences:
     """The preferences after an update: ``update`` whole for an empty mask, else the masked fields of
-    ``update`` over ``stored``. A path that is not a field is a ``Problem`` naming ``update_mask``."""
+    ``update`` over ``stored``. A path that is not a field is a ``Problem`` naming ``update_mask``.
+
+    A stored zone that was guessed is dropped unless the mask names ``time_zone``, so that
+    ``validate`` guesses it again from the new phone, region and locale."""
     if not mask.paths:
         return update
     if not mask.IsValidForDescriptor(RecipientPreferences.DESCRIPTOR):
@@ -249,7 +253,16 @@ def merge(
     # Masked message and repeated fields are replaced, not merged: a new push target list is the list.
     mask.MergeMessage(update, merged, replace_message_field=True, replace_repeated_field=True)
     merged.recipient_id = update.recipient_id
+    if stored is not None and "time_zone" not in mask.paths and _zone_was_guessed(stored):
+        merged.time_zone = ""
     return merged
+
+
+def _zone_was_guessed(prefs: RecipientPreferences) -> bool:
+    # The contract keeps no mark of whether a zone was given or guessed, so a guess is recognised as
+    # the zone the rest of the preferences give. A recipient who chose exactly that zone is taken for
+    # one who gave none: it follows their phone, region and locale, staying theirs until those change.
+    return prefs.time_zone == guess_zone(phone=prefs.phone, region=prefs.region, locale=prefs.locale)
 
 
 # --- storage -----------------------------------------------------------------------------------------

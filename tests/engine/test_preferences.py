@@ -190,6 +190,18 @@ async def test_a_missing_time_zone_comes_from_phone_region_or_locale(
     assert stored.time_zone == zone
 
 
+async def test_a_guessed_zone_follows_a_phone_given_later(
+    stub: preferences_pb2_grpc.PreferenceServiceAsyncStub,
+) -> None:
+    first = await stub.UpdatePreferences(update(Prefs(recipient_id="r-zone", locale="en")))
+    assert first.time_zone == "UTC"  # nothing to go by yet
+    phone = Prefs(recipient_id="r-zone", phone="+41791234567")
+    assert (await stub.UpdatePreferences(update(phone, "phone"))).time_zone == "Europe/Zurich"
+    await stub.UpdatePreferences(update(Prefs(recipient_id="r-zone", time_zone="Asia/Tokyo"), "time_zone"))
+    phone.phone = "+33612345678"
+    assert (await stub.UpdatePreferences(update(phone, "phone"))).time_zone == "Asia/Tokyo"  # theirs
+
+
 async def test_mask_changes_only_named_fields(
     stub: preferences_pb2_grpc.PreferenceServiceAsyncStub, hooks: Hooks
 ) -> None:

@@ -137,15 +137,14 @@ def can_post_for_carrier(carrier: str, principal: Principal | None = None) -> bo
     return who.kind is PrincipalKind.CARRIER and hmac.compare_digest(who.ident, carrier)
 
 
-def can_touch_parcel_of(parcel_carrier: str, principal: Principal | None = None) -> bool:
-    """May the caller's events change a parcel that ``parcel_carrier`` carries ("" when nobody has
-    said yet)? A carrier only its own parcels: tracking numbers are unique per carrier only, and
-    another carrier's key must not deliver, cancel or re-slot them. Hand-overs between carriers under
-    one tracking number (postal items crossing a border) come through an operator's feed."""
+def confined_carrier(principal: Principal | None = None) -> str | None:
+    """The carrier whose parcels alone the caller's events may change (a parcel nobody carries yet
+    included); None when any parcel. A carrier is confined to its own: tracking numbers are unique
+    per carrier only, and another carrier's key must not deliver, cancel or re-slot them. Hand-overs
+    between carriers under one tracking number (postal items crossing a border) come through an
+    operator's feed."""
     who = principal if principal is not None else current_principal()
-    if who is None or who.kind is not PrincipalKind.CARRIER or not parcel_carrier:
-        return True
-    return hmac.compare_digest(who.ident, parcel_carrier)
+    return who.ident if who is not None and who.kind is PrincipalKind.CARRIER else None
 
 
 def can_access_merchant(merchant_id: str, principal: Principal | None = None) -> bool:

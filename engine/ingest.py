@@ -2,7 +2,7 @@
 
 Bad events are rejected by index and the rest applied. Unknown parcels are accepted (carriers scan
 before merchants register); duplicates (same ``event_id``) change nothing. A carrier's events for a
-parcel another carrier carries are rejected (``engine.auth.can_touch_parcel_of``). The whole batch costs a
+parcel another carrier carries are rejected (``engine.auth.confined_carrier``). The whole batch costs a
 constant number of Redis round trips (see ``engine.state.ParcelStore.update``); each parcel's state is
 decoded and encoded once per batch, whatever its number of events.
 """
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from opentelemetry.trace import NoOpTracer, Tracer
 from relais.v1 import tracking_pb2
 
 from common.clock import Clock
 from common.telemetry import Metrics
-from engine.auth import Principal, can_post_for_carrier, can_touch_parcel_of, current_principal
+from engine.auth import Principal, can_post_for_carrier, confined_carrier, current_principal
 from engine.state import ParcelRecord, ParcelStore, apply_event, seen_event_ids
 from engine.validation import check_event
 
@@ -27,8 +27,6 @@ from engine.validation import check_event
 class _Tally:
     accepted: int = 0
     duplicates: int = 0
-    # Indexes of the events rejected because another carrier carries the parcel.
-    foreign: list[int] = field(default_factory=list)
 
 
 class Ingestor:
@@ -44,10 +42,9 @@ class Ingestor:
 
     def _screen(
         self, events: Sequence[tracking_pb2.TrackingEvent], principal: Principal | None
-    ) -> tuple[dict[str, list[tuple[int, tracking_pb2.TrackingEvent]]], list[tracking_pb2.RejectedEvent]]:
-        """The valid events by parcel, each with its index in the batch, and the rejected ones."""
+    ) -> tuple[dict[str, list[tracking_pb2.TrackingEvent]], list[tracking_pb2.RejectedEvent]]:
         now_ms = self.clock.now_ms()
-        by_parcel: dict[str, list[tuple[int, tracking_pb2.TrackingEvent]]] = defaultdict(list)
+        by_parcel: dict[str, list[tracking_pb2.TrackingEvent]] = defaultdict(list)
         rejected: list[tracking_pb2.RejectedEvent] = []
         for index, event in enumerate(events):
             problem = check_event(event, now_ms)
@@ -72,7 +69,7 @@ class Ingestor:
                     )
                 )
             else:
-                by_parcel[event.parcel_id].append((index, event))
+                by_parcel[event.parcel_id].append(event)
         return by_parcel, rejected
 
     async def apply(self, batch: tracking_pb2.EventBatch) -> tracking_pb2.BatchAck:
@@ -88,19 +85,24 @@ class Ingestor:
     async def _apply(self, batch: tracking_pb2.EventBatch) -> tracking_pb2.BatchAck:
         principal = current_principal()
         by_parcel, rejected = self._screen(batch.events, principal)
+        confined = confined_carrier(principal)
         tallies: dict[str, _Tally] = {}
+        # Parcels another carrier carries, whose events are refused (a caller confined to its own).
+        foreign: set[str] = set()
 
         def mutate(record: ParcelRecord) -> bool:
             # Called again for a parcel whose write conflicted: the tally starts over.
             tally = tallies[record.parcel_id] = _Tally()
-            events = by_parcel[record.parcel_id]
-            if not can_touch_parcel_of(record.state.carrier, principal):
-                tally.foreign = [index for index, _event in events]
+            state = record.state
+            if confined is not None and state.carrier and state.carrier != confined:
+                foreign.add(record.parcel_id)
                 return False
+            if foreign:
+                foreign.discard(record.parcel_id)  # registered to this carrier since an earlier attempt
             received_ms = self.clock.now_ms()
-            seen = seen_event_ids(record.state)
-            for _index, event in events:
-                if apply_event(record.state, event, received_ms, seen):
+            seen = seen_event_ids(state)
+            for event in by_parcel[record.parcel_id]:
+                if apply_event(state, event, received_ms, seen):
                     tally.accepted += 1
                 else:
                     tally.duplicates += 1
@@ -110,21 +112,28 @@ class Ingestor:
             await self.store.update(list(by_parcel), mutate)
         accepted = sum(t.accepted for t in tallies.values())
         duplicates = sum(t.duplicates for t in tallies.values())
-        foreign = [index for t in tallies.values() for index in t.foreign]
         if foreign:
-            rejected += (
-                tracking_pb2.RejectedEvent(
-                    index=index,
-                    code=tracking_pb2.REJECT_CODE_PERMISSION_DENIED,
-                    field="parcel_id",
-                    reason="the parcel is carried by another carrier",
-                    event_id=batch.events[index].event_id,
-                )
-                for index in foreign
-            )
+            rejected += _foreign_rejections(batch.events, foreign)
             rejected.sort(key=lambda r: r.index)
         if self.metrics is not None:
             self.metrics.events_applied(accepted=accepted, duplicates=duplicates, rejected=len(rejected))
         return tracking_pb2.BatchAck(
             seq=batch.seq, accepted=accepted, duplicates=duplicates, rejected=rejected
         )
+
+
+def _foreign_rejections(
+    events: Sequence[tracking_pb2.TrackingEvent], foreign: set[str]
+) -> list[tracking_pb2.RejectedEvent]:
+    # Found again by a pass over the batch: rare, so the common path keeps no index per event.
+    return [
+        tracking_pb2.RejectedEvent(
+            index=index,
+            code=tracking_pb2.REJECT_CODE_PERMISSION_DENIED,
+            field="parcel_id",
+            reason="the parcel is carried by another carrier",
+            event_id=event.event_id,
+        )
+        for index, event in enumerate(events)
+        if event.parcel_id in foreign
+    ]

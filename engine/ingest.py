@@ -60,13 +60,7 @@ class Ingestor:
                 )
             elif not can_post_for_carrier(event.carrier, principal):
                 rejected.append(
-                    tracking_pb2.RejectedEvent(
-                        index=index,
-                        code=tracking_pb2.REJECT_CODE_PERMISSION_DENIED,
-                        field="carrier",
-                        reason="the caller may not post events for this carrier",
-                        event_id=event.event_id,
-                    )
+                    _denied(index, event, "carrier", "the caller may not post events for this carrier")
                 )
             else:
                 by_parcel[event.parcel_id].append(event)
@@ -126,14 +120,21 @@ def _foreign_rejections(
     events: Sequence[tracking_pb2.TrackingEvent], foreign: set[str]
 ) -> list[tracking_pb2.RejectedEvent]:
     # Found again by a pass over the batch: rare, so the common path keeps no index per event.
+    reason = "the parcel is carried by another carrier"
     return [
-        tracking_pb2.RejectedEvent(
-            index=index,
-            code=tracking_pb2.REJECT_CODE_PERMISSION_DENIED,
-            field="parcel_id",
-            reason="the parcel is carried by another carrier",
-            event_id=event.event_id,
-        )
+        _denied(index, event, "parcel_id", reason)
         for index, event in enumerate(events)
         if event.parcel_id in foreign
     ]
+
+
+def _denied(
+    index: int, event: tracking_pb2.TrackingEvent, field: str, reason: str
+) -> tracking_pb2.RejectedEvent:
+    return tracking_pb2.RejectedEvent(
+        index=index,
+        code=tracking_pb2.REJECT_CODE_PERMISSION_DENIED,
+        field=field,
+        reason=reason,
+        event_id=event.event_id,
+    )

@@ -81,10 +81,7 @@ class PreferenceServicer(preferences_pb2_grpc.PreferenceServiceServicer):
         except InvalidPreferencesError as exc:
             await abort_invalid(context, exc.problems)
         except ConflictError:
-            # Other updates of the recipient, or a burst of events on their parcels, kept landing in
-            # between: whatever was stored, the same request again finishes the job.
-            await context.abort(grpc.StatusCode.ABORTED, "changed concurrently; send the same update again")
-            raise AssertionError("context.abort returned") from None  # pragma: no cover
+            await _abort_changed(context)
         log.info(
             "preferences of %s %s, %d notices re-planned",
             stored.recipient_id,
@@ -109,7 +106,10 @@ class PreferenceServicer(preferences_pb2_grpc.PreferenceServiceServicer):
         await self._check_id(request.recipient_id, context)
         # Preferences first: without them the gateway sends nothing, even a notice already claimed.
         erased = await self._store.erase(request.recipient_id)
-        cancelled = await self._cancel(request.recipient_id)
+        try:
+            cancelled = await self._cancel(request.recipient_id)
+        except ConflictError:
+            await _abort_changed(context)
         log.info("recipient %s erased, %d notices cancelled", request.recipient_id, cancelled)
         return preferences_pb2.EraseRecipientResponse(preferences_erased=erased, notices_cancelled=cancelled)
 
@@ -118,6 +118,13 @@ class PreferenceServicer(preferences_pb2_grpc.PreferenceServiceServicer):
         if problem is not None:
             await abort_invalid(context, [problem])
         await _authorize(recipient_id, context)
+
+
+async def _abort_changed(context: Context) -> NoReturn:
+    # Other updates of the recipient, or a burst of events on their parcels, kept landing in between:
+    # whatever was stored or erased already, the same request again finishes the job.
+    await context.abort(grpc.StatusCode.ABORTED, "changed concurrently; send the same request again")
+    raise AssertionError("context.abort returned")  # pragma: no cover
 
 
 async def _authorize(recipient_id: str, context: Context) -> None:

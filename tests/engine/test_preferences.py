@@ -44,6 +44,8 @@ class Hooks:
 
     async def cancel(self, recipient_id: str) -> int:
         self.cancelled.append(recipient_id)
+        if self.failures:
+            raise self.failures.pop(0)
         return 3
 
 
@@ -392,6 +394,23 @@ async def test_erase_removes_preferences_and_cancels_notices(
     assert hooks.cancelled == ["rcp-1"]
     again = await stub.EraseRecipient(preferences_pb2.EraseRecipientRequest(recipient_id="rcp-1"))
     assert not again.preferences_erased
+
+
+async def test_an_erasure_whose_cancelling_conflicts_asks_for_the_same_request_again(
+    stub: preferences_pb2_grpc.PreferenceServiceAsyncStub, hooks: Hooks
+) -> None:
+    """Events kept landing on the recipient's parcels: ABORTED to retry (not INTERNAL, a bug), and
+    the retry cancels what the first could not."""
+    await stub.UpdatePreferences(update(full_prefs()))
+    hooks.failures.append(ConflictError("parcels kept changing"))
+    request = preferences_pb2.EraseRecipientRequest(recipient_id="rcp-1")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.EraseRecipient(request)
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert "send the same request again" in (caught.value.details() or "")
+    again = await stub.EraseRecipient(request)
+    assert again == preferences_pb2.EraseRecipientResponse(preferences_erased=False, notices_cancelled=3)
+    assert hooks.cancelled == ["rcp-1", "rcp-1"]
 
 
 async def test_concurrent_masked_updates_keep_each_other(

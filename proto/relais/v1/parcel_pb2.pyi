@@ -36,7 +36,7 @@ class OrderFacts(_message.Message):
     paid: _builtins.bool
     """Whether the order is paid. Unpaid orders get informational notices only."""
     order_reference: _builtins.str
-    """The merchant's order reference, shown in messages (up to 64 characters)."""
+    """The merchant's order reference, shown in messages (up to 64 characters, no control characters)."""
     @_builtins.property
     def declared_value(self) -> _types_pb2.Money:
         """Declared value of the contents."""

@@ -79,11 +79,15 @@ class TrackingEvent(_message.Message):
     status: _types_pb2.TrackingStatus.ValueType
     """What happened. Required."""
     substatus: _builtins.str
-    """The carrier's own finer status code, kept for display and for support (free text, up to 64)."""
+    """The carrier's own finer status code, kept for display and for support (free text, up to 64,
+    no control characters).
+    """
     exception_reason: _types_pb2.ExceptionReason.ValueType
     """Why, for EXCEPTION and ATTEMPT_FAIL."""
     description: _builtins.str
-    """Human-readable text from the carrier, for the timeline (up to 256 characters)."""
+    """Human-readable text from the carrier, for the timeline (up to 256 characters, no control
+    characters).
+    """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
         """When it happened, at the carrier. Required. Must not be more than 10 minutes in the future."""

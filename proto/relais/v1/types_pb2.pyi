@@ -302,6 +302,8 @@ Global___Money: _TypeAlias = Money  # noqa: Y015
 class Address(_message.Message):
     """A postal address. Addresses of pickup points are business data; a recipient's own address is not
     sent to relais.
+    In a tracking event, every text field of an address is refused (by index, naming the field) when
+    it holds control characters (line breaks, tabs, escapes) or runs past its limit.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -311,14 +313,14 @@ class Address(_message.Message):
     CITY_FIELD_NUMBER: _builtins.int
     COUNTRY_CODE_FIELD_NUMBER: _builtins.int
     postal_code: _builtins.str
-    """Postal code as printed in the country."""
+    """Postal code as printed in the country (up to 16)."""
     city: _builtins.str
-    """City or locality."""
+    """City or locality (up to 128)."""
     country_code: _builtins.str
-    """ISO 3166-1 alpha-2 country code, e.g. "CH"."""
+    """ISO 3166-1 alpha-2 country code, e.g. "CH" (up to 16)."""
     @_builtins.property
     def lines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Street lines, in the order they are printed."""
+        """Street lines, in the order they are printed (at most 8, each up to 128 characters)."""
 
     def __init__(
         self,
@@ -338,7 +340,7 @@ Global___Address: _TypeAlias = Address  # noqa: Y015
 
 @_typing.final
 class Location(_message.Message):
-    """Where a carrier scan happened."""
+    """Where a carrier scan happened. Text without control characters, within the limits given."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -347,13 +349,13 @@ class Location(_message.Message):
     POSTAL_CODE_FIELD_NUMBER: _builtins.int
     COUNTRY_CODE_FIELD_NUMBER: _builtins.int
     facility: _builtins.str
-    """Name of the depot, hub or facility, as the carrier names it."""
+    """Name of the depot, hub or facility, as the carrier names it (up to 128 characters)."""
     city: _builtins.str
-    """City or locality of the scan."""
+    """City or locality of the scan (up to 128)."""
     postal_code: _builtins.str
-    """Postal code of the scan location."""
+    """Postal code of the scan location (up to 16)."""
     country_code: _builtins.str
-    """ISO 3166-1 alpha-2 country code."""
+    """ISO 3166-1 alpha-2 country code (up to 16)."""
     def __init__(
         self,
         *,
@@ -372,7 +374,9 @@ Global___Location: _TypeAlias = Location  # noqa: Y015
 
 @_typing.final
 class PickupPoint(_message.Message):
-    """A pickup point (parcel shop, locker, post office) where a parcel waits for its recipient."""
+    """A pickup point (parcel shop, locker, post office) where a parcel waits for its recipient. Text
+    without control characters, within the limits given.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -382,11 +386,13 @@ class PickupPoint(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     OPENING_HOURS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """The carrier's identifier of the pickup point."""
+    """The carrier's identifier of the pickup point (up to 128 characters). Messages name the point by
+    its name, else its address, else this id.
+    """
     name: _builtins.str
-    """Display name, e.g. "Kiosk Bahnhof"."""
+    """Display name, e.g. "Kiosk Bahnhof" (up to 128)."""
     opening_hours: _builtins.str
-    """Opening hours as free text for display, e.g. "Mo-Fr 08:00-19:00"."""
+    """Opening hours as free text for display, e.g. "Mo-Fr 08:00-19:00" (up to 256)."""
     @_builtins.property
     def address(self) -> Global___Address:
         """Where it is."""

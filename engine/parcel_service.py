@@ -38,7 +38,7 @@ from engine.state import (
     attempts_field,
     load_state,
 )
-from engine.validation import MAX_BATCH_PARCELS, Problem, check_registration, set_stamp_ms
+from engine.validation import MAX_BATCH_PARCELS, Problem, check_parcel_id, check_registration, set_stamp_ms
 
 Context = grpc.aio.ServicerContext[object, object]
 
@@ -242,10 +242,9 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
         self, request: parcel_pb2.GetParcelRequest, context: Context
     ) -> parcel_pb2.ParcelView:
         pid = request.parcel_id
-        if not pid or len(pid) > 64:
-            await _abort(
-                context, grpc.StatusCode.INVALID_ARGUMENT, "parcel_id: required, up to 64 characters"
-            )
+        problem = check_parcel_id(pid)
+        if problem is not None:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem.reason)
         view = await self.get_parcel(pid)
         # A parcel nobody registered yet belongs to no merchant: only operators may read it then.
         if view is None or not auth.can_access_merchant(view.merchant_id):

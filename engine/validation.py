@@ -195,6 +195,12 @@ def _occurred(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
     return None
 
 
+def check_parcel_id(parcel_id: str) -> Problem | None:
+    """A parcel id as events and registrations must give it: what GetParcel checks too, so an id no
+    parcel can have is INVALID_ARGUMENT there as well, not NOT_FOUND."""
+    return _ident(parcel_id, "parcel_id", 64)
+
+
 def check_event(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
     """The first problem of ``event``, or None when it can be applied."""
     if event.status not in _STATUSES:

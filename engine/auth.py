@@ -18,7 +18,9 @@ Rules servicers apply (documented choices):
   update or erase the preferences of, recipient ids starting with ``acme/`` only. It is checked
   without a Redis read, and a merchant cannot address (or spam) another merchant's recipients.
 - A parcel, or an alert, of another merchant is reported NOT_FOUND, not PERMISSION_DENIED: a
-  merchant cannot probe which tracking numbers other merchants ship.
+  merchant cannot read which tracking numbers other merchants ship, nor anything about them. Only
+  registering one says it is taken (rejected by index, "registered by another merchant"): a parcel
+  cannot be taken over, and a merchant whose number collides must learn why it was refused.
 - A carrier's event for another carrier code is rejected by index (REJECT_CODE_PERMISSION_DENIED);
   the rest of the batch applies. So is its event for a parcel another carrier carries (the one the
   merchant registered, else the first to scan it): field ``parcel_id``.

@@ -19,7 +19,8 @@ decides which notices to schedule, replace or withdraw. It does no IO, so every 
   zone: delivery (or arrival at a pickup point) withdraws it first, so the claim itself is the check;
   withdrawn while the parcel waited at a pickup point (or had no promised date), it is planned again,
   a new version, once the parcel is on its way again;
-- EXCEPTION (check your address) for address problems of paid orders only;
+- EXCEPTION (check your address) for address problems of paid orders only, once per problem: the
+  carrier's daily re-scans of a parcel held for its address ask nothing more;
 - muted kinds are not scheduled (SUPPRESSED); a refresh brings a muted notice back once its kind is
   unmuted, and an unpaid order's address check once the order is paid, if it still makes sense (see
   ``_Planner._revived_desired_ms``); unpaid orders' notices are not actionable.
@@ -255,12 +256,10 @@ class _Planner:
             self._schedule(SHIPPED, 1, self.now_ms, None)
         self._slot()
         self._pickup()
-        self._once_per_event(ATTEMPT_FAILED, self.state.status == T.TRACKING_STATUS_ATTEMPT_FAIL)
-        self._once_per_event(
-            EXCEPTION,
-            self.state.status == T.TRACKING_STATUS_EXCEPTION
-            and self.state.exception_reason == T.EXCEPTION_REASON_ADDRESS_PROBLEM,
-        )
+        if self.state.status == T.TRACKING_STATUS_ATTEMPT_FAIL:
+            self._once_per(ATTEMPT_FAILED, self.state.status_event_id)
+        if _address_problem(self.state.status, self.state.exception_reason):
+            self._once_per(EXCEPTION, self._address_problem_since())
         self._delayed()
 
     def _slot(self) -> None:
@@ -315,13 +314,25 @@ class _Planner:
         else:
             self._withdraw(REMINDER, CANCELLED, REASON_LEFT_PICKUP)
 
-    def _once_per_event(self, kind: Kind, applies: bool) -> None:
-        if not applies:
-            return
-        subject = self.state.status_event_id
+    def _once_per(self, kind: Kind, subject: str) -> None:
+        """One notice of ``kind`` per ``subject`` (the event it is about)."""
         mark = self.marks.get(kind)
         if mark is None or mark.subject != subject:
             self._schedule(kind, _next(mark), self.now_ms, None, subject=subject)
+
+    def _address_problem_since(self) -> str:
+        """The event that opened the parcel's current address problem: the first of the latest run of
+        address-problem events. Carriers scan a parcel held for its address again each day; the
+        recipient is asked to check it once per problem, not once per scan. Each failed attempt, by
+        contrast, is news of its own (ATTEMPT_FAILED per event)."""
+        timeline = self.state.timeline
+        since = self.state.status_event_id
+        for at in range(len(timeline) - 1, -1, -1):
+            event = timeline[at].event
+            if not _address_problem(event.status, event.exception_reason):
+                break
+            since = event.event_id
+        return since
 
     def _delayed(self) -> None:
         order = self.state.order
@@ -421,10 +432,12 @@ class _Planner:
             )
             return desired_of(mark) if still_waiting else None
         if kind in (ATTEMPT_FAILED, EXCEPTION):
-            cause = T.TRACKING_STATUS_ATTEMPT_FAIL if kind == ATTEMPT_FAILED else T.TRACKING_STATUS_EXCEPTION
-            latest = status == cause and mark.subject == state.status_event_id
-            if kind == EXCEPTION:
-                latest = latest and state.exception_reason == T.EXCEPTION_REASON_ADDRESS_PROBLEM
+            if kind == ATTEMPT_FAILED:
+                latest = status == T.TRACKING_STATUS_ATTEMPT_FAIL and mark.subject == state.status_event_id
+            else:
+                latest = _address_problem(status, state.exception_reason) and (
+                    mark.subject == self._address_problem_since()
+                )
             return desired_of(mark) if latest else None
         return None
 
@@ -551,6 +564,10 @@ _NOT_LATE = frozenset(
         T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP,
     }
 )
+
+
+def _address_problem(status: types_pb2.TrackingStatus.ValueType, reason: int) -> bool:
+    return status == T.TRACKING_STATUS_EXCEPTION and reason == T.EXCEPTION_REASON_ADDRESS_PROBLEM
 
 
 def _date_subject(date: types_pb2.LocalDate) -> str:

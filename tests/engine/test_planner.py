@@ -229,6 +229,24 @@ def test_paid_order_is_asked_to_check_the_address() -> None:
     assert notice.exception_reason == T.EXCEPTION_REASON_ADDRESS_PROBLEM
 
 
+def test_the_address_is_asked_once_per_problem_not_per_rescan() -> None:
+    """Carriers scan a parcel held for its address again each day: one ask per problem, a new one
+    only once the parcel moved on and had the problem again."""
+    sim = Sim()
+    address = {"reason": T.EXCEPTION_REASON_ADDRESS_PROBLEM}
+    assert sim.scan(T.TRACKING_STATUS_EXCEPTION, **address).scheduled[T.NOTICE_KIND_EXCEPTION].version == 1
+    sim.send_all()
+    for _day in range(3):
+        sim.now_ms += DAY_MS
+        assert T.NOTICE_KIND_EXCEPTION not in sim.scan(T.TRACKING_STATUS_EXCEPTION, **address).scheduled
+    sim.now_ms += DAY_MS
+    sim.scan()  # address fixed: on its way again
+    sim.now_ms += DAY_MS
+    again = sim.scan(T.TRACKING_STATUS_EXCEPTION, **address).scheduled[T.NOTICE_KIND_EXCEPTION]
+    assert again.version == 2
+    assert [n.kind for n in sim.sent].count(T.NOTICE_KIND_EXCEPTION) == 1
+
+
 def test_each_failed_attempt_is_a_new_version() -> None:
     sim = Sim()
     assert sim.scan(T.TRACKING_STATUS_ATTEMPT_FAIL).scheduled[T.NOTICE_KIND_ATTEMPT_FAILED].version == 1

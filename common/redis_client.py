@@ -23,7 +23,7 @@ from redis.asyncio.connection import (
     SSLConnection,
     UnixDomainSocketConnection,
 )
-from redis.commands.core import AsyncScript
+from redis.commands.core import AsyncScript, Script
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError
 
@@ -86,8 +86,12 @@ class _ScriptsCheckedOnce(Pipeline):
 
     redis-py sends ``SCRIPT EXISTS`` before each pipeline that calls a script: one more round trip per
     batch on every hot path. Here a script checked (or loaded) once is trusted until Redis answers
-    NOSCRIPT (a restart or SCRIPT FLUSH): that pipeline fails, the caller's retry path applies, and the
-    next pipeline checks again.
+    NOSCRIPT (a restart, a failover or SCRIPT FLUSH emptied its script cache). Then the pipeline
+    loads its lost scripts and runs again only the calls that met NOSCRIPT, in one more round trip:
+    the rest of the pipeline already ran, and some of it must not run twice (HINCRBY, XADD, PUBLISH).
+    The caller gets every reply in its place, as if nothing happened. A second NOSCRIPT in a row is an
+    error like any other: something else is wrong. A call whose script the pipeline does not know
+    (an ``evalsha`` queued without the script) keeps its NOSCRIPT; its caller reloads it.
     """
 
     def __init__(self, loaded: set[str], *args: Any) -> None:
@@ -107,12 +111,47 @@ class _ScriptsCheckedOnce(Pipeline):
         self._loaded.update(s.sha for s in missing)
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        try:
-            replies: list[Any] = await super().execute(raise_on_error)
-        except NoScriptError:
-            self._loaded.clear()
-            raise
+        # Every execute ends with reset(), which puts new lists in place: these stay for a second run.
+        stack, scripts, transaction = self.command_stack, self.scripts, self.explicit_transaction
+        # Errors come back in place, raised below only once the NOSCRIPT calls had their second run.
+        replies: list[Any] = await super().execute(raise_on_error=False)
+        if scripts:
+            lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if lost:
+                self._loaded.clear()  # Redis lost every script, not only these: check them all again
+                await self._run_again(stack, scripts, lost, replies, transaction)
+        if raise_on_error:
+            self.raise_first_error(stack, replies)
         return replies
+
+    async def _run_again(
+        self,
+        stack: list[Any],
+        scripts: Iterable[Script | AsyncScript],
+        lost: list[int],
+        replies: list[Any],
+        transaction: bool,
+    ) -> None:
+        """Load the lost scripts and run again, in one round trip, the calls (``stack[i]`` for ``i`` in
+        ``lost``, EVALSHA with the sha second) that met NOSCRIPT; their new replies go into ``replies``.
+
+        ``scripts`` are the pipeline's: redis-py declares them ``Script``, its asyncio ones land there.
+        """
+        by_sha: dict[str, Any] = {script.sha: script.script for script in scripts}
+        again = [i for i in lost if stack[i][0][1] in by_sha]
+        if not again:
+            return
+        shas = dict.fromkeys(stack[i][0][1] for i in again)
+        # SCRIPT LOAD queued ahead of the calls: Redis runs them in order (in a MULTI too), so the calls
+        # find their scripts without a round trip of their own (nor the SCRIPT EXISTS of a check).
+        self.command_stack = [(("SCRIPT LOAD", by_sha[sha]), {}) for sha in shas]
+        self.command_stack += [stack[i] for i in again]
+        self.explicit_transaction = transaction  # a MULTI begun after WATCH stays one
+        rerun: list[Any] = await super().execute(raise_on_error=False)
+        for i, reply in zip(again, rerun[len(shas) :], strict=True):
+            replies[i] = reply
+        if not any(isinstance(reply, NoScriptError) for reply in rerun):
+            self._loaded.update(shas)
 
 
 class RelaisRedis(Redis):

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, NoScriptError
+from redis.exceptions import DataError
 
 from common.redis_client import INCLUDE, LUA_DIR, PackingConnection, connect, lua_source, pack_command
 
@@ -63,7 +63,7 @@ async def script_exists_calls(redis: Redis) -> int:
     return int(counted.get("calls", 0))
 
 
-async def test_pipelines_check_their_scripts_once_and_again_after_a_flush(redis: Redis) -> None:
+async def test_pipelines_check_their_scripts_once_even_after_a_flush(redis: Redis) -> None:
     echo = redis.register_script("return ARGV[1]")
     await redis.script_load(echo.script)  # loaded before counting: the first check finds it
     before = await script_exists_calls(redis)
@@ -74,15 +74,16 @@ async def test_pipelines_check_their_scripts_once_and_again_after_a_flush(redis:
     # redis-py alone asks SCRIPT EXISTS before each of the five: here only the first does.
     assert await script_exists_calls(redis) - before == 1
 
+    # A lost script is loaded again by the pipeline that met NOSCRIPT (tests/foundation/
+    # test_script_reload.py), with no check: the pipelines after it do not check either.
     await redis.script_flush()
-    pipe = redis.pipeline(transaction=False)
-    await echo(keys=[], args=["lost"], client=pipe)
-    with pytest.raises(NoScriptError):
-        await pipe.execute()
-    # The failure reset the check: the next pipeline loads the script again and runs.
-    pipe = redis.pipeline(transaction=False)
-    await echo(keys=[], args=["back"], client=pipe)
-    assert await pipe.execute() == [b"back"]
+    for word in (b"lost", b"back"):
+        pipe = redis.pipeline(transaction=False)
+        await echo(keys=[], args=[word], client=pipe)
+        assert await pipe.execute() == [word]
+    # Only Redis 7 counts SCRIPT EXISTS apart from the SCRIPT FLUSH and LOAD made since.
+    if "cmdstat_script|exists" in await redis.info("commandstats"):
+        assert await script_exists_calls(redis) - before == 1
 
 
 async def test_calls_beyond_the_pool_wait_for_a_connection(redis_url: str) -> None:

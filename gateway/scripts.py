@@ -2,8 +2,9 @@
 functions).
 
 A queued script is registered with the pipeline, so the client from ``common.redis_client.connect``
-checks it once, not at every execute, and checks (and reloads) it again after Redis lost its scripts:
-the batch that met NOSCRIPT stays unacknowledged and comes back to a gateway that can run it.
+checks it once, not at every execute; after Redis lost its scripts (a restart, a failover), the
+pipeline loads them again and runs again only the script calls that met NOSCRIPT, so the batch goes
+on as if nothing happened.
 """
 
 from __future__ import annotations

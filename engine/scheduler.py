@@ -157,8 +157,12 @@ class Dispatcher:
 
     async def _claim_round(self) -> ClaimStats:
         now_ms = self._clock.now_ms()
-        replies, round_trips = await self._claim(now_ms)
+        replies, error, round_trips = await self._claim(now_ms)
+        # The shards that answered took their timers out of their due sets: their handlers run even
+        # when another shard failed, or those timers would be lost with the round.
         failures = await self._run_timers(replies, now_ms)
+        if error is not None:
+            raise error
         pending = [r.next_due_ms for r in replies if r.next_due_ms is not None]
         return ClaimStats(
             claimed=sum(r.claimed for r in replies),
@@ -214,7 +218,9 @@ class Dispatcher:
         wait_s = (stats.next_due_ms - self._clock.now_ms()) / 1000
         return min(max(wait_s, 0.0), self._max_idle_s)
 
-    async def _claim(self, now_ms: int) -> tuple[list[_ShardReply], int]:
+    async def _claim(self, now_ms: int) -> tuple[list[_ShardReply], RedisError | None, int]:
+        """The replies of the shards whose script ran, the first error of those whose did not, and
+        the round trips spent."""
         round_trips = 0
         for _attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
@@ -240,11 +246,13 @@ class Dispatcher:
             await self._redis.script_load(self._script.script)
             round_trips += 1
         replies = []
+        error: RedisError | None = None
         for shard, result in zip(self._shards, results, strict=True):
-            if isinstance(result, Exception):
-                raise result
-            replies.append(_parse_reply(shard, result))
-        return replies, round_trips
+            if isinstance(result, RedisError):
+                error = error or result
+            else:
+                replies.append(_parse_reply(shard, result))
+        return replies, error, round_trips
 
     async def _run_timers(self, replies: Iterable[_ShardReply], now_ms: int) -> int:
         """Run the due timers' handlers; put back, in one round trip, those that did not succeed."""

@@ -6,9 +6,13 @@ script call per shard, all shards' calls pipelined in one round trip. The script
 dispatchers (tasks or processes) may claim the same shards at once without handing a notice out twice.
 
 Internal timers share the due sets: a member ``"<parcel_id>:CHECK_<NAME>"`` (see :func:`timer_member`)
-is not a notice; when due, the claim removes it and the dispatcher calls the handler registered for
-``NAME`` with ``(shard, parcel_id, NAME)``. A timer whose handler fails, or that has no handler here, is
-put back ``timer_retry_ms`` later (unless the handler already rescheduled it), so handlers must be
+is not a notice; when due, the claim *leases* it (its score becomes now + twice ``timer_timeout_s``)
+and the dispatcher calls the handler registered for ``NAME`` with ``(shard, parcel_id, NAME)``. A
+handler that succeeds has its timer removed; one that fails, or a timer with no handler here, is put
+back ``timer_retry_ms`` later; one that runs past ``timer_timeout_s`` is left to its lease. Each only
+if the handler did not reschedule the timer itself. These settlements go with the shard's next claim
+call (``claim_once`` sends them at once). A dispatcher killed while its handlers run settles nothing:
+its timers are due again when their lease ends. Timers are so at least once, and handlers must be
 idempotent.
 
 The loop sleeps until the earliest due time (the claim script reports it, at no extra round trip),
@@ -105,6 +109,7 @@ class Dispatcher:
         max_backoff_s: float = 5.0,
         timer_retry_ms: int = 30_000,
         timer_concurrency: int = 32,
+        timer_timeout_s: float = 10.0,
         tracer: Tracer | None = None,
     ) -> None:
         # Lua's unpack-free claim has no stack limit, but a batch this size already blocks Redis
@@ -115,6 +120,8 @@ class Dispatcher:
             raise ValueError("max_idle_s and max_backoff_s must be positive")
         if timer_retry_ms <= 0 or timer_concurrency <= 0:
             raise ValueError("timer_retry_ms and timer_concurrency must be positive")
+        if timer_timeout_s <= 0:
+            raise ValueError("timer_timeout_s must be positive")
         self._redis = redis
         self._clock = clock
         self._tracer = tracer or NoOpTracer()
@@ -127,6 +134,13 @@ class Dispatcher:
         self._max_backoff_s = max_backoff_s
         self._timer_retry_ms = timer_retry_ms
         self._timer_slots = asyncio.Semaphore(timer_concurrency)
+        self._timer_timeout_s = timer_timeout_s
+        # Twice the handler's timeout: a live dispatcher settles its timer (done, failed or timed out)
+        # well before the lease ends, so only a dead one's timers are claimed again.
+        self._timer_lease_ms = max(int(timer_timeout_s * 2000), 1)
+        # Per shard, the settlements (member, lease end, new score or "" to remove) of timers whose
+        # handler finished, flat as the claim script takes them; sent with that shard's next call.
+        self._settlements: dict[int, list[str]] = {s: [] for s in self._shards}
         self._script = register(redis, "claim")
         self._keys = {s: (keys.due(s), keys.outbox(s), keys.parcel(s, "")) for s in self._shards}
         self._handlers: dict[str, TimerHandler] = {}
@@ -157,10 +171,11 @@ class Dispatcher:
 
     async def _claim_round(self) -> ClaimStats:
         now_ms = self._clock.now_ms()
-        replies, error, round_trips = await self._claim(now_ms)
-        # The shards that answered took their timers out of their due sets: their handlers run even
-        # when another shard failed, or those timers would be lost with the round.
-        failures = await self._run_timers(replies, now_ms)
+        replies, error, round_trips = await self._claim(now_ms, self._shards, self._batch_arg)
+        # The shards that answered leased their timers: their handlers run even when another shard
+        # failed, rather than leaving those timers to wait for the end of their lease.
+        failures = await self._run_timers(replies, now_ms + self._timer_lease_ms)
+        round_trips += await self._settle()
         if error is not None:
             raise error
         pending = [r.next_due_ms for r in replies if r.next_due_ms is not None]
@@ -218,13 +233,18 @@ class Dispatcher:
         wait_s = (stats.next_due_ms - self._clock.now_ms()) / 1000
         return min(max(wait_s, 0.0), self._max_idle_s)
 
-    async def _claim(self, now_ms: int) -> tuple[list[_ShardReply], RedisError | None, int]:
-        """The replies of the shards whose script ran, the first error of those whose did not, and
-        the round trips spent."""
+    async def _claim(
+        self, now_ms: int, shards: Sequence[int], limit: str
+    ) -> tuple[list[_ShardReply], RedisError | None, int]:
+        """Claim up to ``limit`` items of each of ``shards`` (``"0"``: only settle), sending their
+        settlements: the replies of the shards whose script ran, the first error of those whose did
+        not, and the round trips spent."""
         round_trips = 0
+        lease_arg = str(now_ms + self._timer_lease_ms)
+        sent = {shard: len(self._settlements[shard]) for shard in shards}
         for _attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
-            for shard in self._shards:
+            for shard in shards:
                 due, outbox, parcel_prefix = self._keys[shard]
                 # evalsha directly, not through the pipeline's script check: a NOSCRIPT is answered by
                 # loading once and claiming again within this round.
@@ -234,9 +254,11 @@ class Dispatcher:
                     due,
                     outbox,
                     str(now_ms),
-                    self._batch_arg,
+                    limit,
                     parcel_prefix,
                     TIMER_PREFIX,
+                    lease_arg,
+                    *self._settlements[shard][: sent[shard]],
                 )
             results = await pipe.execute(raise_on_error=False)
             round_trips += 1
@@ -247,48 +269,65 @@ class Dispatcher:
             round_trips += 1
         replies = []
         error: RedisError | None = None
-        for shard, result in zip(self._shards, results, strict=True):
+        for shard, result in zip(shards, results, strict=True):
             if isinstance(result, RedisError):
                 error = error or result
             else:
+                # Settled: later settlements (appended meanwhile) wait for the next call.
+                del self._settlements[shard][: sent[shard]]
                 replies.append(_parse_reply(shard, result))
         return replies, error, round_trips
 
-    async def _run_timers(self, replies: Iterable[_ShardReply], now_ms: int) -> int:
-        """Run the due timers' handlers; put back, in one round trip, those that did not succeed."""
+    async def _run_timers(self, replies: Iterable[_ShardReply], lease_ms: int) -> int:
+        """Run the due timers' handlers and queue their settlements; the count that did not succeed."""
         due = [(r.shard, member) for r in replies for member in r.timers]
         if not due:
             return 0
-        outcomes = await asyncio.gather(*(self._run_timer(shard, member) for shard, member in due))
-        failed = [timer for timer, ok in zip(due, outcomes, strict=True) if not ok]
-        if failed:
-            retry_ms = now_ms + self._timer_retry_ms
-            pipe = self._redis.pipeline(transaction=False)
-            for shard, member in failed:
-                # NX: a handler that rescheduled its timer before failing keeps its own time.
-                pipe.zadd(keys.due(shard), {member: retry_ms}, nx=True)
-            try:
-                await pipe.execute()
-            except RedisError as exc:
-                log.warning("could not put back %d timers (%s)", len(failed), _describe(exc))
-        return len(failed)
+        outcomes = await asyncio.gather(*(self._run_timer(shard, member, lease_ms) for shard, member in due))
+        return outcomes.count(False)
 
-    async def _run_timer(self, shard: int, member: str) -> bool:
-        """Whether the timer's handler ran to completion."""
+    async def _settle(self) -> int:
+        """Send the queued settlements now, one round trip for every shard; the round trips spent. A
+        failure is logged, not raised: they go with the next claim, or else the lease brings the
+        timers back."""
+        shards = [shard for shard, pending in self._settlements.items() if pending]
+        if not shards:
+            return 0
+        try:
+            _replies, error, round_trips = await self._claim(self._clock.now_ms(), shards, "0")
+        except RedisError as exc:
+            error, round_trips = exc, 1
+        if error is not None:
+            log.warning("could not settle timers (%s): settling them later", _describe(error))
+        return round_trips
+
+    async def _run_timer(self, shard: int, member: str, lease_ms: int) -> bool:
+        """Run the timer's handler and queue its settlement; whether the handler ran to completion."""
         parcel_id, name = parse_timer(member)
         handler = self._handlers.get(name)
+        after: str | None = ""
         if handler is None:
             # Handed back rather than lost: a dispatcher with the handler (or this one, once it is
             # registered) takes it later.
             log.warning("no handler for timer %s of parcel %s: handed back", name, parcel_id)
-            return False
-        async with self._timer_slots:
-            try:
-                await handler(shard, parcel_id, name)
-            except Exception:
-                log.exception("timer %s of parcel %s failed: retrying later", name, parcel_id)
-                return False
-        return True
+            after = str(self._clock.now_ms() + self._timer_retry_ms)
+        else:
+            async with self._timer_slots:
+                try:
+                    async with asyncio.timeout(self._timer_timeout_s):
+                        await handler(shard, parcel_id, name)
+                except TimeoutError:
+                    # Not settled: the lease brings it back, by when whatever stalled it may be over.
+                    log.warning(
+                        "timer %s of parcel %s timed out: due again when its lease ends", name, parcel_id
+                    )
+                    after = None
+                except Exception:
+                    log.exception("timer %s of parcel %s failed: retrying later", name, parcel_id)
+                    after = str(self._clock.now_ms() + self._timer_retry_ms)
+        if after is not None:
+            self._settlements[shard] += (member, str(lease_ms), after)
+        return after == ""
 
 
 def _describe(exc: RedisError) -> str:

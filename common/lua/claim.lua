@@ -2,24 +2,43 @@
 -- the outbox stream, atomically, so any number of dispatchers may claim the same shard at once and
 -- none hands a notice out twice.
 -- KEYS[1] = the shard's due set, KEYS[2] = the shard's outbox stream.
--- ARGV[1] = now_ms, ARGV[2] = limit, ARGV[3] = parcel hash key prefix (the key without the parcel id),
--- ARGV[4] = timer kind prefix ("CHECK_").
+-- ARGV[1] = now_ms, ARGV[2] = limit (0: settle only), ARGV[3] = parcel hash key prefix (the key
+-- without the parcel id), ARGV[4] = timer kind prefix ("CHECK_"), ARGV[5] = lease end (ms, > now_ms),
+-- ARGV[6..] = settlements, triples (timer member, its lease end, new score or "" to remove).
 -- A member is "<parcel_id>:<KIND>", split at the LAST ':'. Its body is field "n:<KIND>" of the parcel
 -- hash; it goes to the outbox as field "n". Nothing else is written: the parcel view reads "no longer
--- in the due set" as queued. A member without a body was withdrawn: it is just removed. A timer
--- member ("<parcel_id>:CHECK_<NAME>") is removed and handed back to the caller, which runs its handler.
--- Order: every XADD first, the removal from the due set last. Redis does not roll back a script that
--- fails midway (e.g. the outbox key holds another type), so this order leaves the members due, to be
--- claimed again later: at worst a notice reaches the outbox twice, which the gateway's idempotency
--- keys absorb, where removing first would have lost it.
+-- in the due set" as queued. A member without a body was withdrawn: it is just removed.
+-- A timer member ("<parcel_id>:CHECK_<NAME>") is leased, not removed: its score becomes the lease end
+-- and it is handed back to the caller, which runs its handler and settles it in a later call. A
+-- caller that dies meanwhile settles nothing, and the timer is due again when the lease ends.
+-- A settlement applies only while the timer still has the score of the lease it settles: a handler
+-- that rescheduled its timer, or another dispatcher that took it after the lease ended, keeps its own.
+-- Order: every XADD first, then the leases, the removal from the due set last. Redis does not roll
+-- back a script that fails midway (e.g. the outbox key holds another type), so this order leaves the
+-- members due (or leased), to be claimed again later: at worst a notice reaches the outbox twice,
+-- which the gateway's idempotency keys absorb, where removing first would have lost it.
 -- Returns {claimed, dropped, next due score or false, timer members...}.
 -- Cost: O(log n + limit) - ZRANGEBYSCORE from -inf returns ranks 0..k-1, removed by rank.
 local due, outbox = KEYS[1], KEYS[2]
-local now, limit, prefix, timer = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local members = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)
-local count = #members
+local now, limit, prefix, timer, lease = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+for i = 6, #ARGV, 3 do
+  local member, leased, after = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local score = redis.call('ZSCORE', due, member)
+  if score and tonumber(score) == tonumber(leased) then
+    if after == '' then
+      redis.call('ZREM', due, member)
+    else
+      redis.call('ZADD', due, after, member)
+    end
+  end
+end
 local claimed, dropped = 0, 0
 local reply = {0, 0, false}
+local members = {}
+if limit > 0 then
+  members = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)
+end
+local count = #members
 if count > 0 then
   local timer_len = #timer
   for i = 1, count do
@@ -39,8 +58,15 @@ if count > 0 then
       end
     end
   end
-  -- Still ranks 0..count-1: nothing else runs while the script does.
-  redis.call('ZREMRANGEBYRANK', due, 0, count - 1)
+  local timers = #reply - 3
+  for i = 4, #reply do
+    redis.call('ZADD', due, lease, reply[i])
+  end
+  -- The leased timers now score after every member due by now_ms, so the rest of the batch is still
+  -- ranks 0..count-timers-1: nothing else runs while the script does.
+  if count > timers then
+    redis.call('ZREMRANGEBYRANK', due, 0, count - timers - 1)
+  end
 end
 reply[1], reply[2] = claimed, dropped
 local first = redis.call('ZRANGE', due, 0, 0, 'WITHSCORES')

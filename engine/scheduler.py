@@ -13,7 +13,10 @@ back ``timer_retry_ms`` later; one that runs past ``timer_timeout_s`` is left to
 if the handler did not reschedule the timer itself. These settlements go with the shard's next claim
 call (``claim_once`` sends them at once). A dispatcher killed while its handlers run settles nothing:
 its timers are due again when their lease ends. Timers are so at least once, and handlers must be
-idempotent.
+idempotent. In :meth:`Dispatcher.run` handlers run beside the claims, never in front of them: at most
+``timer_concurrency`` at once, each within ``timer_timeout_s`` of its claim (waiting for a slot
+included); due timers beyond what the dispatcher may hold are deferred in the due set by
+``TIMER_DEFER_MS``, so notices behind them still go.
 
 The loop sleeps until the earliest due time (the claim script reports it, at no extra round trip),
 at most ``max_idle_s`` so other processes' inserts are seen, and :meth:`Dispatcher.wake` cuts the sleep
@@ -26,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry.trace import NoOpTracer, Tracer
 from redis.asyncio import Redis
@@ -43,6 +48,13 @@ log = logging.getLogger(__name__)
 TIMER_PREFIX = "CHECK_"
 # The first retry after a failed claim round; each further failure doubles it, up to max_backoff_s.
 FIRST_BACKOFF_S = 0.1
+# Timers a dispatcher holds (running or waiting for a slot) per slot of ``timer_concurrency``: enough
+# to keep every slot busy between two claim rounds. Beyond it they wait in Redis, not in memory.
+HELD_PER_SLOT = 32
+# How much later a due timer beyond what the dispatcher may hold is tried again.
+TIMER_DEFER_MS = 1000
+# On stop, how long handlers still running get to finish before they are cancelled and handed back.
+STOP_GRACE_S = 1.0
 
 TimerHandler = Callable[[int, str, str], Awaitable[None]]
 """``async handler(shard, parcel_id, name) -> None`` for a due timer ``<parcel_id>:CHECK_<name>``."""
@@ -71,9 +83,12 @@ class ClaimStats:
     claimed: int = 0
     # Due members without a body (withdrawn notices), removed.
     dropped: int = 0
-    # Due timers taken; of those, ``timer_failures`` failed or had no handler and were put back.
+    # Due timers taken; of those, ``timer_failures`` failed, timed out or had no handler (counted by
+    # ``claim_once`` only, which waits for their handlers).
     timers: int = 0
     timer_failures: int = 0
+    # Due timers left for later: the dispatcher held as many as it may.
+    timers_deferred: int = 0
     # The earliest due time still pending on any shard, None if nothing is pending.
     next_due_ms: int | None = None
     # Some shard had a full batch due: more may be due right now.
@@ -88,6 +103,7 @@ class _ShardReply:
     claimed: int
     dropped: int
     next_due_ms: int | None
+    deferred: int
     timers: tuple[str, ...]
 
 
@@ -134,6 +150,10 @@ class Dispatcher:
         self._max_backoff_s = max_backoff_s
         self._timer_retry_ms = timer_retry_ms
         self._timer_slots = asyncio.Semaphore(timer_concurrency)
+        self._max_held = timer_concurrency * HELD_PER_SLOT
+        # Timers this dispatcher holds, by (shard, member): the end of the lease it holds them by.
+        self._held: dict[tuple[int, str], int] = {}
+        self._timer_tasks: set[asyncio.Task[bool]] = set()
         self._timer_timeout_s = timer_timeout_s
         # Twice the handler's timeout: a live dispatcher settles its timer (done, failed or timed out)
         # well before the lease ends, so only a dead one's timers are claimed again.
@@ -162,20 +182,29 @@ class Dispatcher:
         self._wakeup.set()
 
     async def claim_once(self) -> ClaimStats:
-        """One claim round over every shard (one round trip), then the due timers' handlers."""
+        """One claim round over every shard (one round trip), then the due timers' handlers, waited
+        for and settled (one more round trip when there were any)."""
+        return await self._traced_round(wait=True)
+
+    async def _traced_round(self, *, wait: bool) -> ClaimStats:
         with self._tracer.start_as_current_span("scheduler.claim") as span:
-            stats = await self._claim_round()
+            stats = await self._claim_round(wait=wait)
             span.set_attribute("relais.claimed", stats.claimed)
             span.set_attribute("relais.timers", stats.timers)
             return stats
 
-    async def _claim_round(self) -> ClaimStats:
+    async def _claim_round(self, *, wait: bool) -> ClaimStats:
+        """Claim every shard and start the handlers of the timers taken; with ``wait``, wait for
+        them and settle them before returning."""
         now_ms = self._clock.now_ms()
         replies, error, round_trips = await self._claim(now_ms, self._shards, self._batch_arg)
         # The shards that answered leased their timers: their handlers run even when another shard
         # failed, rather than leaving those timers to wait for the end of their lease.
-        failures = await self._run_timers(replies, now_ms + self._timer_lease_ms)
-        round_trips += await self._settle()
+        started = self._start_timers(replies, now_ms + self._timer_lease_ms)
+        failures = 0
+        if wait and started:
+            failures = (await asyncio.gather(*started)).count(False)
+            round_trips += await self._settle()
         if error is not None:
             raise error
         pending = [r.next_due_ms for r in replies if r.next_due_ms is not None]
@@ -184,13 +213,20 @@ class Dispatcher:
             dropped=sum(r.dropped for r in replies),
             timers=sum(len(r.timers) for r in replies),
             timer_failures=failures,
+            timers_deferred=sum(r.deferred for r in replies),
             next_due_ms=min(pending) if pending else None,
-            saturated=any(r.claimed + r.dropped + len(r.timers) >= self._batch_size for r in replies),
+            saturated=any(
+                r.claimed + r.dropped + r.deferred + len(r.timers) >= self._batch_size for r in replies
+            ),
             round_trips=round_trips,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Claim until ``stop`` is set; a claim round in progress finishes first."""
+        """Claim until ``stop`` is set; a claim round in progress finishes first, and timer handlers
+        still running get ``STOP_GRACE_S`` before they are cancelled and their timers handed back.
+
+        Timer handlers run beside the claims (at most ``timer_concurrency`` at once), never in front
+        of them: a slow handler holds back no notice. Their settlements go with the next round."""
         relay = asyncio.create_task(self._relay(stop))
         failures = 0
         try:
@@ -198,7 +234,7 @@ class Dispatcher:
                 # Cleared before claiming, so a wake() during the claim is not lost.
                 self._wakeup.clear()
                 try:
-                    stats = await self.claim_once()
+                    stats = await self._traced_round(wait=False)
                 except RedisError as exc:
                     failures += 1
                     backoff_s = min(FIRST_BACKOFF_S * 2 ** (failures - 1), self._max_backoff_s)
@@ -219,6 +255,16 @@ class Dispatcher:
             relay.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await relay
+            await self._stop_timers()
+
+    async def _stop_timers(self) -> None:
+        """Let running handlers finish within the grace, cancel the rest, and settle them all."""
+        if self._timer_tasks:
+            _done, late = await asyncio.wait(self._timer_tasks, timeout=STOP_GRACE_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        await self._settle()
 
     async def _relay(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -241,10 +287,16 @@ class Dispatcher:
         not, and the round trips spent."""
         round_trips = 0
         lease_arg = str(now_ms + self._timer_lease_ms)
+        defer_arg = str(now_ms + TIMER_DEFER_MS)
+        # What may still be held, shared by the shards (rounded up: a few more at worst).
+        free = max(self._max_held - len(self._held), 0)
+        cap_arg = str(-(-free // len(shards)))
         sent = {shard: len(self._settlements[shard]) for shard in shards}
+        results: dict[int, Any] = {}
+        todo = list(shards)
         for _attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
-            for shard in shards:
+            for shard in todo:
                 due, outbox, parcel_prefix = self._keys[shard]
                 # evalsha directly, not through the pipeline's script check: a NOSCRIPT is answered by
                 # loading once and claiming again within this round.
@@ -258,18 +310,23 @@ class Dispatcher:
                     parcel_prefix,
                     TIMER_PREFIX,
                     lease_arg,
+                    cap_arg,
+                    defer_arg,
                     *self._settlements[shard][: sent[shard]],
                 )
-            results = await pipe.execute(raise_on_error=False)
+            results.update(zip(todo, await pipe.execute(raise_on_error=False), strict=True))
             round_trips += 1
-            if not any(isinstance(r, NoScriptError) for r in results):
+            # Only those again: the others' scripts ran, and what they claimed is in their replies.
+            todo = [shard for shard in todo if isinstance(results[shard], NoScriptError)]
+            if not todo:
                 break
             # Redis restarted or flushed its scripts: load once and claim again.
             await self._redis.script_load(self._script.script)
             round_trips += 1
         replies = []
         error: RedisError | None = None
-        for shard, result in zip(shards, results, strict=True):
+        for shard in shards:
+            result = results[shard]
             if isinstance(result, RedisError):
                 error = error or result
             else:
@@ -278,13 +335,24 @@ class Dispatcher:
                 replies.append(_parse_reply(shard, result))
         return replies, error, round_trips
 
-    async def _run_timers(self, replies: Iterable[_ShardReply], lease_ms: int) -> int:
-        """Run the due timers' handlers and queue their settlements; the count that did not succeed."""
-        due = [(r.shard, member) for r in replies for member in r.timers]
-        if not due:
-            return 0
-        outcomes = await asyncio.gather(*(self._run_timer(shard, member, lease_ms) for shard, member in due))
-        return outcomes.count(False)
+    def _start_timers(self, replies: Iterable[_ShardReply], lease_ms: int) -> list[asyncio.Task[bool]]:
+        """Start the handlers of the timers taken, each to finish within ``timer_timeout_s`` from
+        now (waiting for a slot included), well inside its lease."""
+        deadline = asyncio.get_running_loop().time() + self._timer_timeout_s
+        started = []
+        for reply in replies:
+            for member in reply.timers:
+                held = (reply.shard, member)
+                fresh = held not in self._held
+                # Taken again while held (its lease ended under a stalled loop): the running handler
+                # settles it under the new lease, and it does not run twice here.
+                self._held[held] = lease_ms
+                if fresh:
+                    task = asyncio.create_task(self._run_timer(reply.shard, member, deadline))
+                    self._timer_tasks.add(task)
+                    task.add_done_callback(functools.partial(self._forget, held))
+                    started.append(task)
+        return started
 
     async def _settle(self) -> int:
         """Send the queued settlements now, one round trip for every shard; the round trips spent. A
@@ -301,32 +369,43 @@ class Dispatcher:
             log.warning("could not settle timers (%s): settling them later", _describe(error))
         return round_trips
 
-    async def _run_timer(self, shard: int, member: str, lease_ms: int) -> bool:
+    def _forget(self, held: tuple[int, str], task: asyncio.Task[bool]) -> None:
+        # Here, not in the handler's own finally: a task cancelled before it started runs none of it.
+        self._timer_tasks.discard(task)
+        self._held.pop(held, None)
+
+    async def _run_timer(self, shard: int, member: str, deadline: float) -> bool:
         """Run the timer's handler and queue its settlement; whether the handler ran to completion."""
         parcel_id, name = parse_timer(member)
         handler = self._handlers.get(name)
         after: str | None = ""
-        if handler is None:
-            # Handed back rather than lost: a dispatcher with the handler (or this one, once it is
-            # registered) takes it later.
-            log.warning("no handler for timer %s of parcel %s: handed back", name, parcel_id)
-            after = str(self._clock.now_ms() + self._timer_retry_ms)
-        else:
-            async with self._timer_slots:
+        try:
+            if handler is None:
+                # Handed back rather than lost: a dispatcher with the handler (or this one, once it is
+                # registered) takes it later.
+                log.warning("no handler for timer %s of parcel %s: handed back", name, parcel_id)
+                after = str(self._clock.now_ms() + self._timer_retry_ms)
+            else:
                 try:
-                    async with asyncio.timeout(self._timer_timeout_s):
+                    async with asyncio.timeout_at(deadline), self._timer_slots:
                         await handler(shard, parcel_id, name)
                 except TimeoutError:
                     # Not settled: the lease brings it back, by when whatever stalled it may be over.
                     log.warning(
-                        "timer %s of parcel %s timed out: due again when its lease ends", name, parcel_id
+                        "timer %s of parcel %s timed out: due again at its lease's end", name, parcel_id
                     )
                     after = None
                 except Exception:
                     log.exception("timer %s of parcel %s failed: retrying later", name, parcel_id)
                     after = str(self._clock.now_ms() + self._timer_retry_ms)
-        if after is not None:
-            self._settlements[shard] += (member, str(lease_ms), after)
+        except asyncio.CancelledError:
+            # Stopped: due again at once, for another dispatcher (or this one, restarted) to take.
+            after = str(self._clock.now_ms())
+            raise
+        finally:
+            lease_ms = self._held[(shard, member)]
+            if after is not None:
+                self._settlements[shard] += (member, str(lease_ms), after)
         return after == ""
 
 
@@ -342,9 +421,10 @@ def _describe(exc: RedisError) -> str:
 
 
 def _parse_reply(shard: int, result: list[object]) -> _ShardReply:
-    claimed, dropped, next_due, *timers = result
+    claimed, dropped, next_due, deferred, *timers = result
     assert isinstance(claimed, int)
     assert isinstance(dropped, int)
+    assert isinstance(deferred, int)
     # Scores come back as strings ("1773133200000"); a pending count of zero as nil.
     next_due_ms = int(float(next_due)) if isinstance(next_due, bytes | str) else None
     return _ShardReply(
@@ -352,5 +432,6 @@ def _parse_reply(shard: int, result: list[object]) -> _ShardReply:
         claimed=claimed,
         dropped=dropped,
         next_due_ms=next_due_ms,
+        deferred=deferred,
         timers=tuple(t.decode() if isinstance(t, bytes) else str(t) for t in timers),
     )

@@ -79,6 +79,11 @@ def outbox(shard: int) -> str:
     return f"{PREFIX}outbox:{tag(shard)}"
 
 
+# Pub/sub channel: a write that adds to a due set publishes the earliest due time (unix ms, decimal)
+# it added. The scheduler runs in one engine worker while every worker ingests, so a notice due now
+# must wake it across processes, or it would wait out the dispatcher's sleep. Not a key, so no shard
+# tag: a lost message (no subscriber, a reconnect) costs latency only, the dispatcher still polls.
+SCHEDULER_WAKE_CHANNEL = f"{PREFIX}due-wake"
 OUTBOX_GROUP = "gateway"
 # The parcel hash's state field (``ParcelState``), which the gateway reads for a late slot notice.
 PARCEL_STATE_FIELD = "s"

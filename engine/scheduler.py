@@ -18,9 +18,14 @@ idempotent. In :meth:`Dispatcher.run` handlers run beside the claims, never in f
 included); due timers beyond what the dispatcher may hold are deferred in the due set by
 ``TIMER_DEFER_MS``, so notices behind them still go.
 
-The loop sleeps until the earliest due time (the claim script reports it, at no extra round trip),
-at most ``max_idle_s`` so other processes' inserts are seen, and :meth:`Dispatcher.wake` cuts the sleep
-short when something earlier was scheduled. Cost per claim is O(log n + batch), whatever is pending.
+The loop sleeps until the earliest due time (the claim script reports it, at no extra round trip).
+A write that schedules notices (``ParcelStore.write``, in any engine worker) publishes the earliest
+due time it added on ``keys.SCHEDULER_WAKE_CHANNEL``; the dispatcher follows that channel on a
+connection of its own and wakes when a time comes before the one it sleeps for, so a notice due now
+goes at once. Wake-ups coalesce: all those that arrive during a round or a sleep cost one more round,
+which takes everything due. :meth:`Dispatcher.wake` does the same within a process. The sleep still
+ends after ``max_idle_s``, for what is scheduled without a wake-up (timers, the gateway's retries, a
+message lost while the channel reconnects). Cost per claim is O(log n + batch), whatever is pending.
 A failed round (any Redis error: a lost connection, READONLY after a failover, a script error) is
 logged and retried after a backoff that doubles up to ``max_backoff_s``: the loop never dies of it.
 """
@@ -31,6 +36,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -165,6 +171,8 @@ class Dispatcher:
         self._keys = {s: (keys.due(s), keys.outbox(s), keys.parcel(s, "")) for s in self._shards}
         self._handlers: dict[str, TimerHandler] = {}
         self._wakeup = asyncio.Event()
+        # When (clock ms) the loop claims next: lowered by wake() and by the wake-up channel.
+        self._wake_at_ms = math.inf
 
     @property
     def shards(self) -> tuple[int, ...]:
@@ -179,7 +187,13 @@ class Dispatcher:
 
     def wake(self) -> None:
         """Claim again now: something was scheduled earlier than the loop is sleeping for."""
-        self._wakeup.set()
+        self._wake_at(-math.inf)
+
+    def _wake_at(self, due_ms: float) -> None:
+        # Only earlier than planned: a later time would wake the loop to sleep again.
+        if due_ms < self._wake_at_ms:
+            self._wake_at_ms = due_ms
+            self._wakeup.set()
 
     async def claim_once(self) -> ClaimStats:
         """One claim round over every shard (one round trip), then the due timers' handlers, waited
@@ -228,11 +242,12 @@ class Dispatcher:
         Timer handlers run beside the claims (at most ``timer_concurrency`` at once), never in front
         of them: a slow handler holds back no notice. Their settlements go with the next round."""
         relay = asyncio.create_task(self._relay(stop))
+        listener = asyncio.create_task(self._listen())
         failures = 0
         try:
             while not stop.is_set():
-                # Cleared before claiming, so a wake() during the claim is not lost.
-                self._wakeup.clear()
+                # Reset before claiming, so what is published or woken during the claim is not lost.
+                self._wake_at_ms = math.inf
                 try:
                     stats = await self._traced_round(wait=False)
                 except RedisError as exc:
@@ -245,17 +260,62 @@ class Dispatcher:
                         await asyncio.wait_for(stop.wait(), backoff_s)
                     continue
                 failures = 0
-                delay_s = self._delay_after(stats)
-                if delay_s > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), delay_s)
-                else:
-                    await asyncio.sleep(0)  # let the rest of the process run between full batches
+                self._wake_at(self._clock.now_ms() + self._delay_after(stats) * 1000)
+                await self._sleep(stop)
         finally:
-            relay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relay
+            for task in (relay, listener):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self._stop_timers()
+
+    async def _sleep(self, stop: asyncio.Event) -> None:
+        """Until the planned wake-up time, moved earlier meanwhile by wake() or the wake-up channel,
+        and at most ``max_idle_s``: what is scheduled without a wake-up (another process's timers, a
+        message lost while the channel reconnected) is still seen."""
+        loop = asyncio.get_running_loop()
+        idle_until = loop.time() + self._max_idle_s
+        while not stop.is_set():
+            self._wakeup.clear()
+            wait_s = min((self._wake_at_ms - self._clock.now_ms()) / 1000, idle_until - loop.time())
+            if wait_s <= 0:
+                await asyncio.sleep(0)  # let the rest of the process run between full batches
+                return
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), wait_s)
+            except TimeoutError:
+                return
+
+    async def _listen(self) -> None:
+        """Follow the wake-up channel (``ParcelStore.write`` publishes the earliest due time it added)
+        on a connection of its own, subscribing again after a failure, with the claims' backoff."""
+        failures = 0
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(keys.SCHEDULER_WAKE_CHANNEL)
+                if failures:
+                    log.info("wake-up channel subscribed again")
+                    self.wake()  # what was published meanwhile is lost: one claim round finds it
+                failures = 0
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if message is not None:
+                        self._published(message["data"])
+            except (RedisError, OSError) as exc:
+                failures += 1
+                # Once: the claims report Redis being down, and the wake-up only saves latency.
+                if failures == 1:
+                    log.warning("wake-up channel lost (%s): subscribing again", _describe(exc))
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            await asyncio.sleep(min(FIRST_BACKOFF_S * 2 ** (failures - 1), self._max_backoff_s))
+
+    def _published(self, data: object) -> None:
+        # Anything but a time is not ours: ignored.
+        if isinstance(data, bytes | str) and data.isdigit():
+            self._wake_at(int(data))
 
     async def _stop_timers(self) -> None:
         """Let running handlers finish within the grace, cancel the rest, and settle them all."""
@@ -409,7 +469,7 @@ class Dispatcher:
         return after == ""
 
 
-def _describe(exc: RedisError) -> str:
+def _describe(exc: Exception) -> str:
     """The error's type, and for an error reply its code word ("READONLY", "WRONGTYPE", "ERR"): what
     an operator needs, without the rest of the message, which may quote keys or script arguments."""
     name = type(exc).__name__

@@ -492,13 +492,22 @@ class ParcelStore:
             return set()
         pipe = self.redis.pipeline(transaction=False)
         order = list(by_shard.items())
+        earliest_ms: int | None = None
         for shard, entries in order:
             call_keys, blob = shard_call(shard, entries)
             await self._apply(keys=call_keys, args=[blob, len(entries)], client=pipe)
+            for _pid, change in entries:
+                for due_ms in map(int, change.adds[::2]):
+                    if earliest_ms is None or due_ms < earliest_ms:
+                        earliest_ms = due_ms
+        if earliest_ms is not None:
+            # In the same pipeline, no round trip more: the dispatcher (often in another worker)
+            # wakes for a notice due before it meant to, instead of sleeping up to its idle limit.
+            pipe.publish(keys.SCHEDULER_WAKE_CHANNEL, b"%d" % earliest_ms)
         replies = await pipe.execute()
         self.round_trips += 1
         conflicts: set[str] = set()
-        for (_shard, entries), positions in zip(order, replies, strict=True):
+        for (_shard, entries), positions in zip(order, replies[: len(order)], strict=True):
             conflicts.update(entries[int(pos) - 1][0] for pos in positions)
         return conflicts
 

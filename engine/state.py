@@ -238,6 +238,8 @@ class ParcelChange:
     adds: list[bytes] = field(default_factory=list)
     rems: list[bytes] = field(default_factory=list)
     incs: list[Increment] = field(default_factory=list)
+    # The earliest due time among ``adds`` (0 when none): what the write publishes to wake the scheduler.
+    first_due_ms: int = 0
 
     def add_items(self, items: list[bytes | int], key_index: Callable[[str], int]) -> None:
         """Append the entry's items to the call's ``items``; ``key_index`` numbers a counter hash among
@@ -304,6 +306,8 @@ def change_of(record: ParcelRecord, result: Plan, *, now_ms: int, settings: Sett
             change.dels.append(withdrawn)
         due_ms = stamp_ms(notice.due_at)
         change.adds += [b"%d" % due_ms, notice.notice_id.encode()]
+        if not change.first_due_ms or due_ms < change.first_due_ms:
+            change.first_due_ms = due_ms
     for kind, status in result.withdrawn.items():
         body, version, withdrawn = _kind_fields(kind)
         change.sets += [withdrawn, _reason(status)]
@@ -492,14 +496,10 @@ class ParcelStore:
             return set()
         pipe = self.redis.pipeline(transaction=False)
         order = list(by_shard.items())
-        earliest_ms: int | None = None
         for shard, entries in order:
             call_keys, blob = shard_call(shard, entries)
             await self._apply(keys=call_keys, args=[blob, len(entries)], client=pipe)
-            for _pid, change in entries:
-                for due_ms in map(int, change.adds[::2]):
-                    if earliest_ms is None or due_ms < earliest_ms:
-                        earliest_ms = due_ms
+        earliest_ms = min((c.first_due_ms for _s, c in changes.values() if c.first_due_ms), default=None)
         if earliest_ms is not None:
             # In the same pipeline, no round trip more: the dispatcher (often in another worker)
             # wakes for a notice due before it meant to, instead of sleeping up to its idle limit.

@@ -44,12 +44,21 @@ class Updated(Protocol):
     def facts(self) -> ParcelFacts | None: ...
 
 
-def outcome_digest(facts: ParcelFacts, ev: Evaluation) -> str:
+def outcome_digest(facts: ParcelFacts, ev: Evaluation, expiry: str = "") -> str:
     """What applying a verdict leaves in the alert store, timer aside: the same digest twice means the
     second apply would open or resolve nothing (CRC-32: a collision only skips one apply). The daily
-    counters are not in it: the parcel's own write counts them (``engine.counting``)."""
+    counters are not in it: the parcel's own write counts them (``engine.counting``). ``expiry`` (see
+    ``expiry_epoch``) is in it because an apply also moves the alerts' TTL to the parcel's."""
     firing = ev.firing  # mostly none: no generator, sort and tuple built for nothing
-    return _digest(facts.merchant_id, tuple(sorted(f.kind for f in firing)) if firing else ())
+    digest = _digest(facts.merchant_id, tuple(sorted(f.kind for f in firing)) if firing else ())
+    return f"{digest}@{expiry}" if expiry else digest
+
+
+def expiry_epoch(state: state_pb2.ParcelState) -> str:
+    """What the engine set the parcel hash's TTL from (``engine.state.change_of``): a finished
+    parcel's expiry, or the UTC day an active one's was last pushed back. When it changes, the
+    parcel's alerts must be written once so their TTL follows, or they would expire first."""
+    return f"x{state.expires_ms}" if state.expires_ms else f"d{state.idle_ttl_day}"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -101,12 +110,14 @@ class AlertMonitor:
         *,
         timer_fired: bool = False,
         marks: Mapping[str, str] | None = None,
+        expiries: Mapping[str, str] | None = None,
     ) -> dict[str, Changes]:
         """Open, resolve and reschedule alerts of these parcels: two round trips for the batch.
 
         Parcels without a merchant (scanned before registration) have no team to alert: skipped
         until they are registered. With ``marks`` (each parcel's alert mark as read with it), parcels
         whose verdict is settled are skipped, and the others' marks are written with their alerts.
+        ``expiries`` (each parcel's ``expiry_epoch``) unsettles a parcel whose TTL moved.
         """
         now_ms = self._clock.now_ms()
         verdicts = [(f, self.evaluate(f, now_ms)) for f in facts if f.merchant_id]
@@ -115,7 +126,7 @@ class AlertMonitor:
             new_marks = {}
             unsettled = []
             for f, ev in verdicts:
-                digest = outcome_digest(f, ev)
+                digest = outcome_digest(f, ev, (expiries or {}).get(f.parcel_id, ""))
                 next_ms = ev.next_check_ms or 0
                 if timer_fired or not settled(marks.get(f.parcel_id, ""), digest, next_ms, now_ms):
                     new_marks[f.parcel_id] = make_mark(next_ms, digest)
@@ -139,6 +150,7 @@ class AlertMonitor:
         """The engine's hook after it wrote parcels (events applied, registrations merged): only the
         parcels whose alerts could change cost round trips."""
         marks: dict[str, str] = {}
+        expiries: dict[str, str] = {}
         facts: list[ParcelFacts] = []
         for record in records:
             pid, mark = record.parcel_id, record.alert_mark
@@ -146,13 +158,14 @@ class AlertMonitor:
             if written is not None and written[0] == mark:
                 mark = written[1]  # read before this process's previous hook wrote it
             marks[pid] = mark
+            expiries[pid] = expiry_epoch(record.state)
             # Facts come with every parcel written with a merchant; read ones only are mapped here.
             found = record.facts
             if found is None and record.state.merchant_id:
                 found = facts_from_state(record.state)
             if found is not None:
                 facts.append(found)
-        await self.check(facts, marks=marks)
+        await self.check(facts, marks=marks, expiries=expiries)
 
     async def on_timer(self, shard: int, parcel_id: str, name: str) -> None:
         """The scheduler's handler for ``CHECK_ALERTS`` timers."""

@@ -10,6 +10,12 @@ Layout (keys in ``common/keys.py``, all tagged with the parcel's shard):
   Listing merges the shards (one script call per shard, pipelined: one round trip).
 - ``al-feed:{s}`` stream: alerts as they open, for the digest sender.
 
+Retention: the alert hash expires with the parcel hash (the script copies the parcel's TTL on every
+write, and the monitor writes again whenever the engine pushes the parcel's expiry back). An index
+is kept at least as long as every alert hash it names; entries whose alert is gone are removed by a
+sample swept on each write of the index and when a page meets them, so indexes hold a bounded share
+of dead entries however long they are written to.
+
 Every change of a parcel's alerts goes through one compare-and-set script (``alerts_apply.lua``)
 with its index moves, feed entry, counters and check timer: on a concurrent change the parcel is
 re-read and re-planned, so an alert is never opened twice. A batch of parcels costs two round trips
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +58,10 @@ FEED_MAXLEN = 100_000
 # 13 digits of milliseconds last until the year 2286.
 _INVERT_MS = 10**13 - 1
 _MAX_RETRIES = 5
+# Entries of an index checked at random on each write to it: each write adds at most one entry that
+# can go dead, and removes on average this many times the dead share, which keeps that share under
+# about 1/SWEEP_SAMPLE.
+SWEEP_SAMPLE = 8
 _ALERT_ID = re.compile(r"^(?P<parcel>.+):(?P<kind>[A-Z_]+):(?P<n>[1-9][0-9]{0,8})$")
 _MEMBER = re.compile(r"^[0-9]{13}\|.+:[A-Z_]+:[0-9]+$")
 CURSOR_PREFIX = "a1|"
@@ -154,15 +165,16 @@ class Changes:
 class _Writes:
     """One parcel's ops for ``alerts_apply.lua``, naming keys; ``_ShardCall`` numbers them."""
 
-    def __init__(self, shard: int, alerts_key: str) -> None:
+    def __init__(self, shard: int, parcel_id: str) -> None:
         self.shard = shard
-        self.alerts_key = alerts_key
-        self.ops: list[tuple[str, str, str | int | bytes, str | int | bytes]] = []
+        self.alerts_key = keys.alerts(shard, parcel_id)
+        self.parcel_key = keys.parcel(shard, parcel_id)
+        self.ops: list[tuple[str, str, str | int | bytes | float, str | int | bytes]] = []
 
     def __bool__(self) -> bool:
         return bool(self.ops)
 
-    def op(self, op: str, key: str, a: str | int | bytes, b: str | int | bytes = "-") -> None:
+    def op(self, op: str, key: str, a: str | int | bytes | float = "-", b: str | int | bytes = "-") -> None:
         self.ops.append((op, key, a, b))
 
     def hset(self, field: str, value: str | int | bytes) -> None:
@@ -181,10 +193,10 @@ class _Writes:
 class _ShardCall:
     """The KEYS and ARGV of one ``alerts_apply.lua`` call: every parcel of one shard."""
 
-    def __init__(self, ttl_ms: int) -> None:
+    def __init__(self, ttl_ms: int, shard: int) -> None:
         self.keys: list[str] = []
         self._index: dict[str, int] = {}
-        self.args: list[str | int | bytes] = [ttl_ms]
+        self.args: list[str | int | bytes | float] = [ttl_ms, keys.alerts(shard, "")]
         self.parcels: list[str] = []
 
     def _k(self, key: str) -> int:
@@ -195,7 +207,7 @@ class _ShardCall:
 
     def add(self, parcel_id: str, version: str, writes: _Writes) -> None:
         self.parcels.append(parcel_id)
-        self.args += [self._k(writes.alerts_key), version, len(writes.ops)]
+        self.args += [self._k(writes.alerts_key), self._k(writes.parcel_key), version, len(writes.ops)]
         for op, key, a, b in writes.ops:
             self.args += [op, self._k(key), a, b]
 
@@ -261,8 +273,11 @@ class AlertStore:
             for pid, mark in (marks or {}).items():
                 if pid in planned:
                     writes_of = planned[pid][0]
-                    writes_of.op("HX", keys.parcel(writes_of.shard, pid), F_ALERT_MARK, mark)
+                    writes_of.op("HX", writes_of.parcel_key, F_ALERT_MARK, mark)
             writes = {pid: plan for pid, plan in planned.items() if plan[0]}
+            for pid, (writes_of, changes) in writes.items():
+                written = [*changes.opened, *changes.resolved]
+                self._keep_indexes(writes_of, current[pid].alerts, written)
             results = await self._write(current, {pid: w for pid, (w, _) in writes.items()})
             pending = [pid for pid, ok in results.items() if not ok]
             for pid, (_, changes) in planned.items():
@@ -278,7 +293,7 @@ class AlertStore:
         self, facts: ParcelFacts, ev: Evaluation, current: ParcelAlerts, now_ms: int, timer_fired: bool
     ) -> tuple[_Writes, Changes]:
         shard = self.shard(facts.parcel_id)
-        writes = _Writes(shard, keys.alerts(shard, facts.parcel_id))
+        writes = _Writes(shard, facts.parcel_id)
         changes = Changes()
         for finding in ev.firing:
             latest = current.latest(facts.parcel_id, finding.kind)
@@ -335,10 +350,26 @@ class AlertStore:
                 writes.op("ZR", keys.alert_index(shard, merchant_id, kind, state_name(old_state)), member)
             index = keys.alert_index(shard, merchant_id, kind, state_name(alert.state))
             writes.op("ZA", index, 0, member)
+            writes.op("SW", index, random.random(), SWEEP_SAMPLE)
             if alert.state == RESOLVED:
                 # Resolved alerts leave the index after the retention, counted from when they opened.
                 cutoff_ms = alert.resolved_at.ToMilliseconds() - self._retention_ms
                 writes.op("TR", index, f"({_INVERT_MS - cutoff_ms:013d}|", "+")
+
+    @staticmethod
+    def _keep_indexes(writes: _Writes, stored: Mapping[str, Alert], written: Iterable[Alert]) -> None:
+        """Keep the indexes of every alert the hash holds after this write as long as the hash: the
+        write moves its TTL to the parcel's. Only with other writes: a write of these alone would
+        bump the version and make concurrent checks conflict for nothing."""
+        alerts = dict(stored)
+        alerts.update((alert.alert_id, alert) for alert in written)
+        indexes = {
+            keys.alert_index(writes.shard, merchant_id, kind_name(alert.kind), state_name(alert.state))
+            for alert in alerts.values()
+            for merchant_id in (alert.merchant_id, ALL_MERCHANTS)
+        }
+        for index in sorted(indexes):
+            writes.op("K", index)
 
     async def _write(
         self, current: Mapping[str, ParcelAlerts], writes: Mapping[str, _Writes]
@@ -348,7 +379,9 @@ class AlertStore:
             return {}
         calls: dict[int, _ShardCall] = {}
         for pid, w in writes.items():
-            calls.setdefault(w.shard, _ShardCall(self._retention_ms)).add(pid, current[pid].version, w)
+            calls.setdefault(w.shard, _ShardCall(self._retention_ms, w.shard)).add(
+                pid, current[pid].version, w
+            )
         async with self._redis.pipeline(transaction=False) as pipe:
             for call in calls.values():
                 await self._apply(keys=call.keys, args=call.args, client=pipe)
@@ -379,8 +412,9 @@ class AlertStore:
             acked.state = ACKNOWLEDGED
             acked.acknowledged_at.FromMilliseconds(now_ms)
             acked.acknowledged_by = by
-            writes = _Writes(shard, keys.alerts(shard, parcel_id))
+            writes = _Writes(shard, parcel_id)
             self._put(writes, shard, acked, OPEN)
+            self._keep_indexes(writes, current.alerts, [acked])
             if (await self._write({parcel_id: current}, {parcel_id: writes}))[parcel_id]:
                 return acked
         raise RuntimeError(f"alert {alert_id} kept changing under {_MAX_RETRIES} attempts")
@@ -408,12 +442,36 @@ class AlertStore:
         members = sorted(m.decode() for shard_page in replies for m in shard_page)[: size + 1]
         more = len(members) > size
         members = members[:size]
-        alert_ids = [m.partition("|")[2] for m in members]
         async with self._redis.pipeline(transaction=False) as pipe:
-            for alert_id in alert_ids:
+            for member in members:
+                alert_id = member.partition("|")[2]
                 parcel_id = alert_id.rsplit(":", 2)[0]
                 pipe.hget(keys.alerts(self.shard(parcel_id), parcel_id), alert_id)
             bodies: list[bytes | None] = await pipe.execute()
-        # A body can be missing when its parcel's alerts expired with the parcel: skipped.
-        alerts = [Alert.FromString(body) for body in bodies if body is not None]
+        alerts: list[Alert] = []
+        dead: list[str] = []
+        for member, body in zip(members, bodies, strict=True):
+            alert = None if body is None else Alert.FromString(body)
+            # Gone with its parcel, or an earlier alert of the same id (the parcel expired, came
+            # back and the rule opened again): the entry names nothing any more.
+            if alert is None or index_member(alert) != member:
+                dead.append(member)
+            else:
+                alerts.append(alert)
+        if dead:
+            await self._forget(who, dead)
         return alerts, (members[-1] if more and members else "")
+
+    async def _forget(self, merchant_id: str, members: Sequence[str]) -> None:
+        """Remove dead entries from the listed indexes and the all-merchants ones (one round trip).
+        Listing all merchants, the merchant of an entry whose alert is gone is unknown: its entry in
+        that merchant's index goes when a write's sweep or that merchant's listing meets it."""
+        merchants = dict.fromkeys((merchant_id, ALL_MERCHANTS))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for member in members:
+                parcel_id, kind, _ = member.partition("|")[2].rsplit(":", 2)
+                shard = self.shard(parcel_id)
+                for who in merchants:
+                    for state in STATES:
+                        pipe.zrem(keys.alert_index(shard, who, kind, state_name(state)), member)
+            await pipe.execute()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from relais.v1 import parcel_pb2, state_pb2, tracking_pb2, types_pb2
+from relais.v1 import state_pb2, tracking_pb2, types_pb2
 
 from common import keys
 from common.clock import ManualClock
@@ -16,8 +16,7 @@ from engine.alert_monitor import make_mark, settled
 from engine.alert_rules import ParcelFacts
 from engine.alert_store import F_ALERT_MARK, check_member
 from engine.app import build_engine
-from engine.parcel_service import ParcelServicer
-from engine.scheduler import Dispatcher
+from tests.alerts.support import engine_with_timers, register_p1, scan
 from tests.conftest import T0_MS
 
 S = types_pb2
@@ -39,26 +38,11 @@ def test_settled_needs_the_same_outcome_and_a_timer_no_later_than_needed() -> No
     assert not settled("", "abcd0123", 0, T0_MS)
 
 
-def scan(event_id: str, status: S.TrackingStatus.ValueType, occurred_ms: int) -> tracking_pb2.EventBatch:
-    event = tracking_pb2.TrackingEvent(event_id=event_id, parcel_id="P1", carrier="swisspost", status=status)
-    event.occurred_at.FromMilliseconds(occurred_ms)
-    return tracking_pb2.EventBatch(seq=1, events=[event])
-
-
 async def test_unchanged_verdicts_skip_the_alert_store(redis: Redis, clock: ManualClock) -> None:
-    engine = build_engine(SETTINGS, redis, clock)
-    dispatcher = Dispatcher(redis, clock, SETTINGS.shards)
-    for name, handler in engine.timers.items():
-        dispatcher.register_timer(name, handler)
+    engine, dispatcher = engine_with_timers(SETTINGS, redis, clock)
     shard = keys.shard_of("P1", SETTINGS.shards)
     alerts_key, parcel_key, due_key = keys.alerts(shard, "P1"), keys.parcel(shard, "P1"), keys.due(shard)
-    registration = parcel_pb2.ParcelRegistration(
-        parcel_id="P1", merchant_id="acme", carrier="swisspost", recipient_id="acme/r1"
-    )
-    await ParcelServicer(engine.store, clock).RegisterParcels(
-        parcel_pb2.RegisterParcelsRequest(parcels=[registration]),
-        None,  # type: ignore[arg-type]
-    )
+    await register_p1(engine, clock)
     assert (await redis.hget(parcel_key, F_ALERT_MARK) or b"").startswith(b"%d:" % (T0_MS + 48 * HOUR_MS))  # type: ignore[misc]
 
     # The first scan changes no verdict (counting it as shipped is the parcel's own write) and needs
@@ -113,13 +97,7 @@ async def test_a_mark_read_before_the_previous_hook_wrote_is_taken_as_written(
     engine = build_engine(SETTINGS, redis, clock)
     shard = keys.shard_of("P1", SETTINGS.shards)
     alerts_key, parcel_key = keys.alerts(shard, "P1"), keys.parcel(shard, "P1")
-    registration = parcel_pb2.ParcelRegistration(
-        parcel_id="P1", merchant_id="acme", carrier="swisspost", recipient_id="acme/r1"
-    )
-    await ParcelServicer(engine.store, clock).RegisterParcels(
-        parcel_pb2.RegisterParcelsRequest(parcels=[registration]),
-        None,  # type: ignore[arg-type]
-    )
+    await register_p1(engine, clock)
     before_scan = ((await redis.hget(parcel_key, F_ALERT_MARK)) or b"").decode()  # type: ignore[misc]
     clock.set_ms(T0_MS + HOUR_MS)
     await engine.ingestor.apply(scan("e1", S.TRACKING_STATUS_IN_TRANSIT, T0_MS + HOUR_MS))

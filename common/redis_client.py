@@ -282,3 +282,34 @@ def default_consumer_name() -> str:
     """A stream consumer's name, unique per process: a restarted process is a new consumer, and its
     predecessor's pending entries are taken over (the gateway's outbox, the alert digests)."""
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+# A consumer idle this long is a process gone: a live one reads every few seconds.
+CONSUMER_FORGET_IDLE_MS = 3_600_000
+
+
+async def forget_gone_consumers(
+    redis: Redis, streams: Iterable[str], group: str, idle_ms: int = CONSUMER_FORGET_IDLE_MS
+) -> int:
+    """Delete the consumers of ``group`` on ``streams`` idle for ``idle_ms`` with nothing pending, and
+    say how many. Each process start is a new consumer (``default_consumer_name``): without this a
+    group would keep one more per restart, forever. One with entries pending is kept, since deleting it
+    would drop them from the group's pending list, where a live process takes them over; one deleted
+    by mistake costs nothing, as its next read makes it again. Two round trips, at start only."""
+    names = list(streams)
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.xinfo_consumers(name, group)
+    replies = await pipe.execute(raise_on_error=False)
+    pipe = redis.pipeline(transaction=False)
+    gone = 0
+    for name, consumers in zip(names, replies, strict=True):
+        if isinstance(consumers, Exception):
+            continue  # no such stream or group yet: nothing to forget
+        for consumer in consumers:
+            if consumer["pending"] == 0 and consumer["idle"] >= idle_ms:
+                pipe.xgroup_delconsumer(name, group, consumer["name"])
+                gone += 1
+    if gone:
+        await pipe.execute()
+    return gone

@@ -40,7 +40,7 @@ from relais.v1 import alerts_pb2, types_pb2
 
 from common import keys
 from common.errors import RelaisError
-from common.redis_client import default_consumer_name
+from common.redis_client import default_consumer_name, forget_gone_consumers
 from common.settings import AlertSettings
 from engine.alert_rules import AlertConfig, DestinationKind, Team, kind_name, team_name
 
@@ -224,6 +224,8 @@ class DigestSender:
                 await self._redis.xgroup_create(
                     keys.alert_feed(shard), keys.ALERT_FEED_GROUP, id="0", mkstream=True
                 )
+        feeds = (keys.alert_feed(shard) for shard in range(self._shards))
+        await forget_gone_consumers(self._redis, feeds, keys.ALERT_FEED_GROUP)
         self._groups_ready = True
 
     async def _read(self) -> _Batch:

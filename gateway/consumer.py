@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from common import keys
+from common.redis_client import forget_gone_consumers
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +55,15 @@ class Outbox:
         self._cursors = dict.fromkeys(range(shards), b"0-0")
 
     async def ensure_groups(self) -> None:
-        """Create the consumer group on every stream (and the stream itself), reading from the start."""
+        """Create the consumer group on every stream (and the stream itself), reading from the start,
+        and forget the consumers of gateways long gone."""
         pipe = self._redis.pipeline(transaction=False)
         for name in self._streams:
             pipe.xgroup_create(name, keys.OUTBOX_GROUP, id="0", mkstream=True)
         for reply in await pipe.execute(raise_on_error=False):
             if isinstance(reply, ResponseError) and "BUSYGROUP" not in str(reply):
                 raise reply
+        await forget_gone_consumers(self._redis, self._streams, keys.OUTBOX_GROUP)
 
     async def read(self, *, block: bool = True) -> list[Entry]:
         """New entries of every shard, up to ``batch_size`` per stream; waits up to ``block_ms``."""

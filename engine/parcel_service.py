@@ -29,6 +29,7 @@ from common.keys import kind_name
 from common.redis_client import register
 from engine import auth
 from engine.alert_store import parse_parcel_alerts
+from engine.planner import recipient_changed
 from engine.recipient_index import RecipientIndex
 from engine.state import (
     ConflictError,
@@ -215,6 +216,7 @@ class ParcelServicer(parcel_pb2_grpc.ParcelServiceServicer):
             taken.pop(record.parcel_id, None)
             if state.recipient_id and state.recipient_id != parcel.recipient_id:
                 previous[record.parcel_id] = state.recipient_id
+                recipient_changed(state, record.pending)
             merge_registration(state, parcel, now_ms)
             return True
 

@@ -78,6 +78,7 @@ REASON_DELIVERED = "delivered"
 REASON_RETURNED = "returned to the sender"
 REASON_EXPIRED = "tracking expired"
 REASON_ERASED = "the recipient's data was erased"
+REASON_NOTHING_TOLD = "the recipient was told no slot to correct"
 
 T = types_pb2
 
@@ -167,6 +168,20 @@ def plan(
         kind_name(kind) for kind, mark in planner.marks.items() if mark.status == SCHEDULED
     ]
     return result
+
+
+def recipient_changed(state: state_pb2.ParcelState, pending: frozenset[str]) -> None:
+    """The merchant corrected the parcel's recipient (before ``plan``): what went out went to the old
+    one. The notices claimed since the last plan are marked gone out without their slot taken as
+    told, the told slot is forgotten, and the slot gets a new version: the new recipient is announced
+    the current slot, never sent a correction naming one another person was told, and the old
+    recipient's announcement spent the idempotency key of the version it had."""
+    for mark in state.notices:
+        if mark.status == SCHEDULED and kind_name(mark.kind) not in pending:
+            mark.status = QUEUED
+    state.ClearField("told_slot")
+    if state.HasField("slot"):
+        state.slot.version += 1
 
 
 def end_of_day_ms(date: types_pb2.LocalDate, time_zone: str) -> int:
@@ -275,6 +290,8 @@ class _Planner:
                 self._withdraw(kind, CANCELLED, REASON_SLOT_OVER)
             return
         if not state.HasField("told_slot"):
+            # Nothing told (or told someone else, see ``recipient_changed``): no correction to make.
+            self._withdraw(CORRECTED, CANCELLED, REASON_NOTHING_TOLD)
             announced = self.marks.get(ANNOUNCED)
             if announced is None or announced.status != SCHEDULED or announced.version != version:
                 self._schedule(ANNOUNCED, version, self.now_ms, start_ms, slot=window)

@@ -406,3 +406,34 @@ async def test_a_parcels_timeline_keeps_its_first_and_latest_events(redis: Redis
     kept = [entry.event.event_id for entry in state.timeline]
     assert kept == ["e0", *(f"e{n}" for n in range(extra + 1, MAX_TIMELINE_EVENTS + extra))]
     assert state.status == T.TRACKING_STATUS_OUT_FOR_DELIVERY
+
+
+async def test_a_new_recipient_gets_the_slot_announced_not_corrected(
+    redis: Redis, clock: ManualClock
+) -> None:
+    """The merchant corrects the recipient after the slot went out to the first one: the new one gets
+    the slot announced (under a new version: the first announcement's key is spent), and a later
+    move before it went out replaces it, never a correction naming a slot they were not told."""
+    engine = engine_for(redis, clock)
+    await register(engine, registration("P1"))
+    await engine.ingestor.apply(
+        batch(1, event("e1", "P1", T.TRACKING_STATUS_OUT_FOR_DELIVERY, T0_MS, slot=SLOT))
+    )
+    await claim(redis, "P1", "SLOT_ANNOUNCED")  # went out to acme/r1
+    clock.advance_ms(MIN_MS)
+    await register(engine, registration("P1", recipient_id="acme/r2"))
+    announced = await notice_body(redis, "P1", "SLOT_ANNOUNCED")
+    assert announced is not None
+    assert (announced.recipient_id, announced.version) == ("acme/r2", 2)
+    assert "P1:SLOT_ANNOUNCED" in await due_members(redis, "P1")
+
+    clock.advance_ms(MIN_MS)
+    moved = (SLOT[0] + 3 * HOUR_MS, SLOT[1] + 3 * HOUR_MS)
+    out = event("e2", "P1", T.TRACKING_STATUS_OUT_FOR_DELIVERY, T0_MS + 2 * MIN_MS, slot=moved)
+    await engine.ingestor.apply(batch(2, out))
+    assert set(await due_members(redis, "P1")) >= {"P1:SLOT_ANNOUNCED"}
+    assert "P1:SLOT_CORRECTED" not in await due_members(redis, "P1")
+    announced = await notice_body(redis, "P1", "SLOT_ANNOUNCED")
+    assert announced is not None
+    assert (announced.recipient_id, announced.version) == ("acme/r2", 3)
+    assert window_ms(announced.slot) == moved

@@ -48,7 +48,8 @@ def outcome_digest(facts: ParcelFacts, ev: Evaluation, expiry: str = "") -> str:
     """What applying a verdict leaves in the alert store, timer aside: the same digest twice means the
     second apply would open or resolve nothing (CRC-32: a collision only skips one apply). The daily
     counters are not in it: the parcel's own write counts them (``engine.counting``). ``expiry`` (see
-    ``expiry_epoch``) is in it because an apply also moves the alerts' TTL to the parcel's."""
+    ``expiry_epoch``) is in it, while alerts are open, because an apply also moves the alerts' TTL to
+    the parcel's."""
     firing = ev.firing  # mostly none: no generator, sort and tuple built for nothing
     digest = _digest(facts.merchant_id, tuple(sorted(f.kind for f in firing)) if firing else ())
     return f"{digest}@{expiry}" if expiry else digest
@@ -126,7 +127,10 @@ class AlertMonitor:
             new_marks = {}
             unsettled = []
             for f, ev in verdicts:
-                digest = outcome_digest(f, ev, (expiries or {}).get(f.parcel_id, ""))
+                # Only open alerts must not expire before their parcel: a parcel with none (nearly
+                # all) is not written again each time its expiry moves, only its mark is compared.
+                expiry = (expiries or {}).get(f.parcel_id, "") if ev.firing else ""
+                digest = outcome_digest(f, ev, expiry)
                 next_ms = ev.next_check_ms or 0
                 if timer_fired or not settled(marks.get(f.parcel_id, ""), digest, next_ms, now_ms):
                     new_marks[f.parcel_id] = make_mark(next_ms, digest)

@@ -65,6 +65,28 @@ async def test_an_open_alert_lives_as_long_as_its_parcel(redis: Redis, clock: Ma
     assert [a.alert_id for a in (await store.open_alerts(["P1"]))["P1"]] == [alert.alert_id]
 
 
+async def test_a_parcel_without_open_alerts_is_not_rewritten_when_its_expiry_moves(
+    redis: Redis, clock: ManualClock
+) -> None:
+    """Nearly every parcel has no open alert: the daily move of its expiry costs no alert write."""
+    engine, _dispatcher = engine_with_timers(SETTINGS, redis, clock)
+    await register_p1(engine, clock)
+    await engine.ingestor.apply(scan("e1", S.TRACKING_STATUS_IN_TRANSIT, clock.now_ms() - 1000))
+    alert_store = engine.alerts._store
+    written = 0
+    apply = alert_store.apply
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal written
+        written += 1
+        return await apply(*args, **kwargs)  # type: ignore[arg-type]
+
+    alert_store.apply = counted  # type: ignore[method-assign, assignment]
+    clock.advance_ms(DAY_MS)  # the next UTC day: the parcel's expiry is pushed back
+    await engine.ingestor.apply(scan("e2", S.TRACKING_STATUS_IN_TRANSIT, clock.now_ms() - 1000))
+    assert written == 0
+
+
 @pytest.fixture
 def store(redis: Redis) -> AlertStore:
     return AlertStore(redis, shards=SHARDS, retention_ms=RETENTION_MS)

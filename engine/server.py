@@ -15,7 +15,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -71,6 +71,8 @@ class EngineServer:
     redis_watch: asyncio.Task[None] | None = None
     # This worker's private socket for streams its peers relay (``engine.stream_balance``).
     peers: WorkerPeers | None = None
+    # Set once ``stop`` drained the peers' socket too: ``wait`` returns only then.
+    peers_drained: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def set_serving(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
@@ -92,9 +94,15 @@ class EngineServer:
         self.peers.withdraw()
         await asyncio.gather(self.server.stop(grace), self.peers.stop(grace))
         await self.peers.close()
+        self.peers_drained.set()
 
     async def wait(self) -> None:
+        """Until the server stopped and, when draining, the streams peers relayed here finished too:
+        the public server of a worker that only applies relayed streams stops at once, and returning
+        then would end the process under them."""
         await self.server.wait_for_termination()
+        if self.peers is not None and self.draining:
+            await self.peers_drained.wait()
 
 
 async def start_server(

@@ -215,3 +215,34 @@ async def test_streams_on_one_connection_are_applied_by_both_workers(
         assert view == 1
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, 30) == 0
+
+
+async def test_sigterm_lets_a_relayed_stream_finish(engine: tuple[subprocess.Popen[bytes], int]) -> None:
+    """Draining, a worker that only applies a stream relayed to it must not exit under it: both
+    streams of the connection get their last batch acked within the grace period."""
+    proc, port = engine
+    board = await _board(await _all_listening(proc, port))
+    at_ms = time.time_ns() // 1_000_000 - 1000
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = tracking_pb2_grpc.TrackingServiceStub(channel)
+        calls = []
+        for n in range(WORKERS):
+            call = stub.StreamEvents()  # type: ignore[call-arg]
+            await call.write(
+                tracking_pb2.EventBatch(seq=1, events=[event(f"D1-{n}", f"DRN-{n}", TRANSIT, at_ms)])
+            )
+            assert isinstance(await call.read(), tracking_pb2.BatchAck)
+            calls.append(call)
+        assert [board.load(w) for w in range(WORKERS)] == [1, 1]  # one of them relayed
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)  # well inside the 2 s grace
+        for n, call in enumerate(calls):
+            await call.write(
+                tracking_pb2.EventBatch(seq=2, events=[event(f"D2-{n}", f"DRN-{n}", TRANSIT, at_ms)])
+            )
+            await call.done_writing()
+            ack = await call.read()
+            assert isinstance(ack, tracking_pb2.BatchAck)
+            assert (ack.seq, ack.accepted) == (2, 1)
+            assert await call.code() == grpc.StatusCode.OK
+    assert await asyncio.to_thread(proc.wait, 30) == 0

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -186,6 +187,23 @@ async def _board(workers: list[psutil.Process]) -> LoadBoard:
     raise AssertionError("the workers' sockets did not all appear")
 
 
+async def _open_streams(channel: grpc.aio.Channel, count: int, prefix: str, at_ms: int) -> list[Any]:
+    """``count`` StreamEvents calls on ``channel``, each with its first batch (one event for parcel
+    ``<prefix>-<n>``) acked."""
+    stub = tracking_pb2_grpc.TrackingServiceStub(channel)
+    calls = []
+    for n in range(count):
+        call = stub.StreamEvents()  # type: ignore[call-arg]
+        await call.write(
+            tracking_pb2.EventBatch(seq=1, events=[event(f"{prefix}-{n}-1", f"{prefix}-{n}", TRANSIT, at_ms)])
+        )
+        ack = await call.read()
+        assert isinstance(ack, tracking_pb2.BatchAck)
+        assert ack.accepted == 1
+        calls.append(call)
+    return calls
+
+
 async def test_streams_on_one_connection_are_applied_by_both_workers(
     engine: tuple[subprocess.Popen[bytes], int], redis: Redis
 ) -> None:
@@ -194,17 +212,7 @@ async def test_streams_on_one_connection_are_applied_by_both_workers(
     board = await _board(await _all_listening(proc, port))
     at_ms = time.time_ns() // 1_000_000 - 1000
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = tracking_pb2_grpc.TrackingServiceStub(channel)
-        calls = []
-        for n in range(4):
-            call = stub.StreamEvents()  # type: ignore[call-arg]
-            await call.write(
-                tracking_pb2.EventBatch(seq=1, events=[event(f"B-{n}", f"BAL-{n}", TRANSIT, at_ms)])
-            )
-            ack = await call.read()
-            assert isinstance(ack, tracking_pb2.BatchAck)
-            assert ack.accepted == 1
-            calls.append(call)
+        calls = await _open_streams(channel, 4, "BAL", at_ms)
         # Four streams open on one connection: two on each worker, whichever the kernel chose.
         assert [board.load(w) for w in range(WORKERS)] == [2, 2]
         for call in calls:
@@ -224,21 +232,13 @@ async def test_sigterm_lets_a_relayed_stream_finish(engine: tuple[subprocess.Pop
     board = await _board(await _all_listening(proc, port))
     at_ms = time.time_ns() // 1_000_000 - 1000
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = tracking_pb2_grpc.TrackingServiceStub(channel)
-        calls = []
-        for n in range(WORKERS):
-            call = stub.StreamEvents()  # type: ignore[call-arg]
-            await call.write(
-                tracking_pb2.EventBatch(seq=1, events=[event(f"D1-{n}", f"DRN-{n}", TRANSIT, at_ms)])
-            )
-            assert isinstance(await call.read(), tracking_pb2.BatchAck)
-            calls.append(call)
+        calls = await _open_streams(channel, WORKERS, "DRN", at_ms)
         assert [board.load(w) for w in range(WORKERS)] == [1, 1]  # one of them relayed
         proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)  # well inside the 2 s grace
         for n, call in enumerate(calls):
             await call.write(
-                tracking_pb2.EventBatch(seq=2, events=[event(f"D2-{n}", f"DRN-{n}", TRANSIT, at_ms)])
+                tracking_pb2.EventBatch(seq=2, events=[event(f"DRN-{n}-2", f"DRN-{n}", TRANSIT, at_ms)])
             )
             await call.done_writing()
             ack = await call.read()

@@ -170,6 +170,10 @@ def plan(
     return result
 
 
+# Notices about a situation that may still hold, which a new recipient needs to act on.
+_TOLD_AGAIN = frozenset({AT_PICKUP, REMINDER, ATTEMPT_FAILED, EXCEPTION, DELAYED})
+
+
 def recipient_changed(state: state_pb2.ParcelState, pending: frozenset[str]) -> None:
     """The merchant corrected the parcel's recipient (before ``plan``): what went out went to the old
     one. The notices claimed since the last plan are marked gone out without their slot taken as
@@ -179,9 +183,15 @@ def recipient_changed(state: state_pb2.ParcelState, pending: frozenset[str]) -> 
     for mark in state.notices:
         if mark.status == SCHEDULED and kind_name(mark.kind) not in pending:
             mark.status = QUEUED
+        if mark.status == QUEUED and mark.kind in _TOLD_AGAIN:
+            # What the old recipient was told about the situation now: planned again (next version)
+            # while it still holds, since the new one must collect the parcel or check the address.
+            mark.subject = ""
     state.ClearField("told_slot")
     if state.HasField("slot"):
         state.slot.version += 1
+    # Another person: the old recipient's erasure does not silence the new one.
+    state.recipient_erased = False
 
 
 def end_of_day_ms(date: types_pb2.LocalDate, time_zone: str) -> int:

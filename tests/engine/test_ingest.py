@@ -437,3 +437,25 @@ async def test_a_new_recipient_gets_the_slot_announced_not_corrected(
     assert announced is not None
     assert (announced.recipient_id, announced.version) == ("acme/r2", 3)
     assert window_ms(announced.slot) == moved
+
+
+async def test_a_new_recipient_is_told_what_still_holds_and_not_silenced_by_an_erasure(
+    redis: Redis, clock: ManualClock
+) -> None:
+    """The merchant corrects the recipient after the first was told the parcel waits at a pickup point
+    and then erased their data: the new one is told where to collect it, with its reminder."""
+    engine = engine_for(redis, clock)
+    await register(engine, registration("P1"))
+    deadline_ms = T0_MS + 5 * DAY_MS
+    waiting = event("e1", "P1", T.TRACKING_STATUS_AVAILABLE_FOR_PICKUP, T0_MS, pickup=("PP1", deadline_ms))
+    await engine.ingestor.apply(batch(1, waiting))
+    await claim(redis, "P1", "AVAILABLE_FOR_PICKUP")  # went out to acme/r1
+    await engine.replanner.cancel_recipient_notices("acme/r1")  # acme/r1 erased
+    assert await due_members(redis, "P1") == {}
+
+    clock.advance_ms(MIN_MS)
+    await register(engine, registration("P1", recipient_id="acme/r2"))
+    assert set(await due_members(redis, "P1")) == {"P1:AVAILABLE_FOR_PICKUP", "P1:PICKUP_REMINDER"}
+    told = await notice_body(redis, "P1", "AVAILABLE_FOR_PICKUP")
+    assert told is not None
+    assert (told.recipient_id, told.version) == ("acme/r2", 2)

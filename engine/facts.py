@@ -42,15 +42,12 @@ def facts_from_state(state: state_pb2.ParcelState) -> ParcelFacts:
     first_scan_ms: int | None = None
     pickup_since_ms: int | None = None
     trouble: list[TroubleEvent] = []
-    shipped_ms: int | None = None
     last_ms: int | None = None
     last: tracking_pb2.TrackingEvent | None = None
     for entry in state.timeline:
         event = entry.event
         ms = stamp_ms(event.occurred_at)
         status = event.status
-        if shipped_ms is None:
-            shipped_ms = ms
         if status != INFO_RECEIVED and first_scan_ms is None:
             first_scan_ms = ms  # the timeline is sorted: the first scan is the earliest
         if status in TROUBLE:
@@ -76,7 +73,7 @@ def facts_from_state(state: state_pb2.ParcelState) -> ParcelFacts:
         pickup_since_ms=pickup_since_ms if state.status == AT_PICKUP else None,
         pickup_deadline_ms=stamp_ms(deadline) if deadline else None,
         promised_date=promised_date(state),
-        shipped_ms=shipped_ms,
+        shipped_ms=first_scan_ms,
         delivered_ms=state.status_occurred_ms
         if state.status == types_pb2.TRACKING_STATUS_DELIVERED
         else None,

@@ -71,3 +71,25 @@ async def test_a_daily_counter_keeps_the_expiry_it_was_made_with(redis: Redis, c
             await redis.pexpire(day_key, HOUR_MS)
     assert await redis.hget(day_key, "shipped") == b"2"  # type: ignore[misc]
     assert 0 < await redis.pttl(day_key) <= HOUR_MS
+
+
+async def test_a_label_alone_is_not_shipped_the_first_scan_is(redis: Redis, clock: ManualClock) -> None:
+    """INFO_RECEIVED (the label) says the parcel is not yet scanned: shipped counts on the day of the
+    first scan, as the SHIPPED notice waits for it too."""
+    engine = build_engine(SETTINGS, redis, clock)
+    servicer = ParcelServicer(engine.store, clock)
+    shard = keys.shard_of("P1", SETTINGS.shards)
+    registration = parcel_pb2.ParcelRegistration(
+        parcel_id="P1", merchant_id="acme", carrier="swisspost", recipient_id="acme/r1"
+    )
+    await servicer.RegisterParcels(parcel_pb2.RegisterParcelsRequest(parcels=[registration]), None)  # type: ignore[arg-type]
+    label = event("e1", "P1", S.TRACKING_STATUS_INFO_RECEIVED, T0_MS)
+    await engine.ingestor.apply(tracking_pb2.EventBatch(seq=1, events=[label]))
+    assert await redis.hget(keys.stats_total(shard), "shipped") is None  # type: ignore[misc]
+
+    two_days_ms = T0_MS + 48 * HOUR_MS
+    clock.set_ms(two_days_ms)
+    scan = event("e2", "P1", S.TRACKING_STATUS_IN_TRANSIT, two_days_ms)
+    await engine.ingestor.apply(tracking_pb2.EventBatch(seq=2, events=[scan]))
+    assert await redis.hget(keys.stats(shard, "acme", day_of(T0_MS)), "shipped") is None  # type: ignore[misc]
+    assert await redis.hget(keys.stats(shard, "acme", day_of(two_days_ms)), "shipped") == b"1"  # type: ignore[misc]

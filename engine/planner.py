@@ -179,7 +179,8 @@ def recipient_changed(state: state_pb2.ParcelState, pending: frozenset[str]) -> 
     one. The notices claimed since the last plan are marked gone out without their slot taken as
     told, the told slot is forgotten, and the slot gets a new version: the new recipient is announced
     the current slot, never sent a correction naming one another person was told, and the old
-    recipient's announcement spent the idempotency key of the version it had."""
+    recipient's announcement spent the idempotency key of the version it had. What went out about a
+    situation that may still hold (``_TOLD_AGAIN``) is planned again, under its next version."""
     for mark in state.notices:
         if mark.status == SCHEDULED and kind_name(mark.kind) not in pending:
             mark.status = QUEUED

@@ -114,8 +114,8 @@ class ParcelFacts:
     pickup_deadline_ms: int | None = None
     promised_date: date | None = None
     # For the daily counters: the first scan (a label alone, INFO_RECEIVED, is not shipped: the
-    # SHIPPED notice waits for a scan too), the delivery, and every exception or failed attempt
-    # (event id, reason, occurred ms).
+    # SHIPPED notice waits for a scan too), the delivery, every failed attempt and every exception
+    # but those repeating the one before (event id, reason, occurred ms).
     shipped_ms: int | None = None
     delivered_ms: int | None = None
     trouble_events: tuple[TroubleEvent, ...] = ()

@@ -16,6 +16,7 @@ from engine.alert_rules import TROUBLE, ParcelFacts, TroubleEvent
 
 INFO_RECEIVED = types_pb2.TRACKING_STATUS_INFO_RECEIVED
 AT_PICKUP = types_pb2.TRACKING_STATUS_AVAILABLE_FOR_PICKUP
+EXCEPTION = types_pb2.TRACKING_STATUS_EXCEPTION
 
 
 def promised_date(state: state_pb2.ParcelState) -> date | None:
@@ -50,7 +51,14 @@ def facts_from_state(state: state_pb2.ParcelState) -> ParcelFacts:
         status = event.status
         if status != INFO_RECEIVED and first_scan_ms is None:
             first_scan_ms = ms  # the timeline is sorted: the first scan is the earliest
-        if status in TROUBLE:
+        # Each failed attempt is one; an exception once per run: a carrier scanning a parcel held
+        # for its address again each day reports one problem (the planner asks the recipient once).
+        if status in TROUBLE and not (
+            status == EXCEPTION
+            and last is not None
+            and last.status == EXCEPTION
+            and last.exception_reason == event.exception_reason
+        ):
             trouble.append(TroubleEvent(event.event_id, event.exception_reason, ms))
         # The start of the latest run of AVAILABLE_FOR_PICKUP events: a carrier's daily reminder
         # scan does not restart the wait.

@@ -11,7 +11,8 @@ decides which notices to schedule, replace or withdraw. It does no IO, so every 
   after the change so rapid changes make one correction, before the earlier of the two slots' starts
   (the told one's only while it is ahead); none (and a pending one withdrawn) when the new slot lies
   inside the told one or both ends moved by the threshold or less;
-- DELIVERED cancels every pending notice; RETURNED likewise; an expired parcel just cancels;
+- DELIVERED cancels every pending notice; RETURNED likewise; an expired parcel just cancels; neither
+  is told when it happened more than a day before the engine learns of it (stale news);
 - ATTEMPT_FAILED per failed attempt; AVAILABLE_FOR_PICKUP per pickup point and deadline, with a
   PICKUP_REMINDER a lead before the deadline, withdrawn when the parcel leaves the pickup point and
   planned again (a new version) if it comes back to the same one, unless it already went out;
@@ -81,6 +82,9 @@ REASON_ERASED = "the recipient's data was erased"
 REASON_NOTHING_TOLD = "the recipient was told no slot to correct"
 
 T = types_pb2
+
+# How old a delivery or return may be and still be told: carriers' feeds run hours late at worst.
+STALE_NEWS_MS = 24 * 3_600_000
 
 
 def window_ms(window: types_pb2.TimeWindow) -> tuple[int, int]:
@@ -274,7 +278,10 @@ class _Planner:
         for kind in list(self.marks):
             if kind != final:
                 self._withdraw(kind, CANCELLED, reason)
-        if final is not None and final not in self.marks:
+        # News of a moment: a parcel registered (or reported) days after it was delivered or
+        # returned tells the recipient nothing they do not know; GetParcel shows it.
+        fresh = self.now_ms - self.state.status_occurred_ms <= STALE_NEWS_MS
+        if final is not None and final not in self.marks and fresh:
             self._schedule(final, 1, self.now_ms, None)
 
     def _active(self) -> None:

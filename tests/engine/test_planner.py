@@ -247,6 +247,21 @@ def test_the_address_is_asked_once_per_problem_not_per_rescan() -> None:
     assert [n.kind for n in sim.sent].count(T.NOTICE_KIND_EXCEPTION) == 1
 
 
+def test_a_delivery_learned_of_days_later_is_not_told() -> None:
+    """A parcel registered (or reported) long after it was delivered or returned: stale news, not
+    sent; one a few hours late still is."""
+    for status, kind in (
+        (T.TRACKING_STATUS_DELIVERED, T.NOTICE_KIND_DELIVERED),
+        (T.TRACKING_STATUS_RETURNED_TO_SENDER, T.NOTICE_KIND_RETURNED),
+    ):
+        late = Sim()
+        late.apply(event("old", "P1", status, late.now_ms - 3 * DAY_MS))
+        assert kind_name(kind) not in late.pending
+        recent = Sim()
+        recent.apply(event("new", "P1", status, recent.now_ms - 5 * HOUR_MS))
+        assert kind_name(kind) in recent.pending
+
+
 def test_each_failed_attempt_is_a_new_version() -> None:
     sim = Sim()
     assert sim.scan(T.TRACKING_STATUS_ATTEMPT_FAIL).scheduled[T.NOTICE_KIND_ATTEMPT_FAILED].version == 1

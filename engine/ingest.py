@@ -107,7 +107,7 @@ class Ingestor:
         accepted = sum(t.accepted for t in tallies.values())
         duplicates = sum(t.duplicates for t in tallies.values())
         if foreign:
-            rejected += _foreign_rejections(batch.events, foreign)
+            rejected += _foreign_rejections(batch.events, foreign, {r.index for r in rejected})
             rejected.sort(key=lambda r: r.index)
         if self.metrics is not None:
             self.metrics.events_applied(accepted=accepted, duplicates=duplicates, rejected=len(rejected))
@@ -117,14 +117,15 @@ class Ingestor:
 
 
 def _foreign_rejections(
-    events: Sequence[tracking_pb2.TrackingEvent], foreign: set[str]
+    events: Sequence[tracking_pb2.TrackingEvent], foreign: set[str], already: set[int]
 ) -> list[tracking_pb2.RejectedEvent]:
-    # Found again by a pass over the batch: rare, so the common path keeps no index per event.
+    # Found again by a pass over the batch: rare, so the common path keeps no index per event. An
+    # event rejected at screening (``already``) is not rejected twice.
     reason = "the parcel is carried by another carrier"
     return [
         _denied(index, event, "parcel_id", reason)
         for index, event in enumerate(events)
-        if event.parcel_id in foreign
+        if event.parcel_id in foreign and index not in already
     ]
 
 

@@ -188,9 +188,11 @@ def recipient_changed(state: state_pb2.ParcelState, pending: frozenset[str]) -> 
     for mark in state.notices:
         if mark.status == SCHEDULED and kind_name(mark.kind) not in pending:
             mark.status = QUEUED
-        if mark.status == QUEUED and mark.kind in _TOLD_AGAIN:
-            # What the old recipient was told about the situation now: planned again (next version)
-            # while it still holds, since the new one must collect the parcel or check the address.
+        erased = mark.status == CANCELLED and mark.status_reason == REASON_ERASED
+        if mark.kind in _TOLD_AGAIN and (mark.status == QUEUED or erased):
+            # What the old recipient was told (or was to be told, until their erasure) about the
+            # situation now: planned again (next version) while it still holds, since the new one
+            # must collect the parcel or check the address.
             mark.subject = ""
     state.ClearField("told_slot")
     if state.HasField("slot"):

@@ -347,14 +347,18 @@ async def test_a_carrier_cannot_change_another_carriers_parcel(redis: Redis, clo
     foreign.carrier = "dhl-de"
     own = event("x2", "Q1", T.TRACKING_STATUS_IN_TRANSIT, T0_MS + MIN_MS)
     own.carrier = "dhl-de"
+    invalid = event("x3", "P1", T.TRACKING_STATUS_UNSPECIFIED, T0_MS + MIN_MS)
+    invalid.carrier = "dhl-de"
     token = bind_principal(Principal.parse("carrier:dhl-de"))
     try:
-        ack = await engine.ingestor.apply(batch(2, foreign, own))
+        ack = await engine.ingestor.apply(batch(2, foreign, own, invalid))
     finally:
         unbind_principal(token)
     assert ack.accepted == 1
+    # Each rejected once, with its first reason: the invalid one is not also another carrier's.
     assert [(r.index, r.code, r.field, r.event_id) for r in ack.rejected] == [
-        (0, tracking_pb2.REJECT_CODE_PERMISSION_DENIED, "parcel_id", "x1")
+        (0, tracking_pb2.REJECT_CODE_PERMISSION_DENIED, "parcel_id", "x1"),
+        (2, tracking_pb2.REJECT_CODE_INVALID_ARGUMENT, "status", "x3"),
     ]
     assert (await state_of(redis, "P1")).status == T.TRACKING_STATUS_IN_TRANSIT
     assert (await state_of(redis, "Q1")).carrier == "dhl-de"  # a parcel nobody carried yet is its own
@@ -457,5 +461,27 @@ async def test_a_new_recipient_is_told_what_still_holds_and_not_silenced_by_an_e
     await register(engine, registration("P1", recipient_id="acme/r2"))
     assert set(await due_members(redis, "P1")) == {"P1:AVAILABLE_FOR_PICKUP", "P1:PICKUP_REMINDER"}
     told = await notice_body(redis, "P1", "AVAILABLE_FOR_PICKUP")
+    assert told is not None
+    assert (told.recipient_id, told.version) == ("acme/r2", 2)
+
+
+async def test_a_new_recipient_is_told_of_a_failed_attempt_cancelled_by_an_erasure(
+    redis: Redis, clock: ManualClock
+) -> None:
+    """The old recipient's notice of a failed attempt was still pending when their data was erased:
+    the corrected recipient is told, since the parcel still waits for a new delivery."""
+    engine = engine_for(redis, clock)
+    await register(engine, registration("P1"))
+    absent = T.EXCEPTION_REASON_RECIPIENT_ABSENT
+    await engine.ingestor.apply(
+        batch(1, event("e1", "P1", T.TRACKING_STATUS_ATTEMPT_FAIL, T0_MS, reason=absent))
+    )
+    assert "P1:ATTEMPT_FAILED" in await due_members(redis, "P1")
+    await engine.replanner.cancel_recipient_notices("acme/r1")
+    assert await due_members(redis, "P1") == {}
+    clock.advance_ms(MIN_MS)
+    await register(engine, registration("P1", recipient_id="acme/r2"))
+    assert "P1:ATTEMPT_FAILED" in await due_members(redis, "P1")
+    told = await notice_body(redis, "P1", "ATTEMPT_FAILED")
     assert told is not None
     assert (told.recipient_id, told.version) == ("acme/r2", 2)

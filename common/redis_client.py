@@ -91,7 +91,9 @@ class _ScriptsCheckedOnce(Pipeline):
     the rest of the pipeline already ran, and some of it must not run twice (HINCRBY, XADD, PUBLISH).
     The caller gets every reply in its place, as if nothing happened. A second NOSCRIPT in a row is an
     error like any other: something else is wrong. A call whose script the pipeline does not know
-    (an ``evalsha`` queued without the script) keeps its NOSCRIPT; its caller reloads it.
+    (an ``evalsha`` queued without the script) keeps its NOSCRIPT; its caller reloads it. In a
+    transaction the re-run is a second MULTI, so the two parts are not atomic together and a WATCH
+    does not guard the second: no code here calls scripts in a transaction.
     """
 
     def __init__(self, loaded: set[str], *args: Any) -> None:

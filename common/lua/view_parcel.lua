@@ -1,3 +1,4 @@
+-- #include pending_kinds
 -- GetParcel's read of one parcel, in one call.
 -- KEYS[1] = the shard's due set, KEYS[2] = the parcel hash, KEYS[3] = the parcel's alert hash.
 -- ARGV[1] = the parcel id; ARGV[2..] = the gateway's attempts fields to return (one per notice kind).
@@ -12,19 +13,12 @@ if not row[1] then return false end
 local attempts = {}
 for i = 4, #row do attempts[i - 3] = row[i] end
 local waiting = {}
-if row[3] then
-  local kinds, members = {}, {}
-  for kind in string.gmatch(row[3], '[^,]+') do
-    kinds[#kinds + 1] = kind
-    members[#members + 1] = ARGV[1] .. ':' .. kind
-  end
-  if #members > 0 then
-    local scores = redis.call('ZMSCORE', KEYS[1], unpack(members))
-    for j = 1, #kinds do
-      if scores[j] then
-        waiting[#waiting + 1] = kinds[j]
-        waiting[#waiting + 1] = scores[j]
-      end
+local kinds, scores = due_scores(KEYS[1], ARGV[1], row[3])
+if kinds then
+  for j = 1, #kinds do
+    if scores[j] then
+      waiting[#waiting + 1] = kinds[j]
+      waiting[#waiting + 1] = scores[j]
     end
   end
 end

@@ -195,5 +195,6 @@ def test_every_script_has_its_includes_pasted_in() -> None:
         assert not [line for line in lines if line.startswith(INCLUDE)], path.name
     # The shared functions reach the scripts that use them.
     assert "local function pending_kinds" in lua_source("read_parcels")
+    assert "local function due_scores" in lua_source("view_parcel")
     assert "local function group_info" in lua_source("settle")
     assert "local function group_info" in lua_source("outbox_depth")

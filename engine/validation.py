@@ -196,8 +196,8 @@ def _occurred(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | None:
 
 
 def check_parcel_id(parcel_id: str) -> Problem | None:
-    """A parcel id as events and registrations must give it: what GetParcel checks too, so an id no
-    parcel can have is INVALID_ARGUMENT there as well, not NOT_FOUND."""
+    """A parcel id as events, registrations and GetParcel must give it: an id no parcel can have is
+    INVALID_ARGUMENT everywhere, never NOT_FOUND."""
     return _ident(parcel_id, "parcel_id", 64)
 
 
@@ -209,7 +209,7 @@ def check_event(event: tracking_pb2.TrackingEvent, now_ms: int) -> Problem | Non
         return Problem("exception_reason", "exception_reason is not an EXCEPTION_REASON_* value")
     return (
         _ident(event.event_id, "event_id", 128)
-        or _ident(event.parcel_id, "parcel_id", 64)
+        or check_parcel_id(event.parcel_id)
         or _ident(event.carrier, "carrier", 64)
         or _occurred(event, now_ms)
         or _text(event.substatus, "substatus", 64)
@@ -250,7 +250,7 @@ def _order(order: parcel_pb2.OrderFacts, now_ms: int) -> Problem | None:
 def check_registration(parcel: parcel_pb2.ParcelRegistration, now_ms: int) -> Problem | None:
     """The first problem of ``parcel``, or None when it can be registered."""
     return (
-        _ident(parcel.parcel_id, "parcel_id", 64)
+        check_parcel_id(parcel.parcel_id)
         or _ident(parcel.merchant_id, "merchant_id", 128)
         or _ident(parcel.carrier, "carrier", 64)
         or _ident(parcel.recipient_id, "recipient_id", 128)

@@ -22,6 +22,9 @@ decides which notices to schedule, replace or withdraw. It does no IO, so every 
   a new version, once the parcel is on its way again;
 - EXCEPTION (check your address) for address problems of paid orders only, once per problem: the
   carrier's daily re-scans of a parcel held for its address ask nothing more;
+- a pending notice planned again (a refresh) keeps what the gateway learnt failing to send it (its
+  attempts, failed channels, backoff) while it is the same promise to the same person
+  (``keep_retries``);
 - muted kinds are not scheduled (SUPPRESSED); a refresh brings a muted notice back once its kind is
   unmuted, and an unpaid order's address check once the order is paid, if it still makes sense (see
   ``_Planner._revived_desired_ms``); unpaid orders' notices are not actionable.
@@ -158,6 +161,7 @@ def plan(
     refresh: bool = False,
     erase: bool = False,
     trace_context: Mapping[str, str] | None = None,
+    stored: Mapping[str, bytes] | None = None,
 ) -> Plan:
     """Plan the parcel's notices; updates ``state`` (its notice marks, told slot) in place.
 
@@ -165,13 +169,37 @@ def plan(
     hours or muted kinds, a changed registration) instead of only reacting to new facts. ``erase``
     withdraws every pending notice and plans nothing more until the recipient sets preferences again.
     ``trace_context``: what the notices carry to continue the trace (by default the current span's).
+    ``stored``: the pending notices' bodies as stored, by kind name (see ``keep_retries``).
     """
     planner = _Planner(state, pending, audience, now_ms, rules, shard, trace_context)
     result = planner.erase() if erase else planner.run(refresh=refresh)
+    if stored:
+        keep_retries(result.scheduled, stored)
     result.pending_names = [
         kind_name(kind) for kind, mark in planner.marks.items() if mark.status == SCHEDULED
     ]
     return result
+
+
+def keep_retries(scheduled: Mapping[Kind, notice_pb2.Notice], stored: Mapping[str, bytes]) -> None:
+    """What the gateway wrote back into a pending notice it could not send (``stored``, bodies by kind
+    name) stays when planning the same promise (kind and version) to the same recipient again: its
+    attempts, or a failing provider would get unlimited ones; the channels that rejected the recipient
+    for good, or they would be tried again; and after a failed attempt its backoff, as the later of
+    that and the new due time. A deferral without an attempt spent (a rate limit) is not kept: the
+    gateway's limiter defers it again. A new version (a new slot) or another recipient starts afresh.
+    Only the notice changes, not its mark: GetParcel shows the due set's time, RETRYING."""
+    for kind, notice in scheduled.items():
+        raw = stored.get(kind_name(kind))
+        if raw is None:
+            continue
+        before = notice_pb2.Notice.FromString(raw)
+        if before.version != notice.version or before.recipient_id != notice.recipient_id:
+            continue
+        notice.attempt = before.attempt
+        notice.failed_channels.extend(before.failed_channels)
+        if before.attempt and stamp_ms(before.due_at) > stamp_ms(notice.due_at):
+            notice.due_at.CopyFrom(before.due_at)
 
 
 # Notices about a situation that may still hold, which a new recipient needs to act on.

@@ -7,7 +7,8 @@ and per notice kind ``n:``/``nv:``/``ns:`` (body, version, withdrawal)
 beside the gateway's ``a:`` (attempts). Redis should keep it as a listpack (``hash-max-listpack-value``
 4096, see README). ``ParcelStore.update`` is the one way the engine changes parcels:
 
-1. read every parcel of the call, all shards' read scripts pipelined in ONE round trip;
+1. read every parcel of the call, all shards' read scripts pipelined in ONE round trip (a re-plan
+   also reads the pending notices' bodies, in the same scripts);
 2. let the caller change each state (apply events, merge a registration);
 3. read the recipients' preferences (one pipelined round trip, only when someone is to be told);
 4. plan the notices (``engine.planner``, pure) and write each shard's parcels with ONE apply-script
@@ -29,6 +30,7 @@ import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableSequence, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -112,6 +114,9 @@ class ParcelRecord:
     alert_mark: str = ""
     # What the daily counters already counted (field ``ct``, see ``engine.counting``).
     counted: frozenset[str] = frozenset()
+    # The pending notices' bodies by kind name, as the gateway may have written them back (read for a
+    # re-plan only, see ``ParcelStore.read``).
+    bodies: Mapping[str, bytes] = field(default_factory=dict)
     # What planning decided, once the record was planned and written.
     plan: Plan | None = None
     # Its facts as written, for a parcel with a merchant (``engine.facts``): counted by ``change_of``,
@@ -373,11 +378,14 @@ def parse_kinds(raw: bytes | None) -> frozenset[str]:
 
 
 def parse_read(
-    shard: int, parcel_ids: Sequence[str], reply: Sequence[bytes | None]
+    shard: int, parcel_ids: Sequence[str], reply: Sequence[Any], *, bodies: bool = False
 ) -> dict[str, ParcelRecord]:
+    """The read script's reply (``read_parcels.lua``); ``bodies`` when it was asked for them."""
     records: dict[str, ParcelRecord] = {}
+    width = 6 if bodies else 5
     for i, pid in enumerate(parcel_ids):
-        raw_version, raw_state, raw_pending, raw_mark, raw_counted = reply[5 * i : 5 * i + 5]
+        at = width * i
+        raw_version, raw_state, raw_pending, raw_mark, raw_counted = reply[at : at + 5]
         state = load_state(pid, raw_state)
         mark = raw_mark.decode() if raw_mark else ""
         records[pid] = ParcelRecord(
@@ -389,6 +397,11 @@ def parse_read(
             mark,
             parse_counted(raw_counted),
         )
+        if bodies and raw_pending:
+            # In the order the script joined the pending kinds.
+            kinds = raw_pending.decode().split(",")
+            found = zip(kinds, reply[at + 5], strict=True)
+            records[pid].bodies = {kind: raw for kind, raw in found if raw is not None}
     return records
 
 
@@ -445,8 +458,9 @@ class ParcelStore:
     def shard(self, ident: str) -> int:
         return keys.shard_of(ident, self.settings.shards)
 
-    async def read(self, parcel_ids: Iterable[str]) -> dict[str, ParcelRecord]:
-        """Every parcel (an empty record for an unknown one), one script call per shard, one round trip."""
+    async def read(self, parcel_ids: Iterable[str], *, bodies: bool = False) -> dict[str, ParcelRecord]:
+        """Every parcel (an empty record for an unknown one), one script call per shard, one round trip.
+        ``bodies``: with its pending notices' bodies (``ParcelRecord.bodies``), for a re-plan."""
         by_shard: dict[int, list[str]] = defaultdict(list)
         for pid in parcel_ids:
             by_shard[self.shard(pid)].append(pid)
@@ -455,18 +469,21 @@ class ParcelStore:
         pipe = self.redis.pipeline(transaction=False)
         order = list(by_shard.items())
         for shard, pids in order:
-            await self.queue_read(pipe, shard, pids)
+            await self.queue_read(pipe, shard, pids, bodies=bodies)
         replies = await pipe.execute()
         self.round_trips += 1
         records: dict[str, ParcelRecord] = {}
         for (shard, pids), reply in zip(order, replies, strict=True):
-            records.update(parse_read(shard, pids, reply))
+            records.update(parse_read(shard, pids, reply, bodies=bodies))
         return records
 
-    async def queue_read(self, pipe: Pipeline, shard: int, parcel_ids: Sequence[str]) -> None:
+    async def queue_read(
+        self, pipe: Pipeline, shard: int, parcel_ids: Sequence[str], *, bodies: bool = False
+    ) -> None:
         """Queue the read script for ``parcel_ids`` (all of ``shard``) on ``pipe``; see ``parse_read``."""
         parcels = [keys.parcel(shard, pid) for pid in parcel_ids]
-        await self._read(keys=[keys.due(shard), *parcels], args=list(parcel_ids), client=pipe)
+        args = [b"1" if bodies else b"0", *parcel_ids]
+        await self._read(keys=[keys.due(shard), *parcels], args=args, client=pipe)
 
     async def audiences(self, recipient_ids: Iterable[str]) -> dict[str, Audience | None]:
         """Planning preferences of each recipient: one MGET per recipient shard, one round trip."""
@@ -548,7 +565,8 @@ class ParcelStore:
             if attempt:
                 pause_s = min(CONFLICT_BACKOFF_S * 2 ** (attempt - 1), CONFLICT_BACKOFF_MAX_S)
                 await asyncio.sleep(random.uniform(0, pause_s))
-            records = await self.read(todo)
+            # A refresh plans pending notices again: it keeps what the gateway wrote back into them.
+            records = await self.read(todo, bodies=refresh)
             changed: list[ParcelRecord] = []
             for n, record in enumerate(records.values(), 1):
                 if mutate(record):
@@ -580,6 +598,7 @@ class ParcelStore:
                     refresh=refresh,
                     erase=erase,
                     trace_context=trace_context,
+                    stored=record.bodies,
                 )
                 change = change_of(record, record.plan, now_ms=now_ms, settings=self.settings)
                 changes[record.parcel_id] = (record.shard, change)

@@ -196,7 +196,11 @@ class _ShardCall:
     def __init__(self, ttl_ms: int, shard: int) -> None:
         self.keys: list[str] = []
         self._index: dict[str, int] = {}
-        self.args: list[str | int | bytes | float] = [ttl_ms, keys.alerts(shard, "")]
+        self.args: list[str | int | bytes | float] = [
+            ttl_ms,
+            keys.alerts(shard, ""),
+            keys.SCHEDULER_WAKE_CHANNEL,
+        ]
         self.parcels: list[str] = []
 
     def _k(self, key: str) -> int:
@@ -335,7 +339,7 @@ class AlertStore:
         if next_ms == current_ms:
             return
         if next_ms:
-            writes.op("ZA", keys.due(shard), next_ms, check_member(parcel_id))
+            writes.op("ZD", keys.due(shard), next_ms, check_member(parcel_id))
         else:
             writes.op("ZR", keys.due(shard), check_member(parcel_id))
         writes.hset("t", next_ms)

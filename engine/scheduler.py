@@ -19,13 +19,17 @@ included); due timers beyond what the dispatcher may hold are deferred in the du
 ``TIMER_DEFER_MS``, so notices behind them still go.
 
 The loop sleeps until the earliest due time (the claim script reports it, at no extra round trip).
-A write that schedules notices (``ParcelStore.write``, in any engine worker) publishes the earliest
-due time it added on ``keys.SCHEDULER_WAKE_CHANNEL``; the dispatcher follows that channel on a
-connection of its own and wakes when a time comes before the one it sleeps for, so a notice due now
-goes at once. Wake-ups coalesce: all those that arrive during a round or a sleep cost one more round,
-which takes everything due. :meth:`Dispatcher.wake` does the same within a process. The sleep still
-ends after ``max_idle_s``, for what is scheduled without a wake-up (timers, the gateway's retries, a
-message lost while the channel reconnects). Cost per claim is O(log n + batch), whatever is pending.
+Every write that adds to a due set publishes the earliest due time it added on
+``keys.SCHEDULER_WAKE_CHANNEL``, in the same round trip: the engine's parcel writes
+(``ParcelStore.write``, in any engine worker), the gateway's retries and deferrals and the dead-letter
+replay (``settle.lua``), the alert check timers (``alerts_apply.lua``) and the claims' own leases,
+deferrals and settlements (``claim.lua``: for another dispatcher of the same shards). The dispatcher
+follows that channel on a connection of its own and wakes when a time comes before the one it sleeps
+for, so a notice due now goes at once. Wake-ups coalesce: all those that arrive during a round or a
+sleep cost one more round, which takes everything due. :meth:`Dispatcher.wake` does the same within
+a process. The sleep still ends after ``max_idle_s``, for a message lost (no subscriber yet, the
+channel reconnecting) or a due set written by hand. Cost per claim is O(log n + batch), whatever is
+pending.
 A failed round (any Redis error: a lost connection, READONLY after a failover, a script error) is
 logged and retried after a backoff that doubles up to ``max_backoff_s``: the loop never dies of it.
 """
@@ -271,8 +275,8 @@ class Dispatcher:
 
     async def _sleep(self, stop: asyncio.Event) -> None:
         """Until the planned wake-up time, moved earlier meanwhile by wake() or the wake-up channel,
-        and at most ``max_idle_s``: what is scheduled without a wake-up (another process's timers, a
-        message lost while the channel reconnected) is still seen."""
+        and at most ``max_idle_s``: what is scheduled without a wake-up (a message lost while the
+        channel reconnected) is still seen."""
         loop = asyncio.get_running_loop()
         idle_until = loop.time() + self._max_idle_s
         while not stop.is_set():
@@ -287,8 +291,9 @@ class Dispatcher:
                 return
 
     async def _listen(self) -> None:
-        """Follow the wake-up channel (``ParcelStore.write`` publishes the earliest due time it added)
-        on a connection of its own, subscribing again after a failure, with the claims' backoff."""
+        """Follow the wake-up channel (every writer of a due set publishes the earliest due time it
+        added) on a connection of its own, subscribing again after a failure, with the claims'
+        backoff."""
         failures = 0
         while True:
             pubsub = self._redis.pubsub()
@@ -372,6 +377,7 @@ class Dispatcher:
                     lease_arg,
                     cap_arg,
                     defer_arg,
+                    keys.SCHEDULER_WAKE_CHANNEL,
                     *self._settlements[shard][: sent[shard]],
                 )
             results.update(zip(todo, await pipe.execute(raise_on_error=False), strict=True))

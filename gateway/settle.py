@@ -2,9 +2,11 @@
 
 Outcomes are appended to the parcel hash (``a:<KIND>``, read by GetParcel), finished sends mark their
 idempotency keys ``sent``, retries and delays go back into the due set (only if the engine has not
-superseded the notice meanwhile), exhausted notices go to the dead-letter stream, the merchants'
-counters (hashes of the shard) are incremented, and the outbox entries are acknowledged (then trimmed
-off the stream in bulk, once no entry before them is pending).
+superseded the notice meanwhile; the script then publishes the earliest due time it wrote on the
+scheduler's wake-up channel, so one due now is not left to the dispatcher's idle limit), exhausted
+notices go to the dead-letter stream, the merchants' counters (hashes of the shard) are incremented,
+and the outbox entries are acknowledged (then trimmed off the stream in bulk, once no entry before
+them is pending).
 Spent SMS segments (a key per merchant, not of a shard) ride in the same pipeline.
 """
 
@@ -298,6 +300,7 @@ class Settlement:
                 lua_array(ops.args),
                 lua_array(ops.acked),
                 self._dead_letter_retention_ms,
+                keys.SCHEDULER_WAKE_CHANNEL,
             ]
             self._script.queue(pipe, fixed + ops.keys, args)
         for budget_key, segments in self._sms_segments.items():

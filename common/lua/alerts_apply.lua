@@ -1,14 +1,17 @@
+-- #include due_wake
 -- Compare-and-set of the alerts of one shard's parcels, each together with the index, feed, counter
 -- and timer writes that go with it, so an alert is never opened twice and its indexes never disagree
 -- with it. One call per shard, whatever the number of parcels.
 -- KEYS = every key the ops name (one shard tag): the parcels' alert hashes and the other keys.
 -- ARGV[1] = TTL (ms) of an alert hash whose parcel hash is gone or never expires; ARGV[2] = the
--- shard's alert hash key without the parcel id (to find the alert an index entry names); then per
--- parcel: key index of its alert hash, key index of its parcel hash, the version the caller read
+-- shard's alert hash key without the parcel id (to find the alert an index entry names); ARGV[3] =
+-- the scheduler's wake-up channel, where the earliest check timer written is published (see
+-- due_wake); then per parcel: key index of its alert hash, key index of its parcel hash, the version the caller read
 -- ("0": no hash yet), n ops, and n ops of four words each: op, key index, a, b:
 --     H  field value        HSET
 --     HX field value        HSET only if the key exists (the parcel hash's alert mark)
 --     ZA score member       ZADD
+--     ZD score member       ZADD to the shard's due set (a check timer): wakes the scheduler
 --     ZR member -           ZREM
 --     TR min max            ZREMRANGEBYLEX (index entries past retention)
 --     SW fraction count     remove from an index those of `count` entries, from rank
@@ -23,8 +26,9 @@
 -- returned: the caller re-reads and re-plans only those.
 local fallback_ttl = tonumber(ARGV[1])
 local alerts_prefix = ARGV[2]
+local wake = ARGV[3]
 local conflicts = {}
-local a = 3
+local a = 4
 local position = 0
 
 local function gone(member)
@@ -84,6 +88,8 @@ while a <= #ARGV do
         if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, x, y) end
       elseif op == 'ZA' then
         redis.call('ZADD', key, x, y)
+      elseif op == 'ZD' then
+        due_add(key, x, y)
       elseif op == 'ZR' then
         redis.call('ZREM', key, x)
       elseif op == 'TR' then
@@ -109,4 +115,5 @@ while a <= #ARGV do
     for _, index in ipairs(kept) do keep(index, ttl) end
   end
 end
+publish_wake(wake)
 return conflicts

@@ -1,3 +1,4 @@
+-- #include due_wake
 -- Claim the due notices of one shard: move up to `limit` members due by `now_ms` from the due set to
 -- the outbox stream, atomically, so any number of dispatchers may claim the same shard at once and
 -- none hands a notice out twice.
@@ -5,8 +6,8 @@
 -- ARGV[1] = now_ms, ARGV[2] = limit (0: settle only), ARGV[3] = parcel hash key prefix (the key
 -- without the parcel id), ARGV[4] = timer kind prefix ("CHECK_"), ARGV[5] = lease end (ms, > now_ms),
 -- ARGV[6] = how many timers the caller may take, ARGV[7] = when the due timers beyond those are tried
--- again (ms, > now_ms), ARGV[8..] = settlements, triples (timer member, its lease end, new score or
--- "" to remove).
+-- again (ms, > now_ms), ARGV[8] = the wake-up channel, ARGV[9..] = settlements, triples (timer
+-- member, its lease end, new score or "" to remove).
 -- A member is "<parcel_id>:<KIND>", split at the LAST ':'. Its body is field "n:<KIND>" of the parcel
 -- hash; it goes to the outbox as field "n". Nothing else is written: the parcel view reads "no longer
 -- in the due set" as queued. A member without a body was withdrawn: it is just removed.
@@ -17,6 +18,10 @@
 -- not in the caller's memory, and hold back no notice behind them.
 -- A settlement applies only while the timer still has the score of the lease it settles: a handler
 -- that rescheduled its timer, or another dispatcher that took it after the lease ended, keeps its own.
+-- The earliest score the call wrote (a settlement's, a lease's, a deferral's) is published on the
+-- wake-up channel (see due_wake): the caller learns its next due time from the reply, but another
+-- dispatcher of the same shards (one taking over the timers a stopping one hands back due now) would
+-- otherwise sleep until its idle limit.
 -- Order: every XADD first, then the leases, the removal from the due set last. Redis does not roll
 -- back a script that fails midway (e.g. the outbox key holds another type), so this order leaves the
 -- members due (or leased), to be claimed again later: at worst a notice reaches the outbox twice,
@@ -25,15 +30,15 @@
 -- Cost: O(log n + limit) - ZRANGEBYSCORE from -inf returns ranks 0..k-1, removed by rank.
 local due, outbox = KEYS[1], KEYS[2]
 local now, limit, prefix, timer, lease = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
-local cap, defer = tonumber(ARGV[6]), ARGV[7]
-for i = 8, #ARGV, 3 do
+local cap, defer, wake = tonumber(ARGV[6]), ARGV[7], ARGV[8]
+for i = 9, #ARGV, 3 do
   local member, leased, after = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local score = redis.call('ZSCORE', due, member)
   if score and tonumber(score) == tonumber(leased) then
     if after == '' then
       redis.call('ZREM', due, member)
     else
-      redis.call('ZADD', due, after, member)
+      due_add(due, after, member)
     end
   end
 end
@@ -69,10 +74,10 @@ if count > 0 then
     end
   end
   for i = 5, #reply do
-    redis.call('ZADD', due, lease, reply[i])
+    due_add(due, lease, reply[i])
   end
   for i = 1, #deferred do
-    redis.call('ZADD', due, defer, deferred[i])
+    due_add(due, defer, deferred[i])
   end
   reply[4] = #deferred
   -- The leased and deferred timers now score after every member due by now_ms, so the rest of the
@@ -82,6 +87,7 @@ if count > 0 then
     redis.call('ZREMRANGEBYRANK', due, 0, count - timers - 1)
   end
 end
+publish_wake(wake)
 reply[1], reply[2] = claimed, dropped
 local first = redis.call('ZRANGE', due, 0, 0, 'WITHSCORES')
 if first[2] then reply[3] = first[2] end

@@ -1,4 +1,5 @@
 -- #include group_info
+-- #include due_wake
 -- Settle a batch of one shard's notices in one call: record outcomes, mark sends done, reschedule
 -- retries, dead-letter, acknowledge the outbox entries and trim the settled ones off the stream.
 --
@@ -9,6 +10,8 @@
 -- Redis's cmsgpack unpacks in C (a batch's thousands of separate arguments each cost the client a
 -- formatted length and Redis an object). The entries are acknowledged after the ops, then the stream
 -- is trimmed (see trim_settled). ARGV[6] = how long dead letters are kept (ms; 0: until replayed).
+-- ARGV[7] = the scheduler's wake-up channel: the earliest due time a resched wrote is published there
+-- (see due_wake), so the dispatcher takes a retry or a replay due now at once.
 -- Each op is a name followed by its arguments:
 --   rec <kind> <bytes>           (1 key)   append a NoticeView(attempts=[...]) to the parcel's a:<kind>
 --   sent                         (1 key)   the idempotency key is done: never send it again
@@ -117,7 +120,7 @@ while a <= #ops do
     local parcel = KEYS[k]
     if current(parcel, ops[a + 1], ops[a + 2]) then
       redis.call('HSET', parcel, 'n:' .. ops[a + 1], ops[a + 5])
-      redis.call('ZADD', KEYS[2], ops[a + 4], ops[a + 3])
+      due_add(KEYS[2], ops[a + 4], ops[a + 3])
     else
       dropped = dropped + 1
     end
@@ -161,4 +164,5 @@ if #acked > 0 then
   ack_all(acked)
   trim_settled(KEYS[1])
 end
+publish_wake(ARGV[7])
 return dropped

@@ -1,23 +1,32 @@
 """The scheduler's wake-up channel against a real Redis: a notice planned due now by ingest (in any
-process) wakes a sleeping dispatcher at once; many wake-ups cost one claim round; the channel
-outlives a Redis restart."""
+process) wakes a sleeping dispatcher at once, and so does every other writer of a due set (the
+gateway's reschedule, a dead-letter replay, an alert check timer, a timer another dispatcher hands
+back); many wake-ups cost one claim round; the channel outlives a Redis restart."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from relais.v1 import tracking_pb2, types_pb2
+from relais.v1 import alerts_pb2, tracking_pb2, types_pb2
 
 from common import keys
 from common.clock import ManualClock
 from common.redis_client import connect
 from common.redis_server import EmbeddedRedis, free_port
-from engine.scheduler import Dispatcher
+from engine.alert_rules import Evaluation, Finding
+from engine.alert_store import CHECK_TIMER, AlertStore
+from engine.scheduler import Dispatcher, TimerHandler, timer_member
+from gateway.dlq import replay
+from gateway.scripts import LuaScript
+from gateway.settle import Settlement
+from tests.alerts.support import parcel_facts
+from tests.gateway.support import make_notice
 
 from ..conftest import T0_MS
 from .core_support import SETTINGS, engine_for, event, registration
@@ -27,12 +36,16 @@ from .test_scheduler import command_calls, schedule
 SHARDS = SETTINGS.shards
 
 
-@pytest.fixture
-async def sleeping(redis_url: str, clock: ManualClock) -> AsyncIterator[Dispatcher]:
-    """A dispatcher on its own connections, as in another worker, that nothing but the wake-up
-    channel would wake within the test (its idle limit is 30 s)."""
+@contextlib.asynccontextmanager
+async def running(
+    redis_url: str, clock: ManualClock, timers: dict[str, TimerHandler] | None = None
+) -> AsyncIterator[Dispatcher]:
+    """A dispatcher running on its own connections, as in another worker, that nothing but the
+    wake-up channel would wake within the test (its idle limit is 30 s); stopped on the way out."""
     own = connect(redis_url)
     dispatcher = Dispatcher(own, clock, SHARDS, max_idle_s=30.0)
+    for name, handler in (timers or {}).items():
+        dispatcher.register_timer(name, handler)
     stop = asyncio.Event()
     task = asyncio.create_task(dispatcher.run(stop))
     await asyncio.sleep(0.1)  # claimed once, subscribed, now asleep
@@ -43,6 +56,12 @@ async def sleeping(redis_url: str, clock: ManualClock) -> AsyncIterator[Dispatch
         async with asyncio.timeout(5):
             await task
         await own.aclose()
+
+
+@pytest.fixture
+async def sleeping(redis_url: str, clock: ManualClock) -> AsyncIterator[Dispatcher]:
+    async with running(redis_url, clock) as dispatcher:
+        yield dispatcher
 
 
 async def test_a_notice_ingest_plans_due_now_wakes_a_sleeping_dispatcher(
@@ -148,3 +167,126 @@ async def test_the_wake_up_channel_outlives_a_redis_restart(clock: ManualClock) 
             await task
         await client.aclose()
         server.stop()
+
+
+async def _in_outbox_within(redis: Redis, parcel_id: str, limit_s: float) -> None:
+    begun = time.monotonic()
+    assert await redis.xread({keys.outbox(keys.shard_of(parcel_id, SHARDS)): "0"}, block=5000)
+    assert time.monotonic() - begun < limit_s  # was up to the dispatcher's 30 s idle limit
+
+
+async def _pending_notice(redis: Redis, parcel_id: str, version: int = 1) -> None:
+    """A notice as the engine leaves it while its gateway tries: body and version in its parcel hash."""
+    notice = make_notice(parcel_id, version=version)
+    await redis.hset(  # type: ignore[misc]
+        keys.parcel(notice.shard, parcel_id),
+        mapping={"n:SHIPPED": notice.SerializeToString(), "nv:SHIPPED": version},
+    )
+
+
+async def test_a_notice_the_gateway_reschedules_due_now_wakes_a_sleeping_dispatcher(
+    redis: Redis, clock: ManualClock, sleeping: Dispatcher
+) -> None:
+    await _pending_notice(redis, "G-1")
+    settlement = Settlement(LuaScript(redis, "settle"), group=keys.OUTBOX_GROUP, retention_ms=1, now_ms=T0_MS)
+    settlement.reschedule(keys.shard_of("G-1", SHARDS), make_notice("G-1"), T0_MS)
+    await settlement.execute(redis, load_scripts=True)
+    await _in_outbox_within(redis, "G-1", 0.5)
+
+
+async def test_a_reschedule_publishes_the_earliest_time_it_wrote_and_nothing_when_superseded(
+    redis: Redis,
+) -> None:
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.SCHEDULER_WAKE_CHANNEL)
+    try:
+        await _pending_notice(redis, "R-1")
+        await _pending_notice(redis, "R-2", version=2)  # the engine planned it again meanwhile
+        settlement = Settlement(
+            LuaScript(redis, "settle"), group=keys.OUTBOX_GROUP, retention_ms=1, now_ms=T0_MS
+        )
+        settlement.reschedule(keys.shard_of("R-1", SHARDS), make_notice("R-1"), T0_MS + 5_000)
+        settlement.reschedule(keys.shard_of("R-2", SHARDS), make_notice("R-2"), T0_MS)  # superseded
+        assert await settlement.execute(redis, load_scripts=True) == 1
+        assert [m async for m in _messages(pubsub)] == [b"%d" % (T0_MS + 5_000)]
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_a_dead_letter_replay_wakes_a_sleeping_dispatcher(
+    redis: Redis, clock: ManualClock, sleeping: Dispatcher
+) -> None:
+    await _pending_notice(redis, "D-1")
+    notice = make_notice("D-1")
+    entry = {"n": notice.SerializeToString(), "reason": "out of retries", "at": 0}
+    await redis.xadd(keys.dead_letters(notice.shard), entry)  # type: ignore[arg-type]
+    assert (await replay(redis, SHARDS, clock)).replayed == 1
+    await _in_outbox_within(redis, "D-1", 0.5)
+
+
+async def test_an_alert_check_timer_due_now_wakes_a_sleeping_dispatcher(
+    redis_url: str, redis: Redis, clock: ManualClock
+) -> None:
+    checked = asyncio.Event()
+
+    async def check(shard: int, parcel_id: str, name: str) -> None:
+        checked.set()
+
+    store = AlertStore(redis, shards=SHARDS, retention_ms=86_400_000)
+    async with running(redis_url, clock, {CHECK_TIMER: check}):
+        begun = time.monotonic()
+        await store.apply([(parcel_facts("A-1"), Evaluation((), frozenset(), T0_MS))], T0_MS)
+        async with asyncio.timeout(5):
+            await checked.wait()
+        assert time.monotonic() - begun < 0.5
+
+
+async def test_an_alerts_write_publishes_the_check_timer_it_wrote_and_nothing_else(redis: Redis) -> None:
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.SCHEDULER_WAKE_CHANNEL)
+    try:
+        store = AlertStore(redis, shards=SHARDS, retention_ms=86_400_000)
+        returned = Finding(alerts_pb2.ALERT_KIND_RETURNED, "returning to sender")
+        # An alert opened, its index entries added (scores 0), no check timer: nothing to wake for.
+        await store.apply([(parcel_facts("A-2"), Evaluation((returned,), frozenset(), None))], T0_MS)
+        assert [m async for m in _messages(pubsub)] == []
+        later = Evaluation((), frozenset(), T0_MS + 60_000)
+        await store.apply([(parcel_facts("A-3"), later), (parcel_facts("A-4"), later)], T0_MS)
+        published = [m async for m in _messages(pubsub)]
+        assert published  # one per shard written
+        assert set(published) == {b"%d" % (T0_MS + 60_000)}
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_a_timer_a_stopping_dispatcher_hands_back_wakes_another(
+    redis_url: str, redis: Redis, clock: ManualClock
+) -> None:
+    started = asyncio.Event()
+    taken_over = asyncio.Event()
+
+    async def hangs(shard: int, parcel_id: str, name: str) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    async def check(shard: int, parcel_id: str, name: str) -> None:
+        taken_over.set()
+
+    member = timer_member("H-1", CHECK_TIMER)
+    async with running(redis_url, clock, {CHECK_TIMER: check}):
+        stopping = Dispatcher(redis, clock, SHARDS, max_idle_s=30.0)
+        stopping.register_timer(CHECK_TIMER, hangs)
+        stop = asyncio.Event()
+        task = asyncio.create_task(stopping.run(stop))
+        # Leased by the one whose handler hangs: the other sleeps until the lease ends (20 s).
+        await redis.zadd(keys.due(keys.shard_of("H-1", SHARDS)), {member: T0_MS})
+        stopping.wake()
+        async with asyncio.timeout(5):
+            await started.wait()
+        stop.set()
+        async with asyncio.timeout(5):
+            await task  # handed back due now
+        begun = time.monotonic()
+        async with asyncio.timeout(5):
+            await taken_over.wait()
+        assert time.monotonic() - begun < 0.5

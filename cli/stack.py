@@ -23,8 +23,7 @@ from common.settings import Settings
 from common.telemetry import Telemetry, watch_outbox_depth
 from engine.alert_digest import DigestSender, default_sinks
 from engine.alert_rules import load_alert_config
-from engine.app import Engine
-from engine.scheduler import Dispatcher
+from engine.app import Engine, build_dispatcher
 from engine.stats import StatsMetrics, StatsReader
 from gateway.worker import run_configured_gateway
 
@@ -85,9 +84,7 @@ async def engine_loops(
 ) -> AsyncIterator[None]:
     """Start the loops; on exit ask them to stop and wait for them."""
     stop = asyncio.Event()
-    dispatcher = Dispatcher(redis, clock, settings.shards, tracer=telemetry.tracer)
-    for name, handler in engine.timers.items():
-        dispatcher.register_timer(name, handler)
+    dispatcher = build_dispatcher(settings, redis, clock, engine.timers, telemetry.tracer)
     http = httpx.AsyncClient(timeout=settings.alerts.send_timeout_s)
     digests = DigestSender(
         redis,

@@ -277,6 +277,38 @@ class EngineSettings:
         )
 
 
+# --- engine: the scheduler --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """The scheduler's dispatcher (``engine.scheduler.Dispatcher``), from ``RELAIS_SCHEDULER_*``
+    variables; its constructor's defaults are these."""
+
+    # The longest the dispatcher sleeps without a wake-up: every writer of a due set wakes it for a
+    # notice due earlier, so this only bounds how late it sees what was scheduled while a wake-up was
+    # lost (the channel reconnecting).
+    max_idle_s: float = 1.0
+    # Timer handlers (the alert checks) run at once; a dispatcher holds 32 times as many due timers,
+    # the others wait in the due set.
+    timer_concurrency: int = 32
+    # How long a timer handler may run, waiting for a slot included; its timer is leased for twice as
+    # long, after which another dispatcher (or this one, restarted) runs it again.
+    timer_timeout_s: float = 10.0
+    # When a timer whose handler failed (or that has no handler here) is tried again.
+    timer_retry_ms: int = 30_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SchedulerSettings:
+        p = "RELAIS_SCHEDULER_"
+        return cls(
+            max_idle_s=_float(env, p + "MAX_IDLE_S", cls.max_idle_s, low=0.01, high=3600.0),
+            timer_concurrency=_int(env, p + "TIMER_CONCURRENCY", cls.timer_concurrency, low=1, high=4096),
+            timer_timeout_s=_float(env, p + "TIMER_TIMEOUT_S", cls.timer_timeout_s, low=0.01, high=3600.0),
+            timer_retry_ms=_int(env, p + "TIMER_RETRY_MS", cls.timer_retry_ms, low=1, high=86_400_000),
+        )
+
+
 # --- alerts -----------------------------------------------------------------------------------------
 
 SMTP_TLS_MODES = ("opportunistic", "starttls", "implicit", "none")
@@ -483,6 +515,8 @@ class Settings:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     # The engine: notice planning rules and the stream window.
     engine: EngineSettings = field(default_factory=EngineSettings)
+    # The scheduler: its idle limit and its timers' handlers.
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
     # TLS, API keys and quotas of the gRPC listener.
     security: SecuritySettings = field(default_factory=SecuritySettings)
@@ -529,4 +563,5 @@ class Settings:
             security=SecuritySettings.from_env(env),
             telemetry=TelemetrySettings.from_env(env),
             engine=EngineSettings.from_env(env),
+            scheduler=SchedulerSettings.from_env(env),
         )

@@ -25,6 +25,7 @@ from engine.ingest import Ingestor
 from engine.parcel_service import ParcelServicer, add_parcel_service
 from engine.preference_service import PreferenceServicer, add_preference_service
 from engine.replan import Replanner
+from engine.scheduler import Dispatcher, TimerHandler
 from engine.state import ParcelStore
 from engine.stats import StatsReader
 from engine.stream_balance import StreamRelay
@@ -42,7 +43,7 @@ class Engine:
     # Opens and resolves alerts after every parcel update and on its check timers.
     alerts: AlertMonitor
     # Timer handlers ``(shard, parcel_id, name)`` by name, for ``Dispatcher.register_timer``.
-    timers: Mapping[str, Callable[[int, str, str], Awaitable[None]]]
+    timers: Mapping[str, TimerHandler]
     # ``start_server(register=...)``: one callable per relais service.
     register: tuple[Callable[[grpc.aio.Server], None], ...]
 
@@ -95,3 +96,28 @@ def build_engine(
         timers={CHECK_TIMER: alerts.on_timer},
         register=register,
     )
+
+
+def build_dispatcher(
+    settings: Settings,
+    redis: Redis,
+    clock: Clock,
+    timers: Mapping[str, TimerHandler],
+    tracer: Tracer | None = None,
+) -> Dispatcher:
+    """The scheduler's dispatcher over every shard, as the ``RELAIS_SCHEDULER_*`` settings say, with
+    ``timers`` (the engine's ``Engine.timers``) registered."""
+    scheduler = settings.scheduler
+    dispatcher = Dispatcher(
+        redis,
+        clock,
+        settings.shards,
+        max_idle_s=scheduler.max_idle_s,
+        timer_retry_ms=scheduler.timer_retry_ms,
+        timer_concurrency=scheduler.timer_concurrency,
+        timer_timeout_s=scheduler.timer_timeout_s,
+        tracer=tracer,
+    )
+    for name, handler in timers.items():
+        dispatcher.register_timer(name, handler)
+    return dispatcher

@@ -52,6 +52,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from common import keys
 from common.clock import Clock
 from common.redis_client import register
+from common.settings import SchedulerSettings
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,9 @@ class Dispatcher:
     """Claims due notices of ``shards`` (a count, or the shard numbers this dispatcher serves).
 
     ``batch_size`` is the most a shard hands out per script call: a claim round moves up to
-    ``batch_size * len(shards)`` notices in one round trip.
+    ``batch_size * len(shards)`` notices in one round trip. The idle limit and the timer parameters
+    default to ``SchedulerSettings`` (``RELAIS_SCHEDULER_*``); ``engine.app.build_dispatcher`` builds
+    one from the settings.
     """
 
     def __init__(
@@ -131,11 +134,11 @@ class Dispatcher:
         shards: int | Sequence[int],
         *,
         batch_size: int = 1000,
-        max_idle_s: float = 1.0,
+        max_idle_s: float = SchedulerSettings.max_idle_s,
         max_backoff_s: float = 5.0,
-        timer_retry_ms: int = 30_000,
-        timer_concurrency: int = 32,
-        timer_timeout_s: float = 10.0,
+        timer_retry_ms: int = SchedulerSettings.timer_retry_ms,
+        timer_concurrency: int = SchedulerSettings.timer_concurrency,
+        timer_timeout_s: float = SchedulerSettings.timer_timeout_s,
         tracer: Tracer | None = None,
     ) -> None:
         # Lua's unpack-free claim has no stack limit, but a batch this size already blocks Redis

@@ -26,8 +26,7 @@ from common.collector import ENGINE_YOUNG_THRESHOLD, tune_collector
 from common.redis_client import connect
 from common.settings import Settings
 from common.telemetry import noop_telemetry
-from engine.app import build_engine
-from engine.scheduler import Dispatcher
+from engine.app import build_dispatcher, build_engine
 from engine.server import start_server
 from engine.stream_balance import WorkerPeers, peers_directory
 
@@ -52,9 +51,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     dispatch = None
     if scheduler and index == 0:
-        dispatcher = Dispatcher(redis, clock, settings.shards)
-        for name, handler in engine.timers.items():
-            dispatcher.register_timer(name, handler)
+        dispatcher = build_dispatcher(settings, redis, clock, engine.timers)
         dispatch = asyncio.create_task(dispatcher.run(stop))
     try:
         await stop.wait()

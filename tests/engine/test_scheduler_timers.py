@@ -150,16 +150,22 @@ async def test_a_handler_past_its_timeout_is_cancelled_and_its_timer_left_to_the
     assert await redis.zscore(keys.due(shard), member) == T0_MS + 200  # its lease: twice the timeout
 
 
+class PeakCheck:
+    """A timer handler that takes ``pause_s`` and counts the most of its calls running at once."""
+
+    def __init__(self, pause_s: float) -> None:
+        self.pause_s = pause_s
+        self.running = self.peak = 0
+
+    async def __call__(self, shard: int, parcel_id: str, name: str) -> None:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        await asyncio.sleep(self.pause_s)
+        self.running -= 1
+
+
 async def test_timers_run_bounded_and_those_beyond_wait_in_redis(redis: Redis, clock: ManualClock) -> None:
-    running = peak = 0
-
-    async def check(shard: int, parcel_id: str, name: str) -> None:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0.001)
-        running -= 1
-
+    check = PeakCheck(0.001)
     dispatcher = Dispatcher(redis, clock, [0], timer_concurrency=1)
     dispatcher.register_timer("ALERTS", check)
     held = 1 * HELD_PER_SLOT
@@ -169,7 +175,7 @@ async def test_timers_run_bounded_and_those_beyond_wait_in_redis(redis: Redis, c
 
     stats = await dispatcher.claim_once()
 
-    assert (stats.claimed, stats.timers, stats.timers_deferred, peak) == (1, held, 5, 1)
+    assert (stats.claimed, stats.timers, stats.timers_deferred, check.peak) == (1, held, 5, 1)
     # The ones beyond (the last in due order: same score, so by name) are tried again a little
     # later, not lost; the others are settled.
     members = sorted(timer_member(p, "ALERTS").encode() for p in parcels)

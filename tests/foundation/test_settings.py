@@ -30,11 +30,30 @@ def test_defaults_listen_on_loopback() -> None:
         ({"RELAIS_GATEWAY_LINK_BASE": "http://track.example"}, "RELAIS_GATEWAY_LINK_BASE"),
         ({"RELAIS_GATEWAY_TEMPLATES_DIR": "/nonexistent/templates"}, "RELAIS_GATEWAY_TEMPLATES_DIR"),
         ({"RELAIS_GATEWAY_SEND_TIMEOUT_S": "0.5"}, "RELAIS_GATEWAY_SEND_TIMEOUT_S"),
+        ({"RELAIS_SCHEDULER_MAX_IDLE_S": "0"}, "RELAIS_SCHEDULER_MAX_IDLE_S"),
+        ({"RELAIS_SCHEDULER_MAX_IDLE_S": "soon"}, "RELAIS_SCHEDULER_MAX_IDLE_S"),
+        ({"RELAIS_SCHEDULER_TIMER_CONCURRENCY": "0"}, "RELAIS_SCHEDULER_TIMER_CONCURRENCY"),
+        ({"RELAIS_SCHEDULER_TIMER_CONCURRENCY": "2.5"}, "RELAIS_SCHEDULER_TIMER_CONCURRENCY"),
+        ({"RELAIS_SCHEDULER_TIMER_TIMEOUT_S": "-1"}, "RELAIS_SCHEDULER_TIMER_TIMEOUT_S"),
+        ({"RELAIS_SCHEDULER_TIMER_RETRY_MS": "0"}, "RELAIS_SCHEDULER_TIMER_RETRY_MS"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         Settings.from_env(env)
+
+
+def test_scheduler_settings_are_read_from_their_variables() -> None:
+    scheduler = Settings.from_env(
+        {
+            "RELAIS_SCHEDULER_MAX_IDLE_S": "5",
+            "RELAIS_SCHEDULER_TIMER_CONCURRENCY": "8",
+            "RELAIS_SCHEDULER_TIMER_TIMEOUT_S": "2.5",
+            "RELAIS_SCHEDULER_TIMER_RETRY_MS": "60000",
+        }
+    ).scheduler
+    assert (scheduler.max_idle_s, scheduler.timer_concurrency) == (5.0, 8)
+    assert (scheduler.timer_timeout_s, scheduler.timer_retry_ms) == (2.5, 60_000)
 
 
 def test_channel_options_are_grouped_by_channel() -> None:

@@ -427,7 +427,12 @@ class Slot(_message.Message):
     WINDOW_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """Incremented each time the carrier moves the window; the first announced window is version 1."""
+    """Incremented each time the carrier moves the window; the first announced window is version 1.
+    It counts the changes of the current window in the order the engine learned of them: a window
+    arriving after one scanned later never becomes current, is never announced and is not counted.
+    So the same events in another arrival order can end on another version, while a replay of the
+    same stream ends on the same one (notice ids and idempotency keys rely on that).
+    """
     @_builtins.property
     def window(self) -> Global___TimeWindow:
         """The delivery window."""

@@ -43,7 +43,7 @@ from channels.base import (
 from common import keys
 from common.clock import Clock, stamp_ms
 from common.collector import GATEWAY_YOUNG_THRESHOLD, tune_collector
-from common.keys import channel_name
+from common.keys import channel_name, kind_name
 from common.quiet_hours import allowed_send_ms, is_quiet
 from common.redis_client import default_consumer_name
 from common.settings import GatewaySettings, Settings
@@ -155,8 +155,8 @@ class _Item:
     merchant_id: str
     recipient_id: str
     prefs: preferences_pb2.RecipientPreferences | None = None
-    # Its parcel was delivered or returned since (read for late slot notices only).
-    finished: bool = False
+    # Why its parcel has moved on since, if it has (read for late slot notices only).
+    moved_on: str = ""
 
 
 @dataclass(slots=True)
@@ -203,6 +203,23 @@ def _expired(notice: notice_pb2.Notice, kind: types_pb2.NoticeKind.ValueType, no
     if kind in PICKUP_KINDS:
         return notice.HasField("deadline") and stamp_ms(notice.deadline) <= now_ms
     return False
+
+
+def _moved_on(notice: notice_pb2.Notice, state: state_pb2.ParcelState) -> str:
+    """Why a late slot notice no longer tells the truth about its parcel, or "" if it still does.
+
+    The engine takes a notice the scheduler handed over as told: if the slot moves while its send is
+    being retried, it plans a correction (or, for a corrected recipient, a new announcement) under a
+    newer version instead of replacing it. The retry must not then arrive after that newer notice
+    with the old slot. A newer slot version with no newer notice (a move under the correction
+    threshold) leaves it true enough to send."""
+    if state.status in FINISHED:
+        return "the parcel was delivered or returned meanwhile"
+    version = notice.version
+    for mark in state.notices:
+        if mark.kind in SLOT_KINDS and mark.version > version:
+            return f"superseded by the {kind_name(mark.kind)} notice of slot version {mark.version}"
+    return ""
 
 
 def _quiet_window(prefs: preferences_pb2.RecipientPreferences) -> tuple[int, int] | None:
@@ -458,7 +475,8 @@ class Gateway:
         for item in items:
             item.prefs = prefs[item.recipient_id]
         for item, raw in zip(late, replies[loads + len(budget_keys) :], strict=True):
-            item.finished = raw is not None and state_pb2.ParcelState.FromString(raw).status in FINISHED
+            if raw is not None:
+                item.moved_on = _moved_on(item.notice, state_pb2.ParcelState.FromString(raw))
         spent = replies[loads : loads + len(budget_keys)]
         return {key: int(value or 0) for key, value in zip(budget_keys, spent, strict=True)}
 
@@ -481,10 +499,8 @@ class Gateway:
             )
             stats.expired += 1
             return None
-        if item.finished:
-            self._give_up(
-                item, CANCELLED, "the parcel was delivered or returned meanwhile", now_ms, settlement
-            )
+        if item.moved_on:
+            self._give_up(item, CANCELLED, item.moved_on, now_ms, settlement)
             stats.expired += 1
             return None
         if prefs is None:

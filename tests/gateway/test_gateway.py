@@ -158,6 +158,53 @@ async def test_a_slot_retry_after_the_parcel_was_delivered_is_not_sent(
     assert "delivered" in attempt.error
 
 
+async def test_a_slot_retry_superseded_by_a_newer_slot_notice_is_not_sent(
+    redis: Redis, clock: ManualClock
+) -> None:
+    """The engine takes a handed-over notice as told: a slot moved while its send was retried gets
+    a correction (a corrected recipient, a new announcement) under a newer version, and the retry
+    must not follow it with the old slot. A move too small for a correction leaves it to send."""
+    chans = channels()
+    gateway = await started(redis, clock, chans)
+    await put_prefs(redis, prefs(email="k@example.ch"))
+    slot = (T0_MS + HOUR_MS, T0_MS + 3 * HOUR_MS)
+    announced, corrected = types_pb2.NOTICE_KIND_SLOT_ANNOUNCED, types_pb2.NOTICE_KIND_SLOT_CORRECTED
+    cases = {
+        # parcel: (the retried notice's kind and version, the marks the engine has planned since)
+        "p-50": (announced, 1, [(announced, 1), (corrected, 2)]),  # moved: a correction
+        "p-51": (announced, 1, [(announced, 2)]),  # recipient corrected: announced again
+        "p-52": (announced, 1, [(announced, 1)]),  # moved under the threshold (slot version 2)
+        "p-53": (corrected, 2, [(announced, 1), (corrected, 2)]),  # the newest itself
+    }
+    for parcel_id, (kind, version, marks) in cases.items():
+        previous = slot if kind == corrected else None
+        notice = make_notice(parcel_id, kind, version=version, slot_ms=slot, previous_slot_ms=previous)
+        notice.attempt = 1  # a retry
+        state = state_pb2.ParcelState(
+            status=types_pb2.TRACKING_STATUS_OUT_FOR_DELIVERY,
+            slot=types_pb2.Slot(version=2),
+            notices=[state_pb2.NoticeMark(kind=k, version=v) for k, v in marks],
+        )
+        key = keys.parcel(notice.shard, parcel_id)
+        await hset(redis, key, keys.PARCEL_STATE_FIELD, state.SerializeToString())
+        await queue_notice(redis, notice)
+
+    stats = await gateway.run_once()
+
+    assert (stats.sent, stats.expired) == (2, 2)
+    assert sorted(m.idempotency_key for m in chans["email"].sent) == [
+        "p-52:SLOT_ANNOUNCED:1:email",
+        "p-53:SLOT_CORRECTED:2:email",
+    ]
+    for parcel_id, newer in (
+        ("p-50", "SLOT_CORRECTED notice of slot version 2"),
+        ("p-51", "SLOT_ANNOUNCED notice of slot version 2"),
+    ):
+        (attempt,) = await attempts(redis, make_notice(parcel_id, announced))
+        assert attempt.status == notice_pb2.NOTICE_STATUS_CANCELLED
+        assert attempt.error == f"superseded by the {newer}"
+
+
 async def test_dead_push_token_falls_back_to_email_and_leaves_prefs(redis: Redis, clock: ManualClock) -> None:
     chans = channels()
     chans["fcm"].script(FcmToken("dead"), *[PermanentFailure("UNREGISTERED", destination_invalid=True)] * 2)

@@ -84,7 +84,8 @@ NOT_ATTEMPTED = TransientFailure("not attempted: the provider was slow")
 # retry's is. Not sooner: the check reads and parses the parcel's state, and a backlog of minutes is
 # when the gateway can least afford it (gateway bench: +50 % CPU per notice at a one-minute mark).
 LATE_MS = 15 * 60_000
-# Tracking statuses after which nothing about a slot goes out (DESIGN.md).
+# Tracking statuses after which only the news of the end goes out: nothing about a slot, a pickup, a
+# failed attempt, an address or a delay (DESIGN.md).
 FINISHED = frozenset(
     {
         types_pb2.TRACKING_STATUS_DELIVERED,
@@ -94,6 +95,8 @@ FINISHED = frozenset(
     }
 )
 PICKUP_KINDS = frozenset({types_pb2.NOTICE_KIND_AVAILABLE_FOR_PICKUP, types_pb2.NOTICE_KIND_PICKUP_REMINDER})
+# The notices a finished parcel still sends: the news of its end itself.
+END_KINDS = frozenset({types_pb2.NOTICE_KIND_DELIVERED, types_pb2.NOTICE_KIND_RETURNED})
 
 
 class Renderer(Protocol):
@@ -155,7 +158,7 @@ class _Item:
     merchant_id: str
     recipient_id: str
     prefs: preferences_pb2.RecipientPreferences | None = None
-    # Why its parcel has moved on since, if it has (read for late slot notices only).
+    # Why its parcel has moved on since, if it has (read for late notices only).
     moved_on: str = ""
 
 
@@ -206,19 +209,21 @@ def _expired(notice: notice_pb2.Notice, kind: types_pb2.NoticeKind.ValueType, no
 
 
 def _moved_on(notice: notice_pb2.Notice, state: state_pb2.ParcelState) -> str:
-    """Why a late slot notice no longer tells the truth about its parcel, or "" if it still does.
+    """Why a late notice no longer tells the truth about its parcel, or "" if it still does.
 
-    The engine takes a notice the scheduler handed over as told: if the slot moves while its send is
-    being retried, it plans a correction (or, for a corrected recipient, a new announcement) under a
-    newer version instead of replacing it. The retry must not then arrive after that newer notice
-    with the old slot. A newer slot version with no newer notice (a move under the correction
-    threshold) leaves it true enough to send."""
+    The engine withdraws what is still due when the parcel is delivered, and takes a notice the
+    scheduler handed over as told: if the slot moves while its send is being retried, it plans a
+    correction (or, for a corrected recipient, a new announcement) under a newer version instead of
+    replacing it. The retry must not then arrive after that newer notice with the old slot. A newer
+    slot version with no newer notice (a move under the correction threshold) leaves it true enough
+    to send."""
     if state.status in FINISHED:
         return "the parcel was delivered or returned meanwhile"
-    version = notice.version
-    for mark in state.notices:
-        if mark.kind in SLOT_KINDS and mark.version > version:
-            return f"superseded by the {kind_name(mark.kind)} notice of slot version {mark.version}"
+    if notice.kind in SLOT_KINDS:
+        version = notice.version
+        for mark in state.notices:
+            if mark.kind in SLOT_KINDS and mark.version > version:
+                return f"superseded by the {kind_name(mark.kind)} notice of slot version {mark.version}"
     return ""
 
 
@@ -460,9 +465,9 @@ class Gateway:
         budget_keys = [
             self._sms_budget_key(merchant_id, now_ms) for merchant_id in {i.merchant_id for i in items}
         ]
-        # Slot notices that went out late (a retry, a backlog) may find their parcel delivered: the
-        # engine cancels what is still due, not what it already handed over.
-        late = [item for item in items if item.kind in SLOT_KINDS and _late(item.notice, now_ms)]
+        # Notices that went out late (a retry, a backlog) may find their parcel delivered or their slot
+        # corrected: the engine cancels or replaces what is still due, not what it handed over.
+        late = [item for item in items if item.kind not in END_KINDS and _late(item.notice, now_ms)]
         pipe = self._redis.pipeline(transaction=False)
         ordered = recipients.queue_load(pipe, recipient_ids, self._shards)
         for budget_key in budget_keys:

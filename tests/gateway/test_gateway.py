@@ -129,20 +129,28 @@ async def test_a_slot_over_or_a_pickup_deadline_passed_is_not_sent(redis: Redis,
     assert await outbox_left(redis) == 0
 
 
-async def test_a_slot_retry_after_the_parcel_was_delivered_is_not_sent(
+async def test_a_retry_after_the_parcel_was_delivered_tells_only_the_delivery(
     redis: Redis, clock: ManualClock
 ) -> None:
     """The engine cancels what is still due; a retry it handed over before delivery is the gateway's
-    to drop: nothing about a slot goes out after delivery (DESIGN.md)."""
+    to drop: nothing about a slot or a pickup goes out after delivery (DESIGN.md), only the news of
+    the delivery itself."""
     chans = channels()
     gateway = await started(redis, clock, chans)
     await put_prefs(redis, prefs(email="k@example.ch"))
     slot = (T0_MS + HOUR_MS, T0_MS + 3 * HOUR_MS)
     delivered = make_notice("p-40", types_pb2.NOTICE_KIND_SLOT_ANNOUNCED, slot_ms=slot)
     on_the_van = make_notice("p-41", types_pb2.NOTICE_KIND_SLOT_ANNOUNCED, slot_ms=slot)
+    picked_up = make_notice(
+        "p-42", types_pb2.NOTICE_KIND_AVAILABLE_FOR_PICKUP, deadline_ms=T0_MS + 48 * HOUR_MS
+    )
+    picked_up.pickup_point.id = "PP-1"
+    delivery = make_notice("p-43", types_pb2.NOTICE_KIND_DELIVERED)
     for notice, status in (
         (delivered, types_pb2.TRACKING_STATUS_DELIVERED),
         (on_the_van, types_pb2.TRACKING_STATUS_OUT_FOR_DELIVERY),
+        (picked_up, types_pb2.TRACKING_STATUS_DELIVERED),
+        (delivery, types_pb2.TRACKING_STATUS_DELIVERED),
     ):
         notice.attempt = 1  # a retry
         state = state_pb2.ParcelState(status=status).SerializeToString()
@@ -151,11 +159,15 @@ async def test_a_slot_retry_after_the_parcel_was_delivered_is_not_sent(
 
     stats = await gateway.run_once()
 
-    assert (stats.sent, stats.expired) == (1, 1)
-    assert [m.idempotency_key for m in chans["email"].sent] == ["p-41:SLOT_ANNOUNCED:1:email"]
-    (attempt,) = await attempts(redis, delivered)
-    assert attempt.status == notice_pb2.NOTICE_STATUS_CANCELLED
-    assert "delivered" in attempt.error
+    assert (stats.sent, stats.expired) == (2, 2)
+    assert sorted(m.idempotency_key for m in chans["email"].sent) == [
+        "p-41:SLOT_ANNOUNCED:1:email",
+        "p-43:DELIVERED:1:email",
+    ]
+    for notice in (delivered, picked_up):
+        (attempt,) = await attempts(redis, notice)
+        assert attempt.status == notice_pb2.NOTICE_STATUS_CANCELLED
+        assert attempt.error == "the parcel was delivered or returned meanwhile"
 
 
 async def test_a_slot_retry_superseded_by_a_newer_slot_notice_is_not_sent(

@@ -17,7 +17,8 @@
 --   sent                         (1 key)   the idempotency key is done: never send it again
 --   free                         (1 key)   release a "sending" claim that did not send (limited, quiet)
 --   resched <kind> <version> <member> <due ms> <body>   (1 key)
---                                          if the notice is still this version: new body, back in due
+--                                          if the notice is still this version: new body, a new parcel
+--                                          version ('v'), back in due
 --   dlq <kind> <version> <body> <reason>   (1 key)   park it in the dead-letter stream (same check)
 --   dlqdel <entry id>                      remove a replayed entry from the dead-letter stream
 --   incr <field> <amount>        (1 key)   HINCRBY a merchant's counter hash (counters of the shard)
@@ -120,6 +121,9 @@ while a <= #ops do
     local parcel = KEYS[k]
     if current(parcel, ops[a + 1], ops[a + 2]) then
       redis.call('HSET', parcel, 'n:' .. ops[a + 1], ops[a + 5])
+      -- A new parcel version: an engine re-plan that read the body before this write conflicts and
+      -- reads it again, instead of writing back the attempts and channels it read (engine.state).
+      redis.call('HINCRBY', parcel, 'v', 1)
       due_add(KEYS[2], ops[a + 4], ops[a + 3])
     else
       dropped = dropped + 1

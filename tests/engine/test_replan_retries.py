@@ -9,7 +9,7 @@ same recipient keeps those, or a failing provider would get unlimited attempts."
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import pytest
 from redis.asyncio import Redis
@@ -18,6 +18,7 @@ from relais.v1 import notice_pb2, parcel_pb2, preferences_pb2, tracking_pb2, typ
 from channels.base import EmailAddress, PermanentFailure, TransientFailure, WebPushSubscription
 from common import keys
 from common.clock import ManualClock
+from engine.planner import Audience
 from engine.state import body_field
 from gateway.worker import Gateway
 from tests.conftest import T0_MS
@@ -119,3 +120,41 @@ async def test_a_corrected_recipient_starts_afresh(redis: Redis, clock: ManualCl
     body, due_ms = await shipped(redis)
     assert (body.recipient_id, body.attempt, list(body.failed_channels)) == ("acme/r2", 0, [])
     assert due_ms == body.due_at.ToMilliseconds() == clock.now_ms()
+
+
+async def test_a_retry_written_back_while_a_replan_runs_is_not_overwritten(
+    redis: Redis, clock: ManualClock
+) -> None:
+    """The gateway writes a failed send back between the re-plan's read and its write: the write
+    conflicts and the re-plan reads the body again, rather than writing back the attempt-less body it
+    read first."""
+    engine = engine_for(redis, clock, CONFIG)
+    await put_prefs(redis, prefs())
+    await register(engine, registration("P1", recipient_id=RID))
+    scan = event("e1", "P1", T.TRACKING_STATUS_IN_TRANSIT, T0_MS)
+    await engine.ingestor.apply(tracking_pb2.EventBatch(seq=1, events=[scan]))
+    chans = {name: ScriptedChannel(name) for name in ("email", "sms", "fcm", "webpush")}
+    chans["webpush"].script(WebPushSubscription(ENDPOINT, "", ""), PermanentFailure("403 forbidden"))
+    chans["email"].script(EmailAddress("r1@example.ch"), TransientFailure("451 try later"))
+    gateway = Gateway(CONFIG, redis, clock, chans, consumer="test", rng=random.Random(7))
+    await gateway.start()
+    read_audiences = engine.store.audiences
+    interleaved = 0
+
+    async def gateway_fails_meanwhile(recipient_ids: Iterable[str]) -> dict[str, Audience | None]:
+        # Between the re-plan's read and its write (the first time only): claimed, failed, written back.
+        nonlocal interleaved
+        if not interleaved:
+            interleaved += 1
+            assert await claim_due(redis, clock.now_ms()) == 1
+            assert (await gateway.run_once()).retrying == 1
+        return await read_audiences(recipient_ids)
+
+    engine.store.audiences = gateway_fails_meanwhile  # type: ignore[method-assign]
+    await put_prefs(redis, prefs(time_zone="Europe/Zurich"))
+    await engine.replanner.replan_recipient(RID)
+
+    assert interleaved == 1
+    body, due_ms = await shipped(redis)
+    assert (body.attempt, list(body.failed_channels)) == (1, [T.CHANNEL_PUSH])
+    assert due_ms == body.due_at.ToMilliseconds() > clock.now_ms()

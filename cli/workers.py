@@ -10,7 +10,8 @@ lives in Redis, so any worker answers any call.
 The supervisor only starts, signals and reaps:
 
 - the first SIGTERM or SIGINT is passed on as SIGTERM (each worker drains: health NOT_SERVING, in-flight
-  calls finish within the grace period); a second one is passed on too, and workers stop at once. The
+  calls finish within the grace period); a second one is passed on too, and workers stop at once
+  (from ``engine.server.SAME_STOP_S`` after the first: sooner it is the group's signal again). The
   workers ignore SIGINT themselves: a Ctrl-C reaches the whole process group, and would otherwise count
   as a second signal and cut the drain short;
 - a worker that exits on its own stops the others (a half-dead engine is worse than none: its

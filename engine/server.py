@@ -40,6 +40,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A repeat this soon after the first SIGTERM is the same request to stop, delivered twice: systemd's
+# default stop (KillMode=control-group), `kill -TERM -<pgid>` and `timeout` signal every process of
+# the group, so a worker gets it from the sender and again from its supervisor. Only a later one
+# means "stop now": taken as such, it cut every drain short.
+SAME_STOP_S = 1.0
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -177,17 +183,24 @@ def install_signal_handlers(
     stopped: asyncio.Event,
     signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
 ) -> None:
-    """First SIGTERM/SIGINT drains within the grace period; a second one stops at once. A worker of
-    ``cli.workers`` handles SIGTERM only: its supervisor turns the terminal's SIGINT into SIGTERM."""
+    """First SIGTERM/SIGINT drains within the grace period; a second one, ``SAME_STOP_S`` or more
+    later, stops at once. A worker of ``cli.workers`` handles SIGTERM only: its supervisor turns the
+    terminal's SIGINT into SIGTERM."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
+    first_at: list[float] = []
 
     def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
         if stopped.is_set():
-            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            if loop.time() - first_at[0] < SAME_STOP_S:
+                log.info("%s again: the same request to stop, still draining", name)
+                return
+            log.warning("second %s: stopping now", name)
             tasks.add(loop.create_task(running.stop(0)))
             return
-        log.info("%s: draining for up to %.1fs", signal.Signals(signum).name, running.grace_s)
+        log.info("%s: draining for up to %.1fs", name, running.grace_s)
+        first_at.append(loop.time())
         stopped.set()
         tasks.add(loop.create_task(running.stop()))
 

@@ -22,7 +22,7 @@ from common import keys
 from common.errors import ListenError, SettingsError
 from common.redis_server import free_port
 from common.settings import Settings
-from engine.server import start_server
+from engine.server import SAME_STOP_S, start_server
 from engine.stream_balance import LoadBoard
 from tests.engine.core_support import event, registration
 from tests.foundation.test_relais_run import wait_serving
@@ -204,6 +204,19 @@ async def _open_streams(channel: grpc.aio.Channel, count: int, prefix: str, at_m
     return calls
 
 
+async def _last_batch_acked(calls: list[Any], prefix: str, at_ms: int) -> None:
+    """Each of ``_open_streams``'s calls sends its second and last batch: acked, and the call ends OK."""
+    for n, call in enumerate(calls):
+        await call.write(
+            tracking_pb2.EventBatch(seq=2, events=[event(f"{prefix}-{n}-2", f"{prefix}-{n}", TRANSIT, at_ms)])
+        )
+        await call.done_writing()
+        ack = await call.read()
+        assert isinstance(ack, tracking_pb2.BatchAck)
+        assert (ack.seq, ack.accepted) == (2, 1)
+        assert await call.code() == grpc.StatusCode.OK
+
+
 async def test_streams_on_one_connection_are_applied_by_both_workers(
     engine: tuple[subprocess.Popen[bytes], int], redis: Redis
 ) -> None:
@@ -236,13 +249,42 @@ async def test_sigterm_lets_a_relayed_stream_finish(engine: tuple[subprocess.Pop
         assert [board.load(w) for w in range(WORKERS)] == [1, 1]  # one of them relayed
         proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)  # well inside the 2 s grace
-        for n, call in enumerate(calls):
-            await call.write(
-                tracking_pb2.EventBatch(seq=2, events=[event(f"DRN-{n}-2", f"DRN-{n}", TRANSIT, at_ms)])
-            )
-            await call.done_writing()
-            ack = await call.read()
-            assert isinstance(ack, tracking_pb2.BatchAck)
-            assert (ack.seq, ack.accepted) == (2, 1)
-            assert await call.code() == grpc.StatusCode.OK
+        await _last_batch_acked(calls, "DRN", at_ms)
     assert await asyncio.to_thread(proc.wait, 30) == 0
+
+
+async def test_sigterm_to_the_whole_process_group_still_drains(
+    engine: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    """systemd's default stop (KillMode=control-group), `kill -TERM -<pgid>` or `timeout` signal every
+    process at once: each worker gets SIGTERM from the sender and again from its supervisor. That is
+    one request to stop, not a second "stop now": the streams still get their last batch acked."""
+    proc, port = engine
+    workers = await _all_listening(proc, port)
+    board = await _board(workers)
+    at_ms = time.time_ns() // 1_000_000 - 1000
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        calls = await _open_streams(channel, WORKERS, "GRP", at_ms)
+        assert [board.load(w) for w in range(WORKERS)] == [1, 1]
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)  # well inside the 2 s grace
+        await _last_batch_acked(calls, "GRP", at_ms)
+    assert await asyncio.to_thread(proc.wait, 30) == 0
+
+
+async def test_a_later_second_sigterm_stops_at_once(engine: tuple[subprocess.Popen[bytes], int]) -> None:
+    """A second SIGTERM past ``SAME_STOP_S`` is an operator's "stop now": open streams are cut before
+    the 2 s grace ends."""
+    proc, port = engine
+    await _board(await _all_listening(proc, port))
+    at_ms = time.time_ns() // 1_000_000 - 1000
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        calls = await _open_streams(channel, WORKERS, "NOW", at_ms)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(SAME_STOP_S + 0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 0.6) == 0  # the grace would end 0.6 s later
+        for call in calls:
+            assert await call.code() != grpc.StatusCode.OK

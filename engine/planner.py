@@ -216,17 +216,26 @@ def recipient_changed(state: state_pb2.ParcelState, pending: frozenset[str]) -> 
     for mark in state.notices:
         if mark.status == SCHEDULED and kind_name(mark.kind) not in pending:
             mark.status = QUEUED
-        erased = mark.status == CANCELLED and mark.status_reason == REASON_ERASED
-        if mark.kind in _TOLD_AGAIN and (mark.status == QUEUED or erased):
-            # What the old recipient was told (or was to be told, until their erasure) about the
-            # situation now: planned again (next version) while it still holds, since the new one
-            # must collect the parcel or check the address.
+        if mark.kind in _TOLD_AGAIN and mark.status == QUEUED:
+            # What the old recipient was told about the situation now: planned again (next version)
+            # while it still holds, since the new one must collect the parcel or check the address.
             mark.subject = ""
+    _tell_again_what_erasure_cancelled(state)
     state.ClearField("told_slot")
     if state.HasField("slot"):
         state.slot.version += 1
     # Another person: the old recipient's erasure does not silence the new one.
     state.recipient_erased = False
+
+
+def _tell_again_what_erasure_cancelled(state: state_pb2.ParcelState) -> None:
+    """The notices about a situation that may still hold (``_TOLD_AGAIN``) that an erasure cancelled
+    are planned again (next version) while it holds: for a corrected recipient, or for the same one
+    setting preferences again. News that came during the erasure was never planned, and is told then
+    too: when it came must not decide whether a missed delivery is told."""
+    for mark in state.notices:
+        if mark.kind in _TOLD_AGAIN and mark.status == CANCELLED and mark.status_reason == REASON_ERASED:
+            mark.subject = ""
 
 
 def end_of_day_ms(date: types_pb2.LocalDate, time_zone: str) -> int:
@@ -277,6 +286,7 @@ class _Planner:
             if self.audience is None:
                 return self.result
             state.recipient_erased = False  # they set preferences again
+            _tell_again_what_erasure_cancelled(state)
         status = state.status
         if status == T.TRACKING_STATUS_DELIVERED:
             self._finish(DELIVERED, REASON_DELIVERED)

@@ -7,10 +7,13 @@ in the same order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, Self, runtime_checkable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,19 @@ def configuration_problem(reason: str) -> TransientFailure:
     """The result for a refusal of the channel's configuration. ``reason`` names the problem for the
     operator and, like every reason, nothing personal."""
     return TransientFailure(reason, retry_after_s=CONFIGURATION_RETRY_AFTER_S)
+
+
+async def result_of(channel: str, sending: Awaitable[SendResult]) -> SendResult:
+    """One message's result, also when its send raised what the channel should have turned into a
+    result (a bug, an error nobody foresaw): a ``TransientFailure`` for that message alone. Sent
+    together, the other messages keep their own results, which the exception would otherwise take
+    with it (those that went out would be reported failed and sent again). Only the exception's
+    type is logged and reported: its text may quote the address."""
+    try:
+        return await sending
+    except Exception as exc:
+        log.warning("%s: sending one message raised %s", channel, type(exc).__name__)
+        return TransientFailure(f"{channel}: {type(exc).__name__}")
 
 
 @runtime_checkable

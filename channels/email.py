@@ -44,6 +44,7 @@ from channels.base import (
     SendResult,
     TransientFailure,
     configuration_problem,
+    result_of,
 )
 from channels.email_message import InvalidAddressError, build_email, mailbox
 from channels.options import Options
@@ -212,7 +213,7 @@ class EmailChannel:
         return cls(config_from_options(options))
 
     async def send(self, messages: Sequence[Message]) -> list[SendResult]:
-        return list(await asyncio.gather(*(self._send_one(message) for message in messages)))
+        return list(await asyncio.gather(*(result_of(self.name, self._send_one(m)) for m in messages)))
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []

@@ -318,7 +318,7 @@ class FcmChannel:
         return cls(config_from_options(options))
 
     async def send(self, messages: Sequence[Message]) -> list[SendResult]:
-        return await send_bounded(messages, self._send_one, self.config.max_concurrency)
+        return await send_bounded(self.name, messages, self._send_one, self.config.max_concurrency)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -1,5 +1,6 @@
 """What the HTTP channels (SMS, FCM, Web Push) share: the client, a bounded fan-out, reading
-``Retry-After``, and translating httpx's errors into results at the edge, so none escapes ``send``."""
+``Retry-After``, checking a URL the client is to send to, and translating httpx's errors into results
+at the edge, so none escapes ``send``."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from email.utils import parsedate_to_datetime
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 
-from channels.base import Message, PermanentFailure, SendResult, TransientFailure
+from channels.base import Message, PermanentFailure, SendResult, TransientFailure, result_of
 
 # Upper bound for a provider's Retry-After: a misbehaving header must not park a message for days.
 MAX_RETRY_AFTER_S = 3600.0
@@ -33,16 +35,33 @@ def new_client(
 
 
 async def send_bounded(
-    messages: Sequence[Message], send_one: Callable[[Message], Awaitable[SendResult]], limit: int
+    channel: str,
+    messages: Sequence[Message],
+    send_one: Callable[[Message], Awaitable[SendResult]],
+    limit: int,
 ) -> list[SendResult]:
-    """Send concurrently, at most ``limit`` in flight, results in the messages' order."""
+    """Send concurrently, at most ``limit`` in flight, results in the messages' order. A message
+    whose ``send_one`` raises fails alone (``result_of``): the others' results stand."""
     slots = asyncio.Semaphore(limit)
 
     async def bounded(message: Message) -> SendResult:
         async with slots:
-            return await send_one(message)
+            return await result_of(channel, send_one(message))
 
     return list(await asyncio.gather(*(bounded(message) for message in messages)))
+
+
+def url_parts(url: str) -> SplitResult | None:
+    """``url`` split, or None when the client could not send a request to it: no host, brackets
+    that do not close or hold no IP address, a port that is not a number from 1 to 65535, a host
+    httpx cannot encode (``xn--``, an empty punycode label)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError: not a number, or above 65535
+        host = httpx.URL(url).host  # InvalidURL; idna.IDNAError (a ValueError) for a bad A-label
+    except (ValueError, httpx.InvalidURL):
+        return None
+    return parts if host and port != 0 else None
 
 
 def retry_after_s(response: httpx.Response, *, now_s: Callable[[], float] = time.time) -> float | None:

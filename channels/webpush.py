@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
-from urllib.parse import urlsplit
 
 import http_ece
 import httpx
@@ -37,7 +36,7 @@ from channels.base import (
     SendResult,
     WebPushSubscription,
 )
-from channels.http_common import new_client, send_bounded, status_failure, transport_failure
+from channels.http_common import new_client, send_bounded, status_failure, transport_failure, url_parts
 from channels.jose import b64url, b64url_decode, sign_es256
 from channels.options import Options
 from channels.push_common import MAX_TTL_S, ttl_s, webpush_topic
@@ -118,10 +117,13 @@ class _Target:
 
 
 def _target(subscription: WebPushSubscription) -> _Target | None:
-    """The subscription's parts, or None when it cannot be a working subscription."""
-    parts = urlsplit(subscription.endpoint)
+    """The subscription's parts, or None when it cannot be a working subscription (among others,
+    an endpoint no request can be built for: it is as dead as one the push service answers 410)."""
+    parts = url_parts(subscription.endpoint)
+    if parts is None:
+        return None
     secure = parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS)
-    if not secure or not parts.netloc:
+    if not secure:
         return None
     try:
         point, auth = b64url_decode(subscription.p256dh), b64url_decode(subscription.auth)
@@ -207,7 +209,7 @@ class WebPushChannel:
         return cls(config_from_options(options))
 
     async def send(self, messages: Sequence[Message]) -> list[SendResult]:
-        return await send_bounded(messages, self._send_one, self.config.max_concurrency)
+        return await send_bounded(self.name, messages, self._send_one, self.config.max_concurrency)
 
     async def aclose(self) -> None:
         await self._client.aclose()

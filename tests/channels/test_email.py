@@ -236,6 +236,15 @@ async def test_invalid_destination_fails_without_connecting(smtp: RecordingSmtp)
     assert smtp.connections == 0
 
 
+async def test_a_message_whose_send_raises_fails_alone(smtp: RecordingSmtp) -> None:
+    # A lone surrogate cannot be encoded: an error no branch of the channel expects.
+    results = await send(channel_for(smtp.port), mail("n1:1:email", text="\ud800"), mail("n2:1:email"))
+
+    assert results[0] == TransientFailure("email: UnicodeEncodeError")
+    assert isinstance(results[1], Accepted)
+    assert len(smtp.received) == 1
+
+
 async def test_unreachable_server_is_transient(smtp: RecordingSmtp) -> None:
     port = smtp.port
     await smtp.stop()

@@ -268,6 +268,45 @@ async def test_malformed_or_expired_messages_are_not_sent(service: PushService, 
     assert service.delivered == []
 
 
+# Endpoints that look like URLs but that no request can be built for, or sent to.
+UNUSABLE_ENDPOINTS = [
+    "https://push.example.net:abc/send/1",  # httpx.InvalidURL
+    "https://xn--/send/1",  # idna.IDNAError: an empty punycode label
+    "https://127.0.0.1:99999/send/1",  # OverflowError from connect(), in an ExceptionGroup
+    "https://[::1/push",  # ValueError from urlsplit
+    "https://[push.example]/send/1",
+]
+
+
+@pytest.mark.parametrize("endpoint", UNUSABLE_ENDPOINTS)
+async def test_an_unusable_endpoint_fails_alone_as_a_dead_subscription(
+    service: PushService, make_channel: Make, endpoint: str
+) -> None:
+    good = service.browser.subscription(f"{service.url}/push/abc")
+    channel = make_channel()
+    try:
+        results = await channel.send([notice(Browser().subscription(endpoint)), notice(good)])
+    finally:
+        await channel.aclose()
+    # The other message of the chunk went out once and is reported so: not failed and sent again.
+    assert results[0] == PermanentFailure("webpush: malformed subscription", destination_invalid=True)
+    assert isinstance(results[1], Accepted)
+    assert len(service.delivered) == 1
+
+
+async def test_a_message_whose_send_raises_fails_alone(service: PushService, make_channel: Make) -> None:
+    good = service.browser.subscription(f"{service.url}/push/abc")
+    channel = make_channel()
+    try:
+        # A lone surrogate cannot be encoded as UTF-8: an error no branch of the channel expects.
+        results = await channel.send([notice(good, data={"note": "\ud800"}), notice(good)])
+    finally:
+        await channel.aclose()
+    assert results[0] == TransientFailure("webpush: UnicodeEncodeError")
+    assert isinstance(results[1], Accepted)
+    assert len(service.delivered) == 1
+
+
 @pytest.mark.parametrize(
     ("options", "named"),
     [

@@ -17,14 +17,15 @@ import base64
 import binascii
 import re
 from collections.abc import Iterator, Sequence
-from urllib.parse import urlsplit
 
+import idna
 import phonenumbers
 from google.protobuf import field_mask_pb2
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 from relais.v1 import preferences_pb2, types_pb2
 
+from channels.http_common import url_parts
 from common import keys
 from common.quiet_hours import MINUTES_PER_DAY
 from engine.state import ConflictError
@@ -148,9 +149,26 @@ def _push_target_problems(target: preferences_pb2.PushTarget, path: str) -> Iter
         yield Problem(path, f"{path} names no push service (fcm, apns or web_push)")
 
 
+def _web_push_endpoint_ok(endpoint: str) -> bool:
+    """An https URL the Web Push channel can send to. One it could not (a port that is no number
+    from 1 to 65535, brackets that do not close, a host IDNA refuses such as ``xn--``) would be
+    stored, then fail at every send."""
+    if len(endpoint) > MAX_URL or any(c.isspace() for c in endpoint):
+        return False
+    url = url_parts(endpoint)
+    if url is None or url.scheme != "https" or not url.hostname:
+        return False
+    try:
+        # An IPv6 address (between brackets, checked by url_parts) is no name for IDNA to judge.
+        if ":" not in url.hostname:
+            idna.encode(url.hostname, uts46=True)
+    except idna.IDNAError:
+        return False
+    return True
+
+
 def _web_push_problems(sub: preferences_pb2.WebPushTarget, path: str) -> Iterator[Problem]:
-    url = urlsplit(sub.endpoint) if len(sub.endpoint) <= MAX_URL else None
-    if url is None or url.scheme != "https" or not url.hostname or any(c.isspace() for c in sub.endpoint):
+    if not _web_push_endpoint_ok(sub.endpoint):
         yield Problem(f"{path}.endpoint", f"{path}.endpoint must be an https URL")
     key = _base64url_bytes(sub.p256dh)
     # An uncompressed P-256 point: 0x04, then 32 bytes of x and 32 of y.

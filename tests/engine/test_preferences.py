@@ -305,6 +305,19 @@ BAD_FIELDS: list[tuple[str, Callable[[Prefs], None], str]] = [
         set_web_push(endpoint="http://push.example.net/x"),
         "preferences.push_targets[1].web_push.endpoint",
     ),
+    # URLs no request could be sent to: each would be stored, then fail at every send.
+    *(
+        (f"endpoint {name}", set_web_push(endpoint=endpoint), "preferences.push_targets[1].web_push.endpoint")
+        for name, endpoint in (
+            ("port not a number", "https://push.example.net:abc/send/1"),
+            ("port too large", "https://127.0.0.1:99999/send/1"),
+            ("port zero", "https://push.example.net:0/send/1"),
+            ("empty A-label", "https://xn--/send/1"),
+            ("host IDNA refuses", "https://push_service.example.net/send/1"),
+            ("unclosed bracket", "https://[::1/push"),
+            ("name in brackets", "https://[push.example]/send/1"),
+        )
+    ),
     ("p256dh", set_web_push(p256dh="not base64!"), "preferences.push_targets[1].web_push.p256dh"),
     ("auth", set_web_push(auth=b64url(bytes(8))), "preferences.push_targets[1].web_push.auth"),
     (
@@ -346,6 +359,25 @@ async def test_each_bad_field_is_named(
     for value in (prefs.email, prefs.phone):
         assert value not in message
     assert hooks.replanned == []
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://fcm.googleapis.com/fcm/send/dXJsLXNhZmU",
+        "https://updates.push.services.mozilla.com/wpush/v2/gAAAAABk",
+        "https://push.example.net:8443/send/1",
+        "https://pÜsh.example/send/1",  # an IDN, kept as the browser gave it
+        "https://[2001:db8::1]/send/1",
+    ],
+)
+async def test_web_push_endpoints_a_request_can_go_to_are_kept(
+    stub: preferences_pb2_grpc.PreferenceServiceAsyncStub, endpoint: str
+) -> None:
+    prefs = full_prefs()
+    set_web_push(endpoint=endpoint)(prefs)
+    stored = await stub.UpdatePreferences(update(prefs))
+    assert stored.push_targets[1].web_push.endpoint == endpoint
 
 
 async def test_every_bad_field_is_reported_at_once(

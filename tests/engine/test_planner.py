@@ -428,6 +428,53 @@ def test_erase_withdraws_and_plans_nothing_until_preferences_return() -> None:
     assert T.NOTICE_KIND_SLOT_ANNOUNCED in sim.scan().scheduled
 
 
+def test_what_the_erasure_cancelled_is_told_once_on_return_while_it_holds() -> None:
+    """Erased, then preferences again: a failed attempt or address check the erasure cancelled is
+    planned again (next version) while it still holds, once; nothing while still erased; what went
+    out before the erasure is not sent twice; what no longer holds stays withdrawn."""
+    prefs = Audience.from_preferences(preferences_pb2.RecipientPreferences(recipient_id="acme/r1"))
+    address = {"reason": T.EXCEPTION_REASON_ADDRESS_PROBLEM}
+
+    def erase(sim: Sim) -> None:
+        plan(sim.state, frozenset(sim.pending), None, sim.now_ms, sim.rules, erase=True)
+        sim.pending.clear()
+        sim.audience = None
+
+    held = Sim(audience=prefs)
+    held.scan(T.TRACKING_STATUS_EXCEPTION, **address)
+    assert held.mark(T.NOTICE_KIND_EXCEPTION).status == N.NOTICE_STATUS_SCHEDULED
+    erase(held)
+    held.now_ms += DAY_MS
+    assert not held.scan(T.TRACKING_STATUS_EXCEPTION, **address).scheduled  # still erased
+    held.audience = prefs
+    back = held.apply(refresh=True).scheduled[T.NOTICE_KIND_EXCEPTION]
+    assert back.version == 2
+    held.send_all()
+    held.now_ms += DAY_MS
+    assert not held.scan(T.TRACKING_STATUS_EXCEPTION, **address).scheduled  # once per problem
+
+    told = Sim(audience=prefs)
+    told.scan(T.TRACKING_STATUS_ATTEMPT_FAIL, reason=T.EXCEPTION_REASON_RECIPIENT_ABSENT)
+    told.send_all()
+    told.scan(T.TRACKING_STATUS_ATTEMPT_FAIL, reason=T.EXCEPTION_REASON_RECIPIENT_ABSENT)  # a new attempt
+    told.now_ms += HOUR_MS
+    erase(told)
+    told.audience = prefs
+    assert T.NOTICE_KIND_ATTEMPT_FAILED in told.apply(refresh=True).scheduled  # the cancelled one
+    told.send_all()
+    told.audience = None
+    erase(told)
+    told.audience = prefs
+    assert not told.apply(refresh=True).scheduled  # the one that went out is not sent twice
+
+    moved_on = Sim(audience=prefs)
+    moved_on.scan(T.TRACKING_STATUS_ATTEMPT_FAIL, reason=T.EXCEPTION_REASON_RECIPIENT_ABSENT)
+    erase(moved_on)
+    moved_on.scan(T.TRACKING_STATUS_OUT_FOR_DELIVERY)
+    moved_on.audience = prefs
+    assert T.NOTICE_KIND_ATTEMPT_FAILED not in moved_on.apply(refresh=True).scheduled
+
+
 # --- the slot promise, for any sequence of windows and sends ---------------------------------------
 
 _starts = st.lists(st.integers(min_value=0, max_value=48 * 12), min_size=1, max_size=12, unique=True)

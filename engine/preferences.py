@@ -2,9 +2,9 @@
 
 Checking returns every ``Problem`` found, each naming its field as a path from the request
 (``preferences.push_targets[1].web_push.auth``), never echoing the value: most fields are personal
-data. What passes is normalised: phone numbers to E.164, email domains and region codes to their usual
-case, an empty time zone to the one the phone, region or locale suggest (``engine.zone_guess``), which
-is guessed again when they change.
+data. What passes is normalised: phone numbers to E.164, email domains to IDNA 2008 A-labels in lower
+case, region codes to upper case, an empty time zone to the one the phone, region or locale suggest
+(``engine.zone_guess``), which is guessed again when they change.
 
 Storage: one key per recipient, ``keys.preferences(shard, recipient_id)``. An update is a
 read-merge-write under ``WATCH``, so two concurrent partial updates (different field masks) never
@@ -37,8 +37,11 @@ RecipientPreferences = preferences_pb2.RecipientPreferences
 
 MAX_RECIPIENT_ID = 128
 MAX_PUSH_TARGETS = 20
-MAX_EMAIL = 254  # RFC 5321 path limit
+MAX_EMAIL = 254  # RFC 5321 path limit, of the address as sent (domain encoded)
 MAX_EMAIL_LOCAL = 64
+MAX_DOMAIN = 253  # RFC 1035, in A-labels
+# Bounds the work of checking an address as given: its domain's encoded form may be longer or shorter.
+MAX_EMAIL_INPUT = 1024
 MAX_TOKEN = 4096
 MAX_URL = 2048
 _P = "preferences."
@@ -93,20 +96,26 @@ def normalise_locale(locale: str) -> str | None:
 
 
 def normalise_email(email: str) -> str | None:
-    """The address with its domain in lower case (IDNA-encoded), or None when it is not one."""
-    if len(email) > MAX_EMAIL or any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in email):
+    """The address with its domain as IDNA 2008 A-labels in lower case (``anna@straße.de`` →
+    ``anna@xn--strae-oqa.de``: what is stored and given to SMTP), or None when it is not one."""
+    if len(email) > MAX_EMAIL_INPUT or any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in email):
         return None
     local, at, domain = email.rpartition("@")
     if not at or not local or len(local) > MAX_EMAIL_LOCAL or not _LOCAL.fullmatch(local):
         return None
     try:
-        ascii_domain = domain.encode("idna").decode("ascii").lower()
-    except UnicodeError:
+        # UTS 46 non-transitional, as browsers and mail clients read the domain: "ß" stays itself
+        # (IDNA 2003 made it "ss", another registrable domain), and a joiner IDNA 2008 forbids is
+        # refused, not dropped.
+        ascii_domain = idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+    except idna.IDNAError:
         return None
     labels = ascii_domain.split(".")
     if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
         return None
-    return f"{local}@{ascii_domain}"
+    address = f"{local}@{ascii_domain}"
+    # The limits hold for what is sent, the encoded form (an A-label is longer than its U-label).
+    return address if len(ascii_domain) <= MAX_DOMAIN and len(address) <= MAX_EMAIL else None
 
 
 def normalise_phone(phone: str, region: str) -> tuple[str | None, str]:

@@ -165,6 +165,23 @@ async def test_a_failed_replan_asks_for_a_retry_and_the_same_update_again_replan
     assert hooks.replanned == ["rcp-1", "rcp-1"]
 
 
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        # IDNA 2008: IDNA 2003 made these anna@strasse.de and anna@fass.example, other domains.
+        ("anna@straße.de", "anna@xn--strae-oqa.de"),
+        ("Anna@Faß.Example", "Anna@xn--fa-hia.example"),
+        ("anna@例え.JP", "anna@xn--r8jz45g.jp"),
+        ("anna@XN--STRAE-OQA.DE", "anna@xn--strae-oqa.de"),
+    ],
+)
+async def test_an_email_domain_is_stored_in_idna_2008_a_labels(
+    stub: preferences_pb2_grpc.PreferenceServiceAsyncStub, given: str, stored: str
+) -> None:
+    prefs = await stub.UpdatePreferences(update(Prefs(recipient_id="r-idn", email=given)))
+    assert prefs.email == stored
+
+
 async def test_phone_with_country_code_needs_no_region(
     stub: preferences_pb2_grpc.PreferenceServiceAsyncStub,
 ) -> None:
@@ -282,6 +299,20 @@ BAD_FIELDS: list[tuple[str, Callable[[Prefs], None], str]] = [
     ("no domain", assign("email", "anna@localhost"), "preferences.email"),
     ("header injection", assign("email", "anna@example.com\r\nBcc: x@example.com"), "preferences.email"),
     ("two ats", assign("email", "a@b@example.com"), "preferences.email"),
+    # IDNA 2008 refuses a joiner here (IDNA 2003 dropped it: mail to another domain) and an empty A-label.
+    ("joiner in domain", assign("email", "anna@exa\u200dmple.com"), "preferences.email"),
+    ("empty A-label", assign("email", "anna@xn--.example.com"), "preferences.email"),
+    # Short enough as given, too long as sent: the domain over 253 characters, the address over 254.
+    (
+        "domain too long encoded",
+        assign("email", "anna@" + ".".join(["bücher" * 3] * 10) + ".ch"),
+        "preferences.email",
+    ),
+    (
+        "address too long encoded",
+        assign("email", "a" * 60 + "@" + ".".join(["bücher" * 3] * 8) + ".ch"),
+        "preferences.email",
+    ),
     ("zone", assign("time_zone", "Europe/Atlantis"), "preferences.time_zone"),
     ("zone path", assign("time_zone", "../../etc/passwd"), "preferences.time_zone"),
     # Files of the host's zoneinfo directory and tzdata's placeholder: no place's zone.

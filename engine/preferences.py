@@ -4,7 +4,8 @@ Checking returns every ``Problem`` found, each naming its field as a path from t
 (``preferences.push_targets[1].web_push.auth``), never echoing the value: most fields are personal
 data. What passes is normalised: phone numbers to E.164, email domains to IDNA 2008 A-labels in lower
 case, region codes to upper case, an empty time zone to the one the phone, region or locale suggest
-(``engine.zone_guess``), which is guessed again when they change.
+(``engine.zone_guess``), marked ``time_zone_guessed`` and guessed again when they change; a zone the
+recipient gave stays until an update names ``time_zone``.
 
 Storage: one key per recipient, ``keys.preferences(shard, recipient_id)``. An update is a
 read-merge-write under ``WATCH``, so two concurrent partial updates (different field masks) never
@@ -229,6 +230,7 @@ def _setting_problems(prefs: RecipientPreferences, out: RecipientPreferences) ->
             yield Problem(_P + "locale", _P + 'locale must be a BCP 47 language tag, e.g. "fr-CH"')
         else:
             out.locale = locale
+    out.time_zone_guessed = not prefs.time_zone  # output only: what the input says is ignored
     if not prefs.time_zone:
         # Times shown and quiet hours in UTC would be an hour or two off for most recipients.
         out.time_zone = guess_zone(phone=out.phone, region=out.region, locale=out.locale)
@@ -266,8 +268,9 @@ def merge(
     """The preferences after an update: ``update`` whole for an empty mask, else the masked fields of
     ``update`` over ``stored``. A path that is not a field is a ``Problem`` naming ``update_mask``.
 
-    A stored zone that was guessed is dropped unless the mask names ``time_zone``, so that
-    ``validate`` guesses it again from the new phone, region and locale."""
+    A stored zone that was guessed (``time_zone_guessed``) is dropped unless the mask names
+    ``time_zone``, so that ``validate`` guesses it again from the new phone, region and locale; a
+    zone the recipient gave is kept, whatever it equals."""
     if not mask.paths:
         return update
     if not mask.IsValidForDescriptor(RecipientPreferences.DESCRIPTOR):
@@ -286,9 +289,11 @@ def merge(
 
 
 def _zone_was_guessed(prefs: RecipientPreferences) -> bool:
-    # The contract keeps no mark of whether a zone was given or guessed, so a guess is recognised as
-    # the zone the rest of the preferences give. A recipient who chose exactly that zone is taken for
-    # one who gave none: it follows their phone, region and locale, staying theirs until those change.
+    if prefs.HasField("time_zone_guessed"):
+        return prefs.time_zone_guessed
+    # Stored before the mark existed: a guess is recognised as the zone the rest of the preferences
+    # give. A recipient who chose exactly that zone is taken for one who gave none, once: the update
+    # stores the mark.
     return prefs.time_zone == guess_zone(phone=prefs.phone, region=prefs.region, locale=prefs.locale)
 
 

@@ -221,6 +221,72 @@ async def test_a_guessed_zone_follows_a_phone_given_later(
     assert (await stub.UpdatePreferences(update(phone, "phone"))).time_zone == "Asia/Tokyo"  # theirs
 
 
+@pytest.mark.parametrize(
+    ("given", "change", "zone"),
+    [
+        # Their zone, which their old number's area also has: a New York number does not move it...
+        (
+            {"phone": "+1 310 555 0123", "time_zone": "America/Los_Angeles"},
+            {"phone": "+1 212 555 0123"},
+            "America/Los_Angeles",
+        ),
+        # ... and removing their number does not make it UTC.
+        ({"phone": "+41 79 123 45 67", "time_zone": "Europe/Zurich"}, {}, "Europe/Zurich"),
+    ],
+)
+async def test_a_given_zone_equal_to_the_guess_stays_when_the_mask_does_not_name_it(
+    stub: preferences_pb2_grpc.PreferenceServiceAsyncStub,
+    given: dict[str, str],
+    change: dict[str, str],
+    zone: str,
+) -> None:
+    first = await stub.UpdatePreferences(update(Prefs(recipient_id="r-tz", **given)))  # type: ignore[arg-type]
+    assert (first.time_zone, first.time_zone_guessed) == (zone, False)
+    stored = await stub.UpdatePreferences(update(Prefs(recipient_id="r-tz", **change), "phone"))  # type: ignore[arg-type]
+    assert stored.phone == ("+12125550123" if change else "")
+    assert (stored.time_zone, stored.time_zone_guessed) == (zone, False)
+
+
+async def test_time_zone_guessed_is_set_by_relais_and_read_back(
+    stub: preferences_pb2_grpc.PreferenceServiceAsyncStub,
+) -> None:
+    # What a caller sends in time_zone_guessed is ignored: a zone given is not a guess...
+    given = Prefs(
+        recipient_id="r-mark", phone="+41791234567", time_zone="Europe/Zurich", time_zone_guessed=True
+    )
+    stored = await stub.UpdatePreferences(update(given))
+    assert stored.HasField("time_zone_guessed")
+    assert not stored.time_zone_guessed
+    read = await stub.GetPreferences(preferences_pb2.GetPreferencesRequest(recipient_id="r-mark"))
+    assert read == stored
+    # ... and an empty one is, once the mask names time_zone.
+    cleared = Prefs(recipient_id="r-mark", time_zone_guessed=False)
+    stored = await stub.UpdatePreferences(update(cleared, "time_zone", "time_zone_guessed"))
+    assert (stored.time_zone, stored.time_zone_guessed) == ("Europe/Zurich", True)
+    # A guess follows the phone.
+    moved = await stub.UpdatePreferences(update(Prefs(recipient_id="r-mark", phone="+33612345678"), "phone"))
+    assert (moved.time_zone, moved.time_zone_guessed) == ("Europe/Paris", True)
+    assert await stub.GetPreferences(preferences_pb2.GetPreferencesRequest(recipient_id="r-mark")) == moved
+
+
+@pytest.mark.parametrize(
+    ("zone", "after", "guessed"),
+    [
+        ("Europe/Zurich", "Europe/Paris", True),  # the number's zone: taken for a guess, as before
+        ("Asia/Tokyo", "Asia/Tokyo", False),  # another: theirs
+    ],
+)
+async def test_preferences_stored_without_the_mark_keep_the_old_reading(
+    stub: preferences_pb2_grpc.PreferenceServiceAsyncStub, redis: Redis, zone: str, after: str, guessed: bool
+) -> None:
+    old = Prefs(recipient_id="r-old", phone="+41791234567", time_zone=zone)
+    await redis.set(keys.preferences(keys.shard_of("r-old", SHARDS), "r-old"), old.SerializeToString())
+    stored = await stub.UpdatePreferences(update(Prefs(recipient_id="r-old", phone="+33612345678"), "phone"))
+    assert stored.time_zone == after
+    assert stored.HasField("time_zone_guessed")  # stored from now on
+    assert stored.time_zone_guessed is guessed
+
+
 async def test_mask_changes_only_named_fields(
     stub: preferences_pb2_grpc.PreferenceServiceAsyncStub, hooks: Hooks
 ) -> None:
@@ -244,7 +310,9 @@ async def test_mask_changes_only_named_fields(
 async def test_empty_mask_replaces_everything(stub: preferences_pb2_grpc.PreferenceServiceAsyncStub) -> None:
     await stub.UpdatePreferences(update(full_prefs()))
     stored = await stub.UpdatePreferences(update(Prefs(recipient_id="rcp-1", email="a@example.org")))
-    assert stored == Prefs(recipient_id="rcp-1", email="a@example.org", time_zone="UTC")
+    assert stored == Prefs(
+        recipient_id="rcp-1", email="a@example.org", time_zone="UTC", time_zone_guessed=True
+    )
 
 
 async def test_unknown_mask_path_names_update_mask(

@@ -26,7 +26,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from relais.v1 import types_pb2 as relais_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brelais/v1/preferences.proto\x12\trelais.v1\x1a google/protobuf/field_mask.proto\x1a\x15relais/v1/types.proto\"\x1a\n\tFcmTarget\x12\r\n\x05token\x18\x01 \x01(\t\"F\n\nApnsTarget\x12\x14\n\x0c\x64\x65vice_token\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\x0f\n\x07sandbox\x18\x03 \x01(\x08\"?\n\rWebPushTarget\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06p256dh\x18\x02 \x01(\t\x12\x0c\n\x04\x61uth\x18\x03 \x01(\t\"\x90\x01\n\nPushTarget\x12#\n\x03\x66\x63m\x18\x01 \x01(\x0b\x32\x14.relais.v1.FcmTargetH\x00\x12%\n\x04\x61pns\x18\x02 \x01(\x0b\x32\x15.relais.v1.ApnsTargetH\x00\x12,\n\x08web_push\x18\x03 \x01(\x0b\x32\x18.relais.v1.WebPushTargetH\x00\x42\x08\n\x06target\"6\n\nQuietHours\x12\x14\n\x0cstart_minute\x18\x01 \x01(\r\x12\x12\n\nend_minute\x18\x02 \x01(\r\"\xc1\x02\n\x14RecipientPreferences\x12\x14\n\x0crecipient_id\x18\x01 \x01(\t\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x12\r\n\x05\x65mail\x18\x04 \x01(\t\x12\r\n\x05phone\x18\x05 \x01(\t\x12+\n\x0cpush_targets\x18\x06 \x03(\x0b\x32\x15.relais.v1.PushTarget\x12)\n\rchannel_order\x18\x07 \x03(\x0e\x32\x12.relais.v1.Channel\x12*\n\x0bquiet_hours\x18\x08 \x01(\x0b\x32\x15.relais.v1.QuietHours\x12*\n\x0bmuted_kinds\x18\t \x03(\x0e\x32\x15.relais.v1.NoticeKind\x12\x12\n\nsms_opt_in\x18\n \x01(\x08\x12\x0e\n\x06region\x18\x0b \x01(\t\"\x81\x01\n\x18UpdatePreferencesRequest\x12\x34\n\x0bpreferences\x18\x01 \x01(\x0b\x32\x1f.relais.v1.RecipientPreferences\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"-\n\x15GetPreferencesRequest\x12\x14\n\x0crecipient_id\x18\x01 \x01(\t\"-\n\x15\x45raseRecipientRequest\x12\x14\n\x0crecipient_id\x18\x01 \x01(\t\"O\n\x16\x45raseRecipientResponse\x12\x1a\n\x12preferences_erased\x18\x01 \x01(\x08\x12\x19\n\x11notices_cancelled\x18\x02 \x01(\r2\x9a\x02\n\x11PreferenceService\x12Y\n\x11UpdatePreferences\x12#.relais.v1.UpdatePreferencesRequest\x1a\x1f.relais.v1.RecipientPreferences\x12S\n\x0eGetPreferences\x12 .relais.v1.GetPreferencesRequest\x1a\x1f.relais.v1.RecipientPreferences\x12U\n\x0e\x45raseRecipient\x12 .relais.v1.EraseRecipientRequest\x1a!.relais.v1.EraseRecipientResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brelais/v1/preferences.proto\x12\trelais.v1\x1a google/protobuf/field_mask.proto\x1a\x15relais/v1/types.proto\"\x1a\n\tFcmTarget\x12\r\n\x05token\x18\x01 \x01(\t\"F\n\nApnsTarget\x12\x14\n\x0c\x64\x65vice_token\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\x0f\n\x07sandbox\x18\x03 \x01(\x08\"?\n\rWebPushTarget\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06p256dh\x18\x02 \x01(\t\x12\x0c\n\x04\x61uth\x18\x03 \x01(\t\"\x90\x01\n\nPushTarget\x12#\n\x03\x66\x63m\x18\x01 \x01(\x0b\x32\x14.relais.v1.FcmTargetH\x00\x12%\n\x04\x61pns\x18\x02 \x01(\x0b\x32\x15.relais.v1.ApnsTargetH\x00\x12,\n\x08web_push\x18\x03 \x01(\x0b\x32\x18.relais.v1.WebPushTargetH\x00\x42\x08\n\x06target\"6\n\nQuietHours\x12\x14\n\x0cstart_minute\x18\x01 \x01(\r\x12\x12\n\nend_minute\x18\x02 \x01(\r\"\xf7\x02\n\x14RecipientPreferences\x12\x14\n\x0crecipient_id\x18\x01 \x01(\t\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x12\r\n\x05\x65mail\x18\x04 \x01(\t\x12\r\n\x05phone\x18\x05 \x01(\t\x12+\n\x0cpush_targets\x18\x06 \x03(\x0b\x32\x15.relais.v1.PushTarget\x12)\n\rchannel_order\x18\x07 \x03(\x0e\x32\x12.relais.v1.Channel\x12*\n\x0bquiet_hours\x18\x08 \x01(\x0b\x32\x15.relais.v1.QuietHours\x12*\n\x0bmuted_kinds\x18\t \x03(\x0e\x32\x15.relais.v1.NoticeKind\x12\x12\n\nsms_opt_in\x18\n \x01(\x08\x12\x0e\n\x06region\x18\x0b \x01(\t\x12\x1e\n\x11time_zone_guessed\x18\x0c \x01(\x08H\x00\x88\x01\x01\x42\x14\n\x12_time_zone_guessed\"\x81\x01\n\x18UpdatePreferencesRequest\x12\x34\n\x0bpreferences\x18\x01 \x01(\x0b\x32\x1f.relais.v1.RecipientPreferences\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"-\n\x15GetPreferencesRequest\x12\x14\n\x0crecipient_id\x18\x01 \x01(\t\"-\n\x15\x45raseRecipientRequest\x12\x14\n\x0crecipient_id\x18\x01 \x01(\t\"O\n\x16\x45raseRecipientResponse\x12\x1a\n\x12preferences_erased\x18\x01 \x01(\x08\x12\x19\n\x11notices_cancelled\x18\x02 \x01(\r2\x9a\x02\n\x11PreferenceService\x12Y\n\x11UpdatePreferences\x12#.relais.v1.UpdatePreferencesRequest\x1a\x1f.relais.v1.RecipientPreferences\x12S\n\x0eGetPreferences\x12 .relais.v1.GetPreferencesRequest\x1a\x1f.relais.v1.RecipientPreferences\x12U\n\x0e\x45raseRecipient\x12 .relais.v1.EraseRecipientRequest\x1a!.relais.v1.EraseRecipientResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,15 +44,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUIETHOURS']._serialized_start=411
   _globals['_QUIETHOURS']._serialized_end=465
   _globals['_RECIPIENTPREFERENCES']._serialized_start=468
-  _globals['_RECIPIENTPREFERENCES']._serialized_end=789
-  _globals['_UPDATEPREFERENCESREQUEST']._serialized_start=792
-  _globals['_UPDATEPREFERENCESREQUEST']._serialized_end=921
-  _globals['_GETPREFERENCESREQUEST']._serialized_start=923
-  _globals['_GETPREFERENCESREQUEST']._serialized_end=968
-  _globals['_ERASERECIPIENTREQUEST']._serialized_start=970
-  _globals['_ERASERECIPIENTREQUEST']._serialized_end=1015
-  _globals['_ERASERECIPIENTRESPONSE']._serialized_start=1017
-  _globals['_ERASERECIPIENTRESPONSE']._serialized_end=1096
-  _globals['_PREFERENCESERVICE']._serialized_start=1099
-  _globals['_PREFERENCESERVICE']._serialized_end=1381
+  _globals['_RECIPIENTPREFERENCES']._serialized_end=843
+  _globals['_UPDATEPREFERENCESREQUEST']._serialized_start=846
+  _globals['_UPDATEPREFERENCESREQUEST']._serialized_end=975
+  _globals['_GETPREFERENCESREQUEST']._serialized_start=977
+  _globals['_GETPREFERENCESREQUEST']._serialized_end=1022
+  _globals['_ERASERECIPIENTREQUEST']._serialized_start=1024
+  _globals['_ERASERECIPIENTREQUEST']._serialized_end=1069
+  _globals['_ERASERECIPIENTRESPONSE']._serialized_start=1071
+  _globals['_ERASERECIPIENTRESPONSE']._serialized_end=1150
+  _globals['_PREFERENCESERVICE']._serialized_start=1153
+  _globals['_PREFERENCESERVICE']._serialized_end=1435
 # @@protoc_insertion_point(module_scope)

@@ -185,6 +185,7 @@ class RecipientPreferences(_message.Message):
     MUTED_KINDS_FIELD_NUMBER: _builtins.int
     SMS_OPT_IN_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_GUESSED_FIELD_NUMBER: _builtins.int
     recipient_id: _builtins.str
     """The recipient. Required, up to 128 characters."""
     locale: _builtins.str
@@ -192,7 +193,10 @@ class RecipientPreferences(_message.Message):
     languages fall back to English.
     """
     time_zone: _builtins.str
-    """IANA time zone, e.g. "Europe/Paris". Quiet hours and rendered times use it. Default "UTC"."""
+    """IANA time zone, e.g. "Europe/Paris". Quiet hours and rendered times use it. Empty: relais
+    guesses it from the phone number's area, else `region`, else the locale's region, else "UTC"
+    (see time_zone_guessed).
+    """
     email: _builtins.str
     """Email address. Personal data."""
     phone: _builtins.str
@@ -203,6 +207,12 @@ class RecipientPreferences(_message.Message):
     """The recipient agreed to receive text messages."""
     region: _builtins.str
     """ISO 3166-1 alpha-2 region used to read a phone number without country code, e.g. "CH"."""
+    time_zone_guessed: _builtins.bool
+    """Output only: set by relais, ignored on input. True when time_zone was guessed because none was
+    given: it is guessed again when phone, region or locale change. False when the recipient gave
+    time_zone: it stays until an update names time_zone. Unset on preferences stored before this
+    field existed (their zone counts as guessed when it equals the guess).
+    """
     @_builtins.property
     def push_targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___PushTarget]:
         """Devices and browsers for push. Personal data."""
@@ -233,12 +243,15 @@ class RecipientPreferences(_message.Message):
         muted_kinds: _abc.Iterable[_types_pb2.NoticeKind.ValueType] | None = ...,
         sms_opt_in: _builtins.bool = ...,
         region: _builtins.str = ...,
+        time_zone_guessed: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["quiet_hours", b"quiet_hours"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_time_zone_guessed", b"_time_zone_guessed", "quiet_hours", b"quiet_hours", "time_zone_guessed", b"time_zone_guessed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_order", b"channel_order", "email", b"email", "locale", b"locale", "muted_kinds", b"muted_kinds", "phone", b"phone", "push_targets", b"push_targets", "quiet_hours", b"quiet_hours", "recipient_id", b"recipient_id", "region", b"region", "sms_opt_in", b"sms_opt_in", "time_zone", b"time_zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_time_zone_guessed", b"_time_zone_guessed", "channel_order", b"channel_order", "email", b"email", "locale", b"locale", "muted_kinds", b"muted_kinds", "phone", b"phone", "push_targets", b"push_targets", "quiet_hours", b"quiet_hours", "recipient_id", b"recipient_id", "region", b"region", "sms_opt_in", b"sms_opt_in", "time_zone", b"time_zone", "time_zone_guessed", b"time_zone_guessed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__time_zone_guessed: _TypeAlias = _typing.Literal["time_zone_guessed"]  # noqa: Y015
+    _WhichOneofArgType__time_zone_guessed: _TypeAlias = _typing.Literal["_time_zone_guessed", b"_time_zone_guessed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__time_zone_guessed) -> _WhichOneofReturnType__time_zone_guessed | None: ...
 
 Global___RecipientPreferences: _TypeAlias = RecipientPreferences  # noqa: Y015
 

@@ -198,7 +198,9 @@ class RecipientPreferences(_message.Message):
     (see time_zone_guessed).
     """
     email: _builtins.str
-    """Email address. Personal data."""
+    """Email address, stored with its domain in IDNA 2008 A-labels ("anna@straße.de" is
+    "anna@xn--strae-oqa.de"), the form mail is sent to. Personal data.
+    """
     phone: _builtins.str
     """Phone number, stored as E.164 ("+41791234567"). A number without country code is read in the
     region of `region`. Personal data.

@@ -59,9 +59,10 @@ class PreferenceServiceServicer:
     """
 
     def UpdatePreferences(self, request, context):
-        """Creates or updates preferences. Only the fields named in update_mask change; an empty mask
-        replaces every field. Phone numbers are normalised to E.164, emails checked, the time zone must
-        be an IANA zone; a bad field is INVALID_ARGUMENT naming it.
+        """Creates or updates preferences. Only the fields named in update_mask change, and a time_zone
+        relais guessed (time_zone_guessed), which follows phone, region and locale; an empty mask
+        replaces every field. Phone numbers are normalised to E.164, email domains to IDNA 2008 A-labels,
+        the time zone must be an IANA zone; a bad field is INVALID_ARGUMENT naming it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

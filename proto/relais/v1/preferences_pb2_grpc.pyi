@@ -36,9 +36,10 @@ class PreferenceServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PreferenceServiceAsyncStub: ...
     UpdatePreferences: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.UpdatePreferencesRequest, _preferences_pb2.RecipientPreferences]
-    """Creates or updates preferences. Only the fields named in update_mask change; an empty mask
-    replaces every field. Phone numbers are normalised to E.164, emails checked, the time zone must
-    be an IANA zone; a bad field is INVALID_ARGUMENT naming it.
+    """Creates or updates preferences. Only the fields named in update_mask change, and a time_zone
+    relais guessed (time_zone_guessed), which follows phone, region and locale; an empty mask
+    replaces every field. Phone numbers are normalised to E.164, email domains to IDNA 2008 A-labels,
+    the time zone must be an IANA zone; a bad field is INVALID_ARGUMENT naming it.
     """
     GetPreferences: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.GetPreferencesRequest, _preferences_pb2.RecipientPreferences]
     """Reads preferences; NOT_FOUND if the recipient has none."""
@@ -56,9 +57,10 @@ class PreferenceServiceAsyncStub(PreferenceServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     UpdatePreferences: _aio.UnaryUnaryMultiCallable[_preferences_pb2.UpdatePreferencesRequest, _preferences_pb2.RecipientPreferences]  # type: ignore[assignment]
-    """Creates or updates preferences. Only the fields named in update_mask change; an empty mask
-    replaces every field. Phone numbers are normalised to E.164, emails checked, the time zone must
-    be an IANA zone; a bad field is INVALID_ARGUMENT naming it.
+    """Creates or updates preferences. Only the fields named in update_mask change, and a time_zone
+    relais guessed (time_zone_guessed), which follows phone, region and locale; an empty mask
+    replaces every field. Phone numbers are normalised to E.164, email domains to IDNA 2008 A-labels,
+    the time zone must be an IANA zone; a bad field is INVALID_ARGUMENT naming it.
     """
     GetPreferences: _aio.UnaryUnaryMultiCallable[_preferences_pb2.GetPreferencesRequest, _preferences_pb2.RecipientPreferences]  # type: ignore[assignment]
     """Reads preferences; NOT_FOUND if the recipient has none."""
@@ -79,9 +81,10 @@ class PreferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _preferences_pb2.UpdatePreferencesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_preferences_pb2.RecipientPreferences, _abc.Awaitable[_preferences_pb2.RecipientPreferences]]:
-        """Creates or updates preferences. Only the fields named in update_mask change; an empty mask
-        replaces every field. Phone numbers are normalised to E.164, emails checked, the time zone must
-        be an IANA zone; a bad field is INVALID_ARGUMENT naming it.
+        """Creates or updates preferences. Only the fields named in update_mask change, and a time_zone
+        relais guessed (time_zone_guessed), which follows phone, region and locale; an empty mask
+        replaces every field. Phone numbers are normalised to E.164, email domains to IDNA 2008 A-labels,
+        the time zone must be an IANA zone; a bad field is INVALID_ARGUMENT naming it.
         """
 
     @_abc_1.abstractmethod

@@ -85,6 +85,18 @@ async def test_sends_multipart_alternative_with_stable_message_id(smtp: Recordin
     }
 
 
+async def test_an_idn_domain_goes_out_in_the_form_preferences_store(smtp: RecordingSmtp) -> None:
+    # Preferences store anna@straße.de with its domain in IDNA 2008 A-labels: envelope and To carry
+    # that ASCII form unchanged, so no server needs SMTPUTF8 and the mail goes to straße.de itself.
+    address = "anna@xn--strae-oqa.de"
+    [result] = await send(channel_for(smtp.port), mail(to=address))
+
+    assert isinstance(result, Accepted)
+    [received] = smtp.received
+    assert received.rcpt_tos == [address]
+    assert received.message["To"] == f"Ada Lovelace <{address}>"
+
+
 def test_message_id_is_derived_from_the_idempotency_key() -> None:
     assert message_id("k", "d.example") == message_id("k", "d.example")
     assert message_id("k", "d.example") != message_id("k2", "d.example")

@@ -77,6 +77,7 @@ SUPPRESSED = notice_pb2.NOTICE_STATUS_SUPPRESSED
 CACHE_MAX_ENTRIES = 100_000
 DEAD_LETTER = notice_pb2.NOTICE_STATUS_DEAD_LETTER
 CANCELLED = notice_pb2.NOTICE_STATUS_CANCELLED
+WITHDRAWN = frozenset({CANCELLED, SUPPRESSED})
 # A message left unsent because its provider was slow (see ``_send_batch``): the notice comes back
 # later without an attempt spent, as a rate-limited one does.
 NOT_ATTEMPTED = TransientFailure("not attempted: the provider was slow")
@@ -222,7 +223,8 @@ def _moved_on(notice: notice_pb2.Notice, state: state_pb2.ParcelState) -> str:
     if notice.kind in SLOT_KINDS:
         version = notice.version
         for mark in state.notices:
-            if mark.kind in SLOT_KINDS and mark.version > version:
+            # A withdrawn one supersedes nothing: it never goes out (the slot moved back, say).
+            if mark.kind in SLOT_KINDS and mark.version > version and mark.status not in WITHDRAWN:
                 return f"superseded by the {kind_name(mark.kind)} notice of slot version {mark.version}"
     return ""
 

@@ -30,8 +30,11 @@ decides which notices to schedule, replace or withdraw. It does no IO, so every 
   ``_Planner._revived_desired_ms``); unpaid orders' notices are not actionable.
 
 Send times go through ``common.quiet_hours.allowed_send_ms``: outside quiet hours, never past a deadline.
-Notice ids are ``<parcel_id>:<KIND>``; a notice is "gone out" when the engine scheduled it and the
-scheduler has since claimed it from the due set (``pending`` no longer lists it).
+Notice ids are ``<parcel_id>:<KIND>``; a notice is "gone out" (QUEUED) when the engine scheduled it and
+the scheduler has since claimed it from the due set (``pending`` no longer lists it). What the
+recipient knows of their slot is what the gateway SENT them (``told_slot``/``told_version``, read from
+the parcel hash, see ``engine.state.parse_read``): a slot notice handed over but not sent yet is
+replaced (a new version) or withdrawn when the slot moves, never taken as read.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ REASON_RETURNED = "returned to the sender"
 REASON_EXPIRED = "tracking expired"
 REASON_ERASED = "the recipient's data was erased"
 REASON_NOTHING_TOLD = "the recipient was told no slot to correct"
+REASON_TOLD = "a slot announcement went out meanwhile: a correction follows it"
 
 T = types_pb2
 
@@ -202,6 +206,8 @@ def keep_retries(scheduled: Mapping[Kind, notice_pb2.Notice], stored: Mapping[st
             notice.due_at.CopyFrom(before.due_at)
 
 
+_WITHDRAWN = frozenset({CANCELLED, SUPPRESSED})
+
 # Notices about a situation that may still hold, which a new recipient needs to act on.
 _TOLD_AGAIN = frozenset({AT_PICKUP, REMINDER, ATTEMPT_FAILED, EXCEPTION, DELAYED})
 
@@ -222,6 +228,7 @@ def recipient_changed(state: state_pb2.ParcelState, pending: frozenset[str]) -> 
             mark.subject = ""
     _tell_again_what_erasure_cancelled(state)
     state.ClearField("told_slot")
+    state.ClearField("told_version")
     if state.HasField("slot"):
         state.slot.version += 1
     # Another person: the old recipient's erasure does not silence the new one.
@@ -303,14 +310,14 @@ class _Planner:
     # --- what went out -------------------------------------------------------------------------------
 
     def _observe_claims(self) -> None:
-        """Scheduled notices no longer in the due set went out; slot ones set what the recipient knows."""
+        """Scheduled notices no longer in the due set were handed to the gateway. What the recipient
+        knows of their slot is not set here but from what the gateway sent (``state.told_slot``, see
+        ``engine.state.parse_read``): a notice handed over may fail, wait or be retried."""
         pending = self.pending
         for kind in sorted(self.marks):
             mark = self.marks[kind]
             if mark.status == SCHEDULED and kind_name(kind) not in pending:
                 mark.status = QUEUED
-                if kind in (ANNOUNCED, CORRECTED):
-                    self.state.told_slot.CopyFrom(mark.slot)
 
     # --- the rules -----------------------------------------------------------------------------------
 
@@ -347,19 +354,34 @@ class _Planner:
             for kind in (ANNOUNCED, CORRECTED):
                 self._withdraw(kind, CANCELLED, REASON_SLOT_OVER)
             return
+        if not state.told_version and state.HasField("told_slot"):
+            # Told before the gateway recorded what it sent (a state from an earlier release): every
+            # slot notice handed over counted as read then.
+            handed = [
+                m.version
+                for m in self.marks.values()
+                if m.kind in (ANNOUNCED, CORRECTED) and m.status == QUEUED
+            ]
+            state.told_version = max(handed, default=1)
         if not state.HasField("told_slot"):
             # Nothing told (or told someone else, see ``recipient_changed``): no correction to make.
+            # An announcement of another slot is replaced, whether it still waits or was handed over
+            # and not sent yet (a retry of the old one is then dropped as superseded); the same one
+            # handed over is the gateway's to send.
             self._withdraw(CORRECTED, CANCELLED, REASON_NOTHING_TOLD)
             announced = self.marks.get(ANNOUNCED)
-            if announced is None or announced.status != SCHEDULED or announced.version != version:
+            if announced is None or announced.version != version or announced.status in _WITHDRAWN:
                 self._schedule(ANNOUNCED, version, self.now_ms, start_ms, slot=window)
             return
+        # Told a slot: what is to be said now is a correction of it, if anything.
+        self._withdraw(ANNOUNCED, CANCELLED, REASON_TOLD)
         told = state.told_slot
         if within_threshold(told, window, self.rules.shift_threshold_ms):
-            self._withdraw(CORRECTED, SUPPRESSED, REASON_WITHIN)
+            # Also one handed over and not sent: the slot moved back to what the recipient read.
+            self._withdraw(CORRECTED, SUPPRESSED, REASON_WITHIN, recall=True)
             return
         corrected = self.marks.get(CORRECTED)
-        if corrected is None or corrected.status != SCHEDULED or corrected.version != version:
+        if corrected is None or corrected.version != version or corrected.status in _WITHDRAWN:
             desired_ms = self.now_ms + self.rules.debounce_ms
             # The recipient acts on the slot they were told: a correction arriving after it began
             # comes too late, even if the new slot starts later.
@@ -571,9 +593,19 @@ class _Planner:
         self.result.withdrawn.pop(kind, None)
         self.result.scheduled[kind] = self._notice(mark)
 
-    def _withdraw(self, kind: Kind, status: Status, reason: str) -> None:
+    def _withdraw(self, kind: Kind, status: Status, reason: str, *, recall: bool = False) -> None:
         mark = self.marks.get(kind)
-        if mark is None or mark.status != SCHEDULED:
+        if mark is None:
+            return
+        if recall and mark.status == QUEUED and mark.version > self.state.told_version:
+            # Handed over and not sent yet (waiting, or retried): its body goes, so the gateway drops
+            # it (a retry finds no body; one in hand sees its mark withdrawn). One being sent at this
+            # very moment still goes out. No due-set check: it is not pending.
+            self.touched.add(kind)
+            mark.status, mark.status_reason = status, reason
+            self.result.withdrawn[kind] = status
+            return
+        if mark.status != SCHEDULED:
             return
         self.touched.add(kind)
         self.result.checked.add(kind)

@@ -382,11 +382,17 @@ def parse_read(
 ) -> dict[str, ParcelRecord]:
     """The read script's reply (``read_parcels.lua``); ``bodies`` when it was asked for them."""
     records: dict[str, ParcelRecord] = {}
-    width = 6 if bodies else 5
+    width = 8 if bodies else 7
     for i, pid in enumerate(parcel_ids):
         at = width * i
-        raw_version, raw_state, raw_pending, raw_mark, raw_counted = reply[at : at + 5]
+        raw_version, raw_state, raw_pending, raw_mark, raw_counted, raw_told, told_to = reply[at : at + 7]
         state = load_state(pid, raw_state)
+        if raw_told is not None and told_to is not None and told_to.decode() == state.recipient_id:
+            # What the recipient read is what the gateway sent them (``told`` in settle.lua), not
+            # what the scheduler handed over: that may fail, wait, or be retried.
+            told = types_pb2.Slot.FromString(raw_told)
+            state.told_slot.CopyFrom(told.window)
+            state.told_version = told.version
         mark = raw_mark.decode() if raw_mark else ""
         records[pid] = ParcelRecord(
             pid,
@@ -400,7 +406,7 @@ def parse_read(
         if bodies and raw_pending:
             # In the order the script joined the pending kinds.
             kinds = raw_pending.decode().split(",")
-            found = zip(kinds, reply[at + 5], strict=True)
+            found = zip(kinds, reply[at + 7], strict=True)
             records[pid].bodies = {kind: raw for kind, raw in found if raw is not None}
     return records
 

@@ -216,6 +216,12 @@ class Settlement:
         ops.args += ("rec", kind_name(notice.kind), view)
         ops.keys.append(keys.parcel(shard, notice.parcel_id))
 
+    def told(self, shard: int, notice: notice_pb2.Notice) -> None:
+        """A slot notice went out: the slot its recipient now knows, for the engine's planning."""
+        slot = types_pb2.Slot(window=notice.slot, version=notice.version).SerializeToString()
+        key = keys.parcel(shard, notice.parcel_id)
+        self._op(shard, "told", notice.version, slot, notice.recipient_id, key=key)
+
     def sent(self, shard: int, idempotency_key: str) -> None:
         ops = self._shards[shard]
         ops.args.append("sent")

@@ -210,19 +210,21 @@ def _expired(notice: notice_pb2.Notice, kind: types_pb2.NoticeKind.ValueType, no
 
 
 def _moved_on(notice: notice_pb2.Notice, state: state_pb2.ParcelState) -> str:
-    """Why a late notice no longer tells the truth about its parcel, or "" if it still does.
+    """Why a late notice or a slot notice no longer tells the truth about its parcel, or "" if it
+    still does.
 
-    The engine withdraws what is still due when the parcel is delivered, and takes a notice the
-    scheduler handed over as told: if the slot moves while its send is being retried, it plans a
-    correction (or, for a corrected recipient, a new announcement) under a newer version instead of
-    replacing it. The retry must not then arrive after that newer notice with the old slot. A newer
-    slot version with no newer notice (a move under the correction threshold) leaves it true enough
-    to send."""
+    The engine withdraws what is still due when the parcel is delivered. A slot notice handed over
+    but not sent yet (waiting in the outbox, retried) is replaced by the engine when the slot moves,
+    under a newer version: that one goes out instead, never the old slot after it. A newer slot
+    version with no newer notice (a move under the correction threshold) leaves it true enough to
+    send."""
     if state.status in FINISHED:
         return "the parcel was delivered or returned meanwhile"
     if notice.kind in SLOT_KINDS:
         version = notice.version
         for mark in state.notices:
+            if mark.kind == notice.kind and mark.version == version and mark.status in WITHDRAWN:
+                return f"withdrawn by the engine: {mark.status_reason}"
             # A withdrawn one supersedes nothing: it never goes out (the slot moved back, say).
             if mark.kind in SLOT_KINDS and mark.version > version and mark.status not in WITHDRAWN:
                 return f"superseded by the {kind_name(mark.kind)} notice of slot version {mark.version}"
@@ -469,7 +471,13 @@ class Gateway:
         ]
         # Notices that went out late (a retry, a backlog) may find their parcel delivered or their slot
         # corrected: the engine cancels or replaces what is still due, not what it handed over.
-        late = [item for item in items if item.kind not in END_KINDS and _late(item.notice, now_ms)]
+        # And every slot notice: the engine replaces an announcement or correction that was handed
+        # over but not sent yet when the slot moves, and the one it replaced must not go out.
+        late = [
+            item
+            for item in items
+            if item.kind in SLOT_KINDS or (item.kind not in END_KINDS and _late(item.notice, now_ms))
+        ]
         pipe = self._redis.pipeline(transaction=False)
         ordered = recipients.queue_load(pipe, recipient_ids, self._shards)
         for budget_key in budget_keys:
@@ -856,6 +864,8 @@ class Gateway:
         provider = job.route.targets[accepted_index].provider
         self._record(job, notice_pb2.NOTICE_STATUS_SENT, batch, provider, accepted.provider_message_id)
         batch.settlement.count_sent(item.entry.shard, item.merchant_id, item.kind, channel, accepted)
+        if item.kind in SLOT_KINDS:
+            batch.settlement.told(item.entry.shard, item.notice)
         if channel == types_pb2.CHANNEL_SMS:
             budget_key = self._sms_budget_key(item.merchant_id, batch.now_ms)
             batch.settlement.spend_sms(budget_key, accepted.segments)

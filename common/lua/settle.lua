@@ -14,6 +14,7 @@
 -- (see due_wake), so the dispatcher takes a retry or a replay due now at once.
 -- Each op is a name followed by its arguments:
 --   rec <kind> <bytes>           (1 key)   append a NoticeView(attempts=[...]) to the parcel's a:<kind>
+--   told <version> <slot> <rid>  (1 key)   a slot notice went out: the parcel's told slot (tv, ts, tr)
 --   sent                         (1 key)   the idempotency key is done: never send it again
 --   free                         (1 key)   release a "sending" claim that did not send (limited, quiet)
 --   resched <kind> <version> <member> <due ms> <body>   (1 key)
@@ -107,6 +108,17 @@ while a <= #ops do
     end
     k = k + 1
     a = a + 3
+  elseif op == 'told' then
+    -- The slot the recipient read (ops: version, Slot bytes, recipient id): kept while it is the
+    -- newest, and the parcel's version bumped so an engine plan that read the hash before conflicts
+    -- and plans from it (engine.state: what the recipient was told is what was sent, not claimed).
+    local parcel, version = KEYS[k], tonumber(ops[a + 1])
+    if redis.call('EXISTS', parcel) == 1 and version > tonumber(redis.call('HGET', parcel, 'tv') or '0') then
+      redis.call('HSET', parcel, 'tv', version, 'ts', ops[a + 2], 'tr', ops[a + 3])
+      redis.call('HINCRBY', parcel, 'v', 1)
+    end
+    k = k + 1
+    a = a + 4
   elseif op == 'sent' then
     redis.call('SET', KEYS[k], 'sent', 'PX', retention_ms)
     k = k + 1

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import grpc
 from redis.asyncio import Redis
-from relais.v1 import parcel_pb2, preferences_pb2, tracking_pb2, types_pb2
+from relais.v1 import notice_pb2, parcel_pb2, preferences_pb2, tracking_pb2, types_pb2
 
 from common import keys
 from common.clock import ManualClock
@@ -17,6 +17,8 @@ from engine.parcel_service import ParcelServicer, add_parcel_service
 from engine.replan import Replanner
 from engine.state import ParcelStore
 from engine.tracking_service import TrackingServicer, add_tracking_service
+from gateway.scripts import LuaScript
+from gateway.settle import Settlement
 
 MIN_MS = 60_000
 HOUR_MS = 3_600_000
@@ -118,6 +120,20 @@ async def due_members(redis: Redis, parcel_id: str) -> dict[str, int]:
 
 
 async def claim(redis: Redis, parcel_id: str, kind: str) -> None:
-    """What the scheduler's claim does to the due set: the notice leaves it (it went out)."""
+    """What the scheduler's claim does to the due set: the notice leaves it (handed to the gateway)."""
     shard = keys.shard_of(parcel_id, SETTINGS.shards)
     assert await redis.zrem(keys.due(shard), f"{parcel_id}:{kind}") == 1
+
+
+async def claim_and_send(redis: Redis, parcel_id: str, kind: str, clock: ManualClock) -> None:
+    """``claim``, then what the gateway records once it sent a slot notice (its settle script's
+    ``told``): the slot the recipient read."""
+    await claim(redis, parcel_id, kind)
+    shard = keys.shard_of(parcel_id, SETTINGS.shards)
+    raw = await redis.hget(keys.parcel(shard, parcel_id), f"n:{kind}")  # type: ignore[misc]
+    assert raw is not None
+    settlement = Settlement(
+        LuaScript(redis, "settle"), group=keys.OUTBOX_GROUP, retention_ms=0, now_ms=clock.now_ms()
+    )
+    settlement.told(shard, notice_pb2.Notice.FromString(raw))
+    await settlement.execute(redis, load_scripts=True)

@@ -28,6 +28,7 @@ from tests.engine.core_support import (
     SETTINGS,
     Core,
     claim,
+    claim_and_send,
     due_members,
     engine_for,
     event,
@@ -85,7 +86,7 @@ async def test_slot_story_end_to_end(redis: Redis, clock: ManualClock) -> None:
     assert await hget(redis, keys.parcel(shard, "P1"), version_field("SLOT_ANNOUNCED")) == b"2"
 
     # It went out; moved again: one correction naming both slots, due after the debounce.
-    await claim(redis, "P1", "SLOT_ANNOUNCED")
+    await claim_and_send(redis, "P1", "SLOT_ANNOUNCED", clock)
     clock.advance_ms(MIN_MS)
     later = (SLOT[0] + 6 * HOUR_MS, SLOT[1] + 6 * HOUR_MS)
     await ing.apply(batch(3, event("e3", "P1", T.TRACKING_STATUS_IN_TRANSIT, T0_MS + 2, slot=later)))
@@ -97,7 +98,7 @@ async def test_slot_story_end_to_end(redis: Redis, clock: ManualClock) -> None:
     assert window_ms(correction.slot) == later
 
     # It went out; a tiny move sends nothing.
-    await claim(redis, "P1", "SLOT_CORRECTED")
+    await claim_and_send(redis, "P1", "SLOT_CORRECTED", clock)
     tiny = (later[0] + 10 * MIN_MS, later[1] + 10 * MIN_MS)
     await ing.apply(batch(4, event("e4", "P1", T.TRACKING_STATUS_OUT_FOR_DELIVERY, T0_MS + 3, slot=tiny)))
     assert await due_members(redis, "P1") == {}
@@ -423,7 +424,7 @@ async def test_a_new_recipient_gets_the_slot_announced_not_corrected(
     await engine.ingestor.apply(
         batch(1, event("e1", "P1", T.TRACKING_STATUS_OUT_FOR_DELIVERY, T0_MS, slot=SLOT))
     )
-    await claim(redis, "P1", "SLOT_ANNOUNCED")  # went out to acme/r1
+    await claim_and_send(redis, "P1", "SLOT_ANNOUNCED", clock)  # went out to acme/r1
     clock.advance_ms(MIN_MS)
     await register(engine, registration("P1", recipient_id="acme/r2"))
     announced = await notice_body(redis, "P1", "SLOT_ANNOUNCED")

@@ -36,6 +36,9 @@ SLOT = (T0_MS + DAY_MS, T0_MS + DAY_MS + 2 * HOUR_MS)  # tomorrow 09:00-11:00 UT
 DEFAULT_RULES = PlanRules()
 
 
+SLOT_KINDS = (T.NOTICE_KIND_SLOT_ANNOUNCED, T.NOTICE_KIND_SLOT_CORRECTED)
+
+
 class Sim:
     """A parcel, its due set and a scheduler that sends when told to."""
 
@@ -72,6 +75,10 @@ class Sim:
     def send_all(self) -> None:
         for notice in sorted(self.pending.values(), key=lambda n: n.due_at.ToMilliseconds()):
             self.sent.append(notice)
+            if notice.kind in SLOT_KINDS and notice.version > self.state.told_version:
+                # What the gateway records sending it, and the engine reads before planning.
+                self.state.told_slot.CopyFrom(notice.slot)
+                self.state.told_version = notice.version
         self.pending.clear()
 
     def mark(self, kind: T.NoticeKind.ValueType) -> state_pb2.NoticeMark:

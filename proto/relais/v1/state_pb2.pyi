@@ -131,6 +131,7 @@ class ParcelState(_message.Message):
     RECIPIENT_ERASED_FIELD_NUMBER: _builtins.int
     SCANNED_FIELD_NUMBER: _builtins.int
     IDLE_TTL_DAY_FIELD_NUMBER: _builtins.int
+    TOLD_VERSION_FIELD_NUMBER: _builtins.int
     parcel_id: _builtins.str
     """The tracking number."""
     carrier: _builtins.str
@@ -166,6 +167,10 @@ class ParcelState(_message.Message):
     idle_ttl_day: _builtins.int
     """The UTC day (days since the epoch) an active parcel's idle expiry was last pushed back: the
     first write of a day moves it, later ones that day leave it (0 once finished).
+    """
+    told_version: _builtins.int
+    """The slot version of the last slot notice the gateway sent to this recipient (0: none), beside
+    told_slot: both set from the parcel hash's `ts` (settle.lua's `told`) before each plan.
     """
     @_builtins.property
     def order(self) -> _parcel_pb2.OrderFacts:
@@ -217,10 +222,11 @@ class ParcelState(_message.Message):
         recipient_erased: _builtins.bool = ...,
         scanned: _builtins.bool = ...,
         idle_ttl_day: _builtins.int = ...,
+        told_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["order", b"order", "pickup_point", b"pickup_point", "slot", b"slot", "told_slot", b"told_slot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "created_ms", b"created_ms", "exception_reason", b"exception_reason", "expires_ms", b"expires_ms", "idle_ttl_day", b"idle_ttl_day", "merchant_id", b"merchant_id", "notices", b"notices", "order", b"order", "parcel_id", b"parcel_id", "pickup_point", b"pickup_point", "recipient_erased", b"recipient_erased", "recipient_id", b"recipient_id", "registered", b"registered", "scanned", b"scanned", "slot", b"slot", "slot_occurred_ms", b"slot_occurred_ms", "status", b"status", "status_event_id", b"status_event_id", "status_occurred_ms", b"status_occurred_ms", "substatus", b"substatus", "timeline", b"timeline", "told_slot", b"told_slot", "updated_ms", b"updated_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "created_ms", b"created_ms", "exception_reason", b"exception_reason", "expires_ms", b"expires_ms", "idle_ttl_day", b"idle_ttl_day", "merchant_id", b"merchant_id", "notices", b"notices", "order", b"order", "parcel_id", b"parcel_id", "pickup_point", b"pickup_point", "recipient_erased", b"recipient_erased", "recipient_id", b"recipient_id", "registered", b"registered", "scanned", b"scanned", "slot", b"slot", "slot_occurred_ms", b"slot_occurred_ms", "status", b"status", "status_event_id", b"status_event_id", "status_occurred_ms", b"status_occurred_ms", "substatus", b"substatus", "timeline", b"timeline", "told_slot", b"told_slot", "told_version", b"told_version", "updated_ms", b"updated_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -373,8 +373,9 @@ class _Planner:
             if announced is None or announced.version != version or announced.status in _WITHDRAWN:
                 self._schedule(ANNOUNCED, version, self.now_ms, start_ms, slot=window)
             return
-        # Told a slot: what is to be said now is a correction of it, if anything.
-        self._withdraw(ANNOUNCED, CANCELLED, REASON_TOLD)
+        # Told a slot: what is to be said now is a correction of it, if anything. An announcement
+        # handed over and not sent yet (replaced while an older one was being sent) goes too.
+        self._withdraw(ANNOUNCED, CANCELLED, REASON_TOLD, recall=True)
         told = state.told_slot
         if within_threshold(told, window, self.rules.shift_threshold_ms):
             # Also one handed over and not sent: the slot moved back to what the recipient read.

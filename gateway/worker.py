@@ -214,9 +214,12 @@ def _moved_on(notice: notice_pb2.Notice, state: state_pb2.ParcelState) -> str:
     still does.
 
     The engine withdraws what is still due when the parcel is delivered. A slot notice handed over
-    but not sent yet (waiting in the outbox, retried) is replaced by the engine when the slot moves,
-    under a newer version: that one goes out instead, never the old slot after it. A newer slot
-    version with no newer notice (a move under the correction threshold) leaves it true enough to
+    but not sent yet (waiting in the outbox, retried) is the engine's to replace or withdraw when the
+    slot moves: it goes out only while its kind's mark still has its version, not withdrawn. A newer
+    version of its kind replaced it - even one withdrawn since: the engine planned that from what the
+    recipient was sent, without this one (the slot moved back within the threshold of it, say). A
+    newer notice of the other kind, not withdrawn, supersedes it: never the old slot after it. A newer
+    slot version with no newer notice (a move under the correction threshold) leaves it true enough to
     send."""
     if state.status in FINISHED:
         return "the parcel was delivered or returned meanwhile"
@@ -225,8 +228,9 @@ def _moved_on(notice: notice_pb2.Notice, state: state_pb2.ParcelState) -> str:
         for mark in state.notices:
             if mark.kind == notice.kind and mark.version == version and mark.status in WITHDRAWN:
                 return f"withdrawn by the engine: {mark.status_reason}"
-            # A withdrawn one supersedes nothing: it never goes out (the slot moved back, say).
-            if mark.kind in SLOT_KINDS and mark.version > version and mark.status not in WITHDRAWN:
+            # A withdrawn one of the other kind supersedes nothing: it never goes out.
+            newer = mark.kind in SLOT_KINDS and mark.version > version
+            if newer and (mark.kind == notice.kind or mark.status not in WITHDRAWN):
                 return f"superseded by the {kind_name(mark.kind)} notice of slot version {mark.version}"
     return ""
 

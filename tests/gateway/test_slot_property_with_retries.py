@@ -459,6 +459,21 @@ def finding(name: str, story: list[Step], what: str) -> object:
             "a correction late in the outbox is cancelled, the next one names its slot: 'changed from A "
             "to B' to a recipient who read only B; no send failed",
         ),
+        finding(
+            "correction in the outbox past a replaced and withdrawn one",
+            [
+                Run(False, claim=True),
+                Move(-15, -15),
+                Move(-15, -15),
+                Wait(125),
+                Claim(),
+                Move(-15, -15),
+                Back(0),
+            ],
+            "a correction waits in the outbox; the engine replaces it (the slot moved on), then withdraws "
+            "the replacement (the slot moved back to the one sent): the waiting one still went out, 30 "
+            "minutes off; no send failed",
+        ),
     ],
 )
 async def test_the_recipient_is_told_their_slot_after_a_notice_that_did_not_go_out_at_once(

@@ -34,7 +34,10 @@ Notice ids are ``<parcel_id>:<KIND>``; a notice is "gone out" (QUEUED) when the 
 the scheduler has since claimed it from the due set (``pending`` no longer lists it). What the
 recipient knows of their slot is what the gateway SENT them (``told_slot``/``told_version``, read from
 the parcel hash, see ``engine.state.parse_read``): a slot notice handed over but not sent yet is
-replaced (a new version) or withdrawn when the slot moves, never taken as read.
+replaced (a new version) or withdrawn when the slot moves, never taken as read. One handed over may
+also be going out while the engine plans: the gateway resolves a correction against the slot it sent
+last when it sends it (names that slot; drops it within the threshold of it), and the planner plans
+a correction to be so resolved rather than withdraw one possibly going out.
 """
 
 from __future__ import annotations
@@ -373,14 +376,22 @@ class _Planner:
             if announced is None or announced.version != version or announced.status in _WITHDRAWN:
                 self._schedule(ANNOUNCED, version, self.now_ms, start_ms, slot=window)
             return
-        # Told a slot: what is to be said now is a correction of it, if anything. An announcement
-        # handed over and not sent yet (replaced while an older one was being sent) goes too.
+        # Told a slot: what is to be said now is a correction of it, if anything. A slot notice handed
+        # over and not known sent may be going out at this very moment, whatever is withdrawn here.
+        in_hand = any(
+            m.kind in (ANNOUNCED, CORRECTED) and m.status == QUEUED and m.version > state.told_version
+            for m in self.marks.values()
+        )
+        # An announcement handed over and not sent yet (replaced while an older one was being sent).
         self._withdraw(ANNOUNCED, CANCELLED, REASON_TOLD, recall=True)
         told = state.told_slot
-        if within_threshold(told, window, self.rules.shift_threshold_ms):
-            # Also one handed over and not sent: the slot moved back to what the recipient read.
-            self._withdraw(CORRECTED, SUPPRESSED, REASON_WITHIN, recall=True)
+        if within_threshold(told, window, self.rules.shift_threshold_ms) and not in_hand:
+            self._withdraw(CORRECTED, SUPPRESSED, REASON_WITHIN)
             return
+        # Within the threshold with one in hand: a correction all the same, which the gateway resolves
+        # against the slot it sent last when it sends it (``gateway.worker._resolve_correction``): it
+        # names that slot, and is dropped when the slot lies within the threshold of it - unless the
+        # one in hand went out meanwhile, which this plan could not see.
         corrected = self.marks.get(CORRECTED)
         if corrected is None or corrected.version != version or corrected.status in _WITHDRAWN:
             desired_ms = self.now_ms + self.rules.debounce_ms

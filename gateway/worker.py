@@ -57,6 +57,7 @@ from common.telemetry import (
     send_spans,
     trace_id_of,
 )
+from engine.planner import within_threshold
 from gateway import idempotency, recipients
 from gateway.consumer import Entry, Outbox
 from gateway.idempotency import Claim
@@ -66,7 +67,7 @@ from gateway.render import Rendered
 from gateway.render import Renderer as DefaultRenderer
 from gateway.routing import SLOT_KINDS, ChannelKind, Route, RoutingPolicy, plan, single_address
 from gateway.scripts import LuaScript
-from gateway.settle import Settlement, attempt_view_of, timestamp
+from gateway.settle import TOLD_SLOT_FIELD, TOLD_TO_FIELD, Settlement, attempt_view_of, timestamp, told_slot
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ CACHE_MAX_ENTRIES = 100_000
 DEAD_LETTER = notice_pb2.NOTICE_STATUS_DEAD_LETTER
 CANCELLED = notice_pb2.NOTICE_STATUS_CANCELLED
 WITHDRAWN = frozenset({CANCELLED, SUPPRESSED})
+CORRECTED = types_pb2.NOTICE_KIND_SLOT_CORRECTED
 # A message left unsent because its provider was slow (see ``_send_batch``): the notice comes back
 # later without an attempt spent, as a rate-limited one does.
 NOT_ATTEMPTED = TransientFailure("not attempted: the provider was slow")
@@ -235,6 +237,21 @@ def _moved_on(notice: notice_pb2.Notice, state: state_pb2.ParcelState) -> str:
     return ""
 
 
+def _resolve_correction(notice: notice_pb2.Notice, told: types_pb2.Slot | None, threshold_ms: int) -> str:
+    """A correction names the slot its recipient was last sent, whatever the engine saw when it planned
+    it: a slot notice it had handed over may have gone out since (``engine.planner``'s ``in_hand``).
+    Sets ``previous_slot`` to that slot; returns why the correction no longer needs to go out (its
+    slot lies within the threshold of the one sent, or a newer one was sent), or ""."""
+    if told is None:
+        return ""
+    if told.version > notice.version:
+        return f"superseded by the slot notice of slot version {told.version} sent"
+    if within_threshold(told.window, notice.slot, threshold_ms):
+        return "its slot lies within the threshold of the slot last sent"
+    notice.previous_slot.CopyFrom(told.window)
+    return ""
+
+
 def _quiet_window(prefs: preferences_pb2.RecipientPreferences) -> tuple[int, int] | None:
     if not prefs.HasField("quiet_hours"):
         return None
@@ -258,6 +275,7 @@ class Gateway:
         if renderer is None:
             renderer = DefaultRenderer(settings.gateway.templates_dir, link_base=settings.gateway.link_base)
         self._settings: GatewaySettings = settings.gateway
+        self._slot_threshold_ms = settings.engine.slot_shift_threshold_s * 1000
         self._shards = settings.shards
         self._redis = redis
         self._clock = clock
@@ -487,15 +505,26 @@ class Gateway:
         for budget_key in budget_keys:
             pipe.get(budget_key)
         for item in late:
-            pipe.hget(keys.parcel(item.entry.shard, item.notice.parcel_id), keys.PARCEL_STATE_FIELD)
+            parcel = keys.parcel(item.entry.shard, item.notice.parcel_id)
+            if item.kind == CORRECTED:
+                # And the slot last sent, which a correction names (see ``_resolve_correction``).
+                pipe.hmget(parcel, [keys.PARCEL_STATE_FIELD, TOLD_SLOT_FIELD, TOLD_TO_FIELD])
+            else:
+                pipe.hget(parcel, keys.PARCEL_STATE_FIELD)
         replies = await pipe.execute()
         loads = len(replies) - len(budget_keys) - len(late)
         prefs = recipients.parse_loaded(ordered, replies[:loads])
         for item in items:
             item.prefs = prefs[item.recipient_id]
-        for item, raw in zip(late, replies[loads + len(budget_keys) :], strict=True):
+        for item, reply in zip(late, replies[loads + len(budget_keys) :], strict=True):
+            raw, told = reply, None
+            if item.kind == CORRECTED:
+                raw, raw_told, told_to = reply
+                told = told_slot(raw_told, told_to, item.recipient_id)
             if raw is not None:
                 item.moved_on = _moved_on(item.notice, state_pb2.ParcelState.FromString(raw))
+            if item.kind == CORRECTED and not item.moved_on:
+                item.moved_on = _resolve_correction(item.notice, told, self._slot_threshold_ms)
         spent = replies[loads : loads + len(budget_keys)]
         return {key: int(value or 0) for key, value in zip(budget_keys, spent, strict=True)}
 

@@ -81,6 +81,10 @@ class Sim:
                 self.state.told_version = notice.version
         self.pending.clear()
 
+    def hand_over(self) -> None:
+        """The scheduler claims what is pending; the gateway has not sent it (yet)."""
+        self.pending.clear()
+
     def mark(self, kind: T.NoticeKind.ValueType) -> state_pb2.NoticeMark:
         return next(m for m in self.state.notices if m.kind == kind)
 
@@ -157,6 +161,44 @@ def test_pending_correction_withdrawn_when_slot_moves_back() -> None:
     back = sim.scan(slot=(SLOT[0] + 5 * MIN_MS, SLOT[1] + 5 * MIN_MS))
     assert back.withdrawn == {T.NOTICE_KIND_SLOT_CORRECTED: N.NOTICE_STATUS_SUPPRESSED}
     assert sim.mark(T.NOTICE_KIND_SLOT_CORRECTED).status_reason == REASON_WITHIN
+
+
+def test_slot_back_within_the_threshold_while_a_correction_is_handed_over_plans_one_to_resolve() -> None:
+    """The correction handed over may be going out as the slot moves back: withdrawing it would not stop
+    it, and the recipient would be left on its slot. Another correction follows, naming the slot sent;
+    the gateway resolves it against the slot it sent last (``gateway.worker._resolve_correction``)."""
+    sim = Sim()
+    sim.scan(slot=SLOT)
+    sim.send_all()
+    sim.scan(slot=(SLOT[0] + 3 * HOUR_MS, SLOT[1] + 3 * HOUR_MS))
+    sim.now_ms += DEFAULT_RULES.debounce_ms
+    sim.hand_over()
+    back = (SLOT[0] + 5 * MIN_MS, SLOT[1] + 5 * MIN_MS)
+    again = sim.scan(slot=back).scheduled[T.NOTICE_KIND_SLOT_CORRECTED]
+    assert (again.version, window_ms(again.slot), window_ms(again.previous_slot)) == (3, back, SLOT)
+    # Nothing in hand (it went out, and was sent): the usual rule, nothing within the threshold.
+    sim.send_all()
+    assert not sim.scan(slot=(SLOT[0] + 15 * MIN_MS, SLOT[1] + 15 * MIN_MS)).scheduled
+
+
+def test_announcement_handed_over_is_recalled_once_an_older_one_was_sent() -> None:
+    """An announcement replaced while the older one was being sent: once that one is recorded sent, a
+    correction of it is what follows, not the replacement (recalled: the gateway drops it)."""
+    sim = Sim()
+    sim.scan(slot=SLOT)
+    sim.hand_over()
+    first = T.TimeWindow()
+    first.CopyFrom(sim.mark(T.NOTICE_KIND_SLOT_ANNOUNCED).slot)
+    moved = (SLOT[0] + 3 * HOUR_MS, SLOT[1] + 3 * HOUR_MS)
+    sim.scan(slot=moved)
+    sim.hand_over()
+    # The first announcement went out meanwhile: what the gateway records, and the engine reads.
+    sim.state.told_slot.CopyFrom(first)
+    sim.state.told_version = 1
+    result = sim.scan(slot=moved)
+    assert result.withdrawn == {T.NOTICE_KIND_SLOT_ANNOUNCED: N.NOTICE_STATUS_CANCELLED}
+    correction = result.scheduled[T.NOTICE_KIND_SLOT_CORRECTED]
+    assert (window_ms(correction.slot), window_ms(correction.previous_slot)) == (moved, SLOT)
 
 
 def test_delivered_cancels_every_pending_notice() -> None:

@@ -5,8 +5,9 @@ fails for now (``TransientFailure``) or accepts, as each gateway run is scripted
 Hypothesis writes the story of one parcel (paid, registered, its recipient reachable by email only):
 carrier scans with delivery windows (moved by the correction threshold or less, by more, back to a
 window seen before), the clock moving (past a retry's backoff or a correction's debounce, or not),
-claims and gateway runs in any order. Then every notice still due is claimed and sent without failure,
-well before the slot begins. What the email channel accepted is what the recipient read.
+claims and gateway runs in any order, scans arriving while the gateway sends (the engine plans while
+the gateway holds a notice it read the parcel's state for). Then every notice still due is claimed and
+sent without failure, well before the slot begins. What the email channel accepted is what the recipient read.
 
 The rules (DESIGN.md "Notices: the rules recipients feel", ``engine.planner``; the planner's own
 property test in tests/engine/test_planner.py states the same for the planner alone):
@@ -30,7 +31,7 @@ import asyncio
 import itertools
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -107,16 +108,27 @@ class Run:
     claim: bool = False
 
 
-Step: TypeAlias = Move | Back | Wait | Claim | Run
+@dataclass(frozen=True)
+class Racing:
+    """A gateway run during whose send a scan arrives (or after it, when it sends nothing): the engine
+    plans while the gateway holds a notice it read the parcel's state for, and settles it after."""
+
+    scan: Move | Back
+    failing: bool = False
+
+
+Step: TypeAlias = Move | Back | Wait | Claim | Run | Racing
 SHIFT = Move(-16, -16)  # by more than the threshold
 
 # Around the threshold (15 minutes) and well past it.
 _minutes = st.one_of(st.sampled_from([0, -15, 15, -16, 16]), st.integers(-180, 180))
-scans: st.SearchStrategy[Step] = st.one_of(
+moves: st.SearchStrategy[Move | Back] = st.one_of(
     _minutes.map(lambda minutes: Move(minutes, minutes)),  # the slot shifted
     st.builds(Move, st.just(0), _minutes),  # its end moved
     st.builds(Back, st.integers(0, 7)),
 )
+# A scan arrives between gateway runs, or while one sends.
+scans: st.SearchStrategy[Step] = st.one_of(moves, st.builds(Racing, moves, st.booleans()))
 sends: st.SearchStrategy[Step] = st.one_of(
     # A few seconds; past the first backoffs (10-20 s) and the debounce (120 s); past every backoff.
     st.builds(Wait, st.sampled_from([5, 25, 61, 125, 600])),
@@ -152,8 +164,13 @@ class FlakyEmail(ScriptedChannel):
         super().__init__("email")
         self.failing = False
         self.delivered: list[Message] = []
+        # Run once, as the next send begins (see ``Racing``).
+        self.meanwhile: Callable[[], Awaitable[None]] | None = None
 
     async def send(self, messages: Sequence[Message]) -> list[SendResult]:
+        if self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            await meanwhile()
         if self.failing:
             for message in messages:
                 self.script(message.to, TransientFailure("451 try later"))
@@ -195,6 +212,8 @@ class Story:
     slot_notices: list[notice_pb2.Notice] = field(default_factory=list)
     # The gateway's tallies over the whole story (sends retried, notices cancelled as moved on, ...).
     stats: BatchStats = field(default_factory=BatchStats)
+    # Scans that arrived while the gateway was sending (``Racing``).
+    raced: int = 0
 
 
 class Parcel:
@@ -256,6 +275,19 @@ class Parcel:
                 if claim:
                     await claim_due(self.redis, self.clock.now_ms())
                 await self.run(failing=failing)
+            case Racing(scan, failing):
+                window = moved(scan, self.seen)
+
+                async def meanwhile() -> None:
+                    await self.scan(window)
+
+                self.email.meanwhile = meanwhile
+                await self.run(failing=failing)
+                if self.email.meanwhile is None:
+                    self.story.raced += 1
+                else:
+                    self.email.meanwhile = None
+                    await meanwhile()
 
     async def drain(self) -> None:
         """Everything due sent, the provider accepting: the outbox first, then each due time in turn."""
@@ -364,6 +396,7 @@ def reached(story: Story) -> Counter[str]:
             "a late notice was cancelled": story.stats.expired > 0,
             "a correction was read": "SLOT_CORRECTED" in kinds,
             "two corrections were read": kinds.count("SLOT_CORRECTED") > 1,
+            "a scan arrived while a notice was being sent": story.raced > 0,
         }
     )
 
@@ -473,6 +506,26 @@ def finding(name: str, story: list[Step], what: str) -> object:
             "a correction waits in the outbox; the engine replaces it (the slot moved on), then withdraws "
             "the replacement (the slot moved back to the one sent): the waiting one still went out, 30 "
             "minutes off; no send failed",
+        ),
+        # Races: the engine plans while the gateway sends (after it read the parcel's state). The
+        # engine replaces or withdraws a slot notice it handed over; the one in hand goes out all the
+        # same, and what follows is resolved against it (``gateway.worker._resolve_correction``).
+        pytest.param([Claim(), Racing(SHIFT)], id="announcement replaced while it goes out"),
+        pytest.param(
+            [Claim(), Racing(SHIFT), Racing(Back(0))],
+            id="announcement withdrawn while it goes out after one replaced",
+        ),
+        pytest.param(
+            [Run(False, claim=True), SHIFT, Wait(125), Claim(), Racing(Back(0))],
+            id="correction withdrawn while it goes out",
+        ),
+        pytest.param(
+            [Run(False, claim=True), SHIFT, Wait(125), Claim(), Racing(SHIFT)],
+            id="correction replaced while it goes out",
+        ),
+        pytest.param(
+            [Run(False, claim=True), SHIFT, Wait(125), Claim(), Racing(Move(-5, -5))],
+            id="correction replaced by one within the threshold of it while it goes out",
         ),
     ],
 )

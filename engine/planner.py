@@ -54,6 +54,7 @@ from common.clock import stamp_ms
 from common.keys import kind_name
 from common.quiet_hours import allowed_send_ms, zone
 from common.settings import EngineSettings
+from common.slots import window_ms, within_threshold
 from common.telemetry import inject_trace_context
 from engine.validation import set_stamp_ms
 
@@ -95,18 +96,6 @@ T = types_pb2
 
 # How old a delivery or return may be and still be told: carriers' feeds run hours late at worst.
 STALE_NEWS_MS = 24 * 3_600_000
-
-
-def window_ms(window: types_pb2.TimeWindow) -> tuple[int, int]:
-    return stamp_ms(window.start), stamp_ms(window.end)
-
-
-def within_threshold(told: types_pb2.TimeWindow, new: types_pb2.TimeWindow, threshold_ms: int) -> bool:
-    """No correction is worth sending: ``new`` lies inside ``told``, or both ends moved <= threshold."""
-    told_start, told_end = window_ms(told)
-    new_start, new_end = window_ms(new)
-    inside = told_start <= new_start and new_end <= told_end
-    return inside or (abs(new_start - told_start) <= threshold_ms and abs(new_end - told_end) <= threshold_ms)
 
 
 @dataclass(frozen=True, slots=True)

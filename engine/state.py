@@ -44,6 +44,7 @@ from common.errors import RelaisError
 from common.keys import kind_name
 from common.redis_client import lua_array, register
 from common.settings import Settings
+from common.slots import told_slot
 from common.telemetry import inject_trace_context
 from engine.alert_rules import ParcelFacts
 from engine.counting import count_change, parse_counted
@@ -387,10 +388,10 @@ def parse_read(
         at = width * i
         raw_version, raw_state, raw_pending, raw_mark, raw_counted, raw_told, told_to = reply[at : at + 7]
         state = load_state(pid, raw_state)
-        if raw_told is not None and told_to is not None and told_to.decode() == state.recipient_id:
+        told = told_slot(raw_told, told_to, state.recipient_id)
+        if told is not None:
             # What the recipient read is what the gateway sent them (``told`` in settle.lua), not
             # what the scheduler handed over: that may fail, wait, or be retried.
-            told = types_pb2.Slot.FromString(raw_told)
             state.told_slot.CopyFrom(told.window)
             state.told_version = told.version
         mark = raw_mark.decode() if raw_mark else ""

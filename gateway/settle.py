@@ -165,19 +165,6 @@ def sent_counters(
     )
 
 
-# The parcel hash's record of the slot notice last sent (settle.lua's ``told``): the Slot sent, and
-# the recipient it was sent to.
-TOLD_SLOT_FIELD = "ts"
-TOLD_TO_FIELD = "tr"
-
-
-def told_slot(raw_slot: bytes | None, raw_to: bytes | None, recipient_id: str) -> types_pb2.Slot | None:
-    """The slot last sent to ``recipient_id`` about a parcel, from its told record; None if none."""
-    if raw_slot is None or raw_to is None or raw_to.decode() != recipient_id:
-        return None
-    return types_pb2.Slot.FromString(raw_slot)
-
-
 def timestamp(ms: int) -> Timestamp:
     ts = Timestamp()
     ts.FromMilliseconds(ms)

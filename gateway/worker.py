@@ -47,6 +47,7 @@ from common.keys import channel_name, kind_name
 from common.quiet_hours import allowed_send_ms, is_quiet
 from common.redis_client import default_consumer_name
 from common.settings import GatewaySettings, Settings
+from common.slots import TOLD_SLOT_FIELD, TOLD_TO_FIELD, told_slot, within_threshold
 from common.telemetry import (
     LimitScope,
     SendOutcome,
@@ -57,7 +58,6 @@ from common.telemetry import (
     send_spans,
     trace_id_of,
 )
-from engine.planner import within_threshold
 from gateway import idempotency, recipients
 from gateway.consumer import Entry, Outbox
 from gateway.idempotency import Claim
@@ -67,7 +67,7 @@ from gateway.render import Rendered
 from gateway.render import Renderer as DefaultRenderer
 from gateway.routing import SLOT_KINDS, ChannelKind, Route, RoutingPolicy, plan, single_address
 from gateway.scripts import LuaScript
-from gateway.settle import TOLD_SLOT_FIELD, TOLD_TO_FIELD, Settlement, attempt_view_of, timestamp, told_slot
+from gateway.settle import Settlement, attempt_view_of, timestamp
 
 log = logging.getLogger(__name__)
 

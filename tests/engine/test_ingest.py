@@ -10,8 +10,9 @@ from relais.v1 import notice_pb2, parcel_pb2, preferences_pb2, state_pb2, tracki
 
 from common import keys
 from common.clock import ManualClock
+from common.slots import window_ms
 from engine.auth import Principal, bind_principal, unbind_principal
-from engine.planner import Audience, window_ms
+from engine.planner import Audience
 from engine.state import (
     DAY_MS,
     MAX_TIMELINE_EVENTS,

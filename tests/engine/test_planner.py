@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from relais.v1 import notice_pb2, preferences_pb2, state_pb2, tracking_pb2, types_pb2
 
 from common.keys import kind_name
+from common.slots import window_ms, within_threshold
 from engine.planner import (
     REASON_AT_PICKUP,
     REASON_MUTED,
@@ -20,8 +21,6 @@ from engine.planner import (
     PlanRules,
     end_of_day_ms,
     plan,
-    window_ms,
-    within_threshold,
 )
 from engine.state import apply_event
 from tests.conftest import T0_MS

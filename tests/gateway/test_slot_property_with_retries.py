@@ -44,7 +44,7 @@ from relais.v1 import notice_pb2, parcel_pb2, preferences_pb2, state_pb2, tracki
 from channels.base import Accepted, EmailAddress, Message, SendResult, TransientFailure
 from common import keys
 from common.clock import ManualClock
-from engine.planner import window_ms, within_threshold
+from common.slots import window_ms, within_threshold
 from gateway.render import Rendered
 from gateway.render import Renderer as DefaultRenderer
 from gateway.routing import SLOT_KINDS
